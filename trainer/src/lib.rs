@@ -1,0 +1,4 @@
+//! ferroclip's trainer: everything between a batch and a checkpoint.
+pub mod device;
+pub mod dist;
+pub mod model;

@@ -1,0 +1,13 @@
+//! CLIP models whose parameter paths equal OpenCLIP's state-dict keys.
+
+use tch::Tensor;
+
+/// What the training step and evaluation need from a two-tower contrastive model.
+pub trait ContrastiveModel {
+    /// Image features `[b, embed_dim]`, not normalized. `train` enables stochastic depth/dropout.
+    fn encode_image(&self, images: &Tensor, train: bool) -> Tensor;
+    /// Text features `[b, embed_dim]`, not normalized.
+    fn encode_text(&self, tokens: &Tensor, train: bool) -> Tensor;
+    /// The learnable log temperature (a 0-dim parameter; `exp()` gives the logit scale).
+    fn logit_scale(&self) -> Tensor;
+}
