@@ -1,5 +1,17 @@
 //! CLIP models whose parameter paths equal OpenCLIP's state-dict keys.
 
+pub mod clip;
+pub mod convnext;
+pub mod text;
+pub mod vit;
+pub mod weights;
+
+pub use clip::{num_params, Clip, ClipConfig, VisionConfig};
+pub use convnext::{ConvNextConfig, ConvNextProj};
+pub use text::TextConfig;
+pub use vit::VitConfig;
+pub use weights::{load_safetensors, save_safetensors, LoadReport, WeightsError};
+
 use tch::Tensor;
 
 /// What the training step and evaluation need from a two-tower contrastive model.

@@ -1,0 +1,172 @@
+//! The two-tower CLIP model (`open_clip/model.py`: `CLIP`) with presets named like OpenCLIP's
+//! model configs (`open_clip/model_configs/*.json`).
+//!
+//! State-dict layout: image tower under `visual.`, text tower at the root, `logit_scale` 0-dim.
+
+use tch::nn::{self, Init};
+use tch::Tensor;
+
+use super::convnext::{ConvNext, ConvNextConfig, ConvNextProj};
+use super::text::{TextConfig, TextTransformer};
+use super::vit::{VisionTransformer, VitConfig};
+use super::ContrastiveModel;
+
+/// Which image tower and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionConfig {
+    /// timm ConvNeXt trunk + OpenCLIP head (`timm_model_name: convnext_*`).
+    ConvNext(ConvNextConfig),
+    /// OpenCLIP `VisionTransformer`.
+    Vit(VitConfig),
+}
+
+/// A full CLIP model configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    /// OpenCLIP architecture name this was built from (e.g. `convnext_base_w`).
+    pub arch: String,
+    /// Shared embedding size (640 for convnext_base_w).
+    pub embed_dim: i64,
+    /// Image tower.
+    pub vision: VisionConfig,
+    /// Text tower.
+    pub text: TextConfig,
+}
+
+fn text(width: i64, heads: i64, layers: i64) -> TextConfig {
+    TextConfig { context_length: 77, vocab_size: 49408, width, heads, layers }
+}
+
+fn convnext(dims: [i64; 4], depths: [i64; 4], proj: ConvNextProj, image_size: i64) -> VisionConfig {
+    VisionConfig::ConvNext(ConvNextConfig { dims, depths, drop_path_rate: 0.1, proj, image_size })
+}
+
+impl ClipConfig {
+    /// The names [`ClipConfig::from_arch`] knows.
+    pub const ARCHS: &'static [&'static str] = &[
+        "convnext_base_w",
+        "convnext_base_w_320",
+        "convnext_large_d",
+        "convnext_large_d_320",
+        "ViT-B-32",
+        "convnext_test",
+        "convnext_test_mlp",
+        "convnext_demo",
+        "vit_test",
+    ];
+
+    /// Preset by OpenCLIP model-config name. Small archs: `convnext_test` (tiny, for parity tests),
+    /// `convnext_test_mlp` (same with the mlp head), `convnext_demo` (trains on 2 CPU cores at 64 px),
+    /// `vit_test` (tiny ViT).
+    pub fn from_arch(name: &str) -> Option<ClipConfig> {
+        use ConvNextProj::{Linear, Mlp};
+        let base = [128, 256, 512, 1024];
+        let large = [192, 384, 768, 1536];
+        let deep = [3, 3, 27, 3];
+        let tiny = [16, 32, 64, 128];
+        let tiny_depths = [1, 1, 2, 1];
+        let (embed_dim, vision, text) = match name {
+            "convnext_base_w" => (640, convnext(base, deep, Linear, 256), text(640, 10, 12)),
+            "convnext_base_w_320" => (640, convnext(base, deep, Linear, 320), text(640, 10, 12)),
+            "convnext_large_d" => (768, convnext(large, deep, Mlp, 256), text(768, 12, 16)),
+            "convnext_large_d_320" => (768, convnext(large, deep, Mlp, 320), text(768, 12, 16)),
+            "ViT-B-32" => (
+                512,
+                VisionConfig::Vit(VitConfig { image_size: 224, patch_size: 32, width: 768, layers: 12, heads: 12 }),
+                text(512, 8, 12),
+            ),
+            "convnext_test" => (32, convnext(tiny, tiny_depths, Linear, 64), text(32, 2, 2)),
+            "convnext_test_mlp" => (32, convnext(tiny, tiny_depths, Mlp, 64), text(32, 2, 2)),
+            "convnext_demo" => (64, convnext([24, 48, 96, 192], tiny_depths, Linear, 64), text(64, 4, 2)),
+            "vit_test" => (
+                32,
+                VisionConfig::Vit(VitConfig { image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2 }),
+                text(32, 2, 2),
+            ),
+            _ => return None,
+        };
+        Some(ClipConfig { arch: name.to_string(), embed_dim, vision, text })
+    }
+
+    /// Training/eval resolution of the image tower.
+    pub fn image_size(&self) -> i64 {
+        match &self.vision {
+            VisionConfig::ConvNext(c) => c.image_size,
+            VisionConfig::Vit(c) => c.image_size,
+        }
+    }
+
+    /// Same model at another input resolution (ViT: the positional grid changes; checkpoints
+    /// from another size are resized on load).
+    pub fn with_image_size(mut self, image_size: i64) -> Self {
+        match &mut self.vision {
+            VisionConfig::ConvNext(c) => c.image_size = image_size,
+            VisionConfig::Vit(c) => c.image_size = image_size,
+        }
+        self
+    }
+
+    /// Override the maximum stochastic-depth rate (ConvNeXt; the ViT tower has none, as in OpenCLIP's default).
+    pub fn with_drop_path(mut self, rate: f64) -> Self {
+        if let VisionConfig::ConvNext(c) = &mut self.vision {
+            c.drop_path_rate = rate;
+        }
+        self
+    }
+}
+
+#[derive(Debug)]
+enum Visual {
+    ConvNext(ConvNext),
+    Vit(VisionTransformer),
+}
+
+/// OpenCLIP `CLIP`: image tower, text tower, learnable `logit_scale` (init ln(1/0.07)).
+#[derive(Debug)]
+pub struct Clip {
+    visual: Visual,
+    text: TextTransformer,
+    logit_scale: Tensor,
+    cfg: ClipConfig,
+}
+
+impl Clip {
+    /// `root` is the state-dict root.
+    pub fn new(root: &nn::Path, cfg: &ClipConfig) -> Self {
+        let vp = root / "visual";
+        let visual = match &cfg.vision {
+            VisionConfig::ConvNext(c) => Visual::ConvNext(ConvNext::new(&vp, c, cfg.embed_dim)),
+            VisionConfig::Vit(c) => Visual::Vit(VisionTransformer::new(&vp, c, cfg.embed_dim)),
+        };
+        let text = TextTransformer::new(root, &cfg.text, cfg.embed_dim);
+        let logit_scale = root.var("logit_scale", &[], Init::Const((1.0f64 / 0.07).ln()));
+        Self { visual, text, logit_scale, cfg: cfg.clone() }
+    }
+
+    /// The configuration this model was built from.
+    pub fn config(&self) -> &ClipConfig {
+        &self.cfg
+    }
+}
+
+impl ContrastiveModel for Clip {
+    fn encode_image(&self, images: &Tensor, train: bool) -> Tensor {
+        match &self.visual {
+            Visual::ConvNext(m) => m.forward(images, train),
+            Visual::Vit(m) => m.forward(images, train),
+        }
+    }
+
+    fn encode_text(&self, tokens: &Tensor, _train: bool) -> Tensor {
+        self.text.forward(tokens)
+    }
+
+    fn logit_scale(&self) -> Tensor {
+        self.logit_scale.shallow_clone()
+    }
+}
+
+/// Number of scalar parameters in a var store (trainable or not).
+pub fn num_params(vs: &nn::VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}

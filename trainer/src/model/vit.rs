@@ -1,0 +1,104 @@
+//! OpenCLIP `VisionTransformer` (`open_clip/transformer.py`) with class-token pooling, as used by
+//! ViT-B-32, and `resize_pos_embed` (`open_clip/model.py`) for checkpoints trained at another size.
+//!
+//! Keys under `visual.`: `conv1.weight` (no bias), `class_embedding` `[w]`,
+//! `positional_embedding` `[grid²+1, w]`, `ln_pre`, `transformer.resblocks.N.*`, `ln_post`,
+//! `proj` `[w, embed]` (used as `x @ proj`).
+
+use tch::nn::{self, Init};
+use tch::Tensor;
+
+use super::text::Transformer;
+
+/// ViT image tower hyper-parameters, as OpenCLIP's `CLIPVisionCfg`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VitConfig {
+    /// Input resolution (224).
+    pub image_size: i64,
+    /// Patch size (32).
+    pub patch_size: i64,
+    /// Residual width (768).
+    pub width: i64,
+    /// Residual blocks (12).
+    pub layers: i64,
+    /// Attention heads; OpenCLIP uses `width / 64`.
+    pub heads: i64,
+}
+
+impl VitConfig {
+    /// Patches per side.
+    pub fn grid_size(&self) -> i64 {
+        self.image_size / self.patch_size
+    }
+}
+
+/// OpenCLIP `VisionTransformer` (pool `tok`, `ln_post` before pooling).
+#[derive(Debug)]
+pub struct VisionTransformer {
+    conv1: nn::Conv2D,
+    class_embedding: Tensor,
+    positional_embedding: Tensor,
+    ln_pre: nn::LayerNorm,
+    transformer: Transformer,
+    ln_post: nn::LayerNorm,
+    proj: Tensor,
+}
+
+fn ln(p: nn::Path, w: i64) -> nn::LayerNorm {
+    nn::layer_norm(p, vec![w], nn::LayerNormConfig { eps: 1e-5, ..Default::default() })
+}
+
+impl VisionTransformer {
+    /// `p` is the `visual` path.
+    pub fn new(p: &nn::Path, cfg: &VitConfig, embed_dim: i64) -> Self {
+        let w = cfg.width;
+        let scale = (w as f64).powf(-0.5);
+        let conv1 = nn::conv2d(
+            p / "conv1",
+            3,
+            w,
+            cfg.patch_size,
+            nn::ConvConfig { stride: cfg.patch_size, bias: false, ..Default::default() },
+        );
+        let g = cfg.grid_size();
+        let randn = Init::Randn { mean: 0.0, stdev: scale };
+        Self {
+            conv1,
+            class_embedding: p.var("class_embedding", &[w], randn),
+            positional_embedding: p.var("positional_embedding", &[g * g + 1, w], randn),
+            ln_pre: ln(p / "ln_pre", w),
+            transformer: Transformer::new(&(p / "transformer"), w, cfg.heads, cfg.layers),
+            ln_post: ln(p / "ln_post", w),
+            proj: p.var("proj", &[w, embed_dim], randn),
+        }
+    }
+
+    /// `images`: `[b, 3, h, w]` -> `[b, embed_dim]`.
+    pub fn forward(&self, images: &Tensor, _train: bool) -> Tensor {
+        let x = images.apply(&self.conv1); // [b, w, g, g]
+        let (b, w) = (x.size()[0], x.size()[1]);
+        let x = x.reshape([b, w, -1]).transpose(1, 2); // [b, g², w]
+        let cls = self.class_embedding.view([1, 1, w]).expand([b, 1, w], false); // [b, 1, w]
+        let x = Tensor::cat(&[cls, x], 1) + &self.positional_embedding; // [b, g²+1, w]
+        let x = x.apply(&self.ln_pre);
+        let x = self.transformer.forward(&x, false).apply(&self.ln_post); // [b, g²+1, w]
+        x.select(1, 0).matmul(&self.proj) // [b, embed]
+    }
+}
+
+/// OpenCLIP `resize_pos_embed`: keep the class token, resample the `[g, g]` grid to `new_grid`
+/// with bicubic interpolation, antialias on, `align_corners = False`. `pos`: `[1 + g², w]`.
+pub fn resize_pos_embed(pos: &Tensor, new_grid: i64) -> Tensor {
+    let (n, w) = pos.size2().expect("positional_embedding must be 2-D");
+    if n == new_grid * new_grid + 1 {
+        return pos.shallow_clone();
+    }
+    let old_grid = ((n - 1) as f64).sqrt() as i64;
+    let tok = pos.narrow(0, 0, 1);
+    let img = pos.narrow(0, 1, n - 1).reshape([1, old_grid, old_grid, w]).permute([0, 3, 1, 2]);
+    let img = img
+        .internal_upsample_bicubic2d_aa(&[new_grid, new_grid], false, None, None) // [1, w, g', g']
+        .permute([0, 2, 3, 1])
+        .reshape([new_grid * new_grid, w]);
+    Tensor::cat(&[tok, img], 0)
+}

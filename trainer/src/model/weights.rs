@@ -1,0 +1,139 @@
+//! Loading and saving OpenCLIP state dicts as `.safetensors` by exact key names
+//! (`open_clip/factory.py`: `load_state_dict`, `load_checkpoint` with `strict=True`).
+//!
+//! Files written by [`save_safetensors`] load with
+//! `open_clip.create_model(ARCH, pretrained="model.safetensors")`: OpenCLIP reads any path ending
+//! in `.safetensors` with `safetensors.torch.load_file` and loads it strictly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use super::clip::{ClipConfig, VisionConfig};
+use super::vit::resize_pos_embed;
+
+/// What went wrong loading or saving weights.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: tch::TchError },
+    #[error("writing {path}: {message}")]
+    Write { path: PathBuf, message: String },
+    #[error(
+        "{path} does not match the model ({arch}): missing keys {missing:?}; unexpected keys {unexpected:?}; \
+         mis-shaped keys {mismatched:?}"
+    )]
+    Mismatch {
+        path: PathBuf,
+        arch: String,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+        /// `key: file shape vs model shape`.
+        mismatched: Vec<String>,
+    },
+}
+
+/// What [`load_safetensors`] did besides plain copies.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LoadReport {
+    /// Tensors copied into the model.
+    pub loaded: usize,
+    /// Keys whose tensors were resized (ViT `visual.positional_embedding` from another image size).
+    pub resized: Vec<String>,
+}
+
+/// Loads an OpenCLIP state dict into `vs` (built by `Clip::new(&vs.root(), cfg)`), strictly:
+/// every model key must be present with its shape, and no extra key may exist. A leading
+/// `module.` (DDP) is stripped, a 1-element `logit_scale` is reshaped, and a ViT positional
+/// embedding for another grid is resized as OpenCLIP's `resize_pos_embed` does.
+pub fn load_safetensors(
+    vs: &mut tch::nn::VarStore,
+    path: &Path,
+    cfg: &ClipConfig,
+) -> Result<LoadReport, WeightsError> {
+    let read = Tensor::read_safetensors(path)
+        .map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })?;
+    let mut file: HashMap<String, Tensor> = read
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v))
+        .collect();
+    let vars = vs.variables();
+    let mut report = LoadReport::default();
+    if let (VisionConfig::Vit(vit), Some(pos)) = (&cfg.vision, file.get("visual.positional_embedding")) {
+        let g = vit.grid_size();
+        if pos.dim() == 2 && pos.size()[0] != g * g + 1 {
+            let resized = tch::no_grad(|| resize_pos_embed(&pos.to_kind(Kind::Float), g));
+            file.insert("visual.positional_embedding".into(), resized);
+            report.resized.push("visual.positional_embedding".into());
+        }
+    }
+    let mut missing = Vec::new();
+    let mut mismatched = Vec::new();
+    for (k, var) in vars.iter() {
+        match file.get_mut(k) {
+            None => missing.push(k.clone()),
+            Some(t) => {
+                if t.size() != var.size() && t.numel() == var.numel() && var.dim() == 0 {
+                    *t = t.reshape(var.size());
+                }
+                if t.size() != var.size() {
+                    mismatched.push(format!("{k}: {:?} vs {:?}", t.size(), var.size()));
+                }
+            }
+        }
+    }
+    let mut unexpected: Vec<String> = file.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        missing.sort();
+        unexpected.sort();
+        mismatched.sort();
+        return Err(WeightsError::Mismatch {
+            path: path.to_path_buf(),
+            arch: cfg.arch.clone(),
+            missing,
+            unexpected,
+            mismatched,
+        });
+    }
+    tch::no_grad(|| {
+        for (k, var) in vars.iter() {
+            let mut var = var.shallow_clone();
+            var.copy_(&file[k].to_kind(var.kind()).to_device(var.device()));
+        }
+    });
+    report.loaded = vars.len();
+    Ok(report)
+}
+
+/// Writes every variable of `vs` as fp32, contiguous CPU tensors, keys sorted, with `metadata`
+/// in the safetensors header.
+pub fn save_safetensors(
+    vs: &tch::nn::VarStore,
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), WeightsError> {
+    let werr = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(vars.len());
+    for (k, v) in &vars {
+        let t = tch::no_grad(|| v.to_kind(Kind::Float).to_device(Device::Cpu).contiguous());
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let numel = t.numel();
+        let mut data = vec![0f32; numel];
+        t.f_copy_data(&mut data, numel).map_err(|e| werr(format!("{k}: {e}")))?;
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        buffers.push((k.clone(), shape, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(k, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| werr(format!("{k}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let meta = if meta.is_empty() { None } else { Some(meta) };
+    safetensors::tensor::serialize_to_file(views, &meta, path).map_err(|e| werr(e.to_string()))
+}
