@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Reference fixtures for the Rust CLIP models, computed with OpenCLIP itself.
+
+Generate:   gen-model-fixtures.py --arch convnext_test --image-size 64 --out DIR [--batch 2]
+            writes DIR/model.safetensors (OpenCLIP state dict) and DIR/expected.safetensors
+            (images, tokens, image/text features raw and normalized, logits, num_params).
+Check load: gen-model-fixtures.py --arch A --image-size S --check-load W.safetensors --inputs R.safetensors
+            loads W with open_clip.create_model(A, pretrained=W) and compares its features on
+            R's `images`/`tokens` with R's `image_features`/`text_features` (max abs diff <= --tol).
+
+The small archs (convnext_test, convnext_test_mlp, convnext_demo, vit_test) are registered here
+(timm ConvNeXt variants + OpenCLIP model configs); nothing is downloaded.
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import open_clip
+import timm
+from timm.models import register_model
+from timm.models.convnext import ConvNeXt
+
+TEXT = dict(context_length=77, vocab_size=49408)
+SMALL_TIMM = {
+    "ferroclip_convnext_test": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
+    "ferroclip_convnext_demo": dict(depths=(1, 1, 2, 1), dims=(24, 48, 96, 192)),
+}
+
+
+def _register_timm(name, args):
+    def fn(pretrained=False, **kwargs):
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(k, None)
+        model = ConvNeXt(**args, **kwargs)
+        model.pretrained_cfg = model.default_cfg = {}
+        return model
+    fn.__name__ = name
+    register_model(fn)
+
+
+def _convnext_cfg(timm_name, proj, embed, width, heads, layers, image_size):
+    return {
+        "embed_dim": embed,
+        "vision_cfg": {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": proj, "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": image_size},
+        "text_cfg": dict(TEXT, width=width, heads=heads, layers=layers),
+    }
+
+
+SMALL_CLIP = {
+    "convnext_test": _convnext_cfg("ferroclip_convnext_test", "linear", 32, 32, 2, 2, 64),
+    "convnext_test_mlp": _convnext_cfg("ferroclip_convnext_test", "mlp", 32, 32, 2, 2, 64),
+    "convnext_demo": _convnext_cfg("ferroclip_convnext_demo", "linear", 64, 64, 4, 2, 64),
+    "vit_test": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": dict(TEXT, width=32, heads=2, layers=2),
+    },
+}
+
+
+def register_small(tmp: Path, vocab_size):
+    for name, args in SMALL_TIMM.items():
+        if name not in timm.list_models(name):
+            _register_timm(name, args)
+    for name, cfg in SMALL_CLIP.items():
+        cfg = json.loads(json.dumps(cfg))
+        if vocab_size:
+            cfg["text_cfg"]["vocab_size"] = vocab_size
+        (tmp / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp)
+
+
+def randomize(model, gen):
+    """Move everything that is 0/1 at init (biases, norm weights, layer scale) off its init value."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(0.2 + 0.8 * torch.rand(p.shape, generator=gen))
+            elif name.endswith("bias") or name.endswith("in_proj_bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+def features(model, images, tokens):
+    with torch.no_grad():
+        img = model.encode_image(images)
+        txt = model.encode_text(tokens)
+        img_n, txt_n = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        logits = model.logit_scale.exp() * img_n @ txt_n.T
+    return img, txt, img_n, txt_n, logits
+
+
+def make_tokens(gen, batch, ctx, vocab):
+    tokens = torch.zeros(batch, ctx, dtype=torch.long)
+    for i in range(batch):
+        n = int(torch.randint(3, ctx - 1, (1,), generator=gen))
+        tokens[i, 0] = vocab - 2  # start-of-text, like the BPE tokenizer's 49406
+        tokens[i, 1:n] = torch.randint(1, vocab - 2, (n - 1,), generator=gen)
+        tokens[i, n] = vocab - 1  # end-of-text: the largest id, where OpenCLIP pools
+    return tokens
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True)
+    ap.add_argument("--image-size", type=int, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-size", type=int, default=None, help="shrink the text vocab (small archs only)")
+    ap.add_argument("--half-weights", action="store_true",
+                    help="round weights to fp16 and store them so (smaller fixtures; features use the rounded weights)")
+    ap.add_argument("--check-load", type=Path)
+    ap.add_argument("--inputs", type=Path)
+    ap.add_argument("--tol", type=float, default=1e-4)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        register_small(Path(tmp), args.vocab_size)
+        if args.check_load:
+            model = open_clip.create_model(args.arch, pretrained=str(args.check_load),
+                                           force_image_size=args.image_size).eval()
+            ref = load_file(str(args.inputs))
+            img, txt, *_ = features(model, ref["images"], ref["tokens"])
+            d_img = (img - ref["image_features"]).abs().max().item()
+            d_txt = (txt - ref["text_features"]).abs().max().item()
+            print(f"check-load {args.arch}: max |diff| image {d_img:.3g} text {d_txt:.3g}")
+            sys.exit(0 if max(d_img, d_txt) <= args.tol else 1)
+
+        model = open_clip.create_model(args.arch, force_image_size=args.image_size).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    randomize(model, gen)
+    if args.half_weights:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+    vocab = model.vocab_size
+    ctx = model.context_length
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    tokens = make_tokens(gen, args.batch, ctx, vocab)
+    img, txt, img_n, txt_n, logits = features(model, images, tokens)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if args.half_weights:
+        sd = {k: v.half() for k, v in sd.items()}
+    save_file(sd, str(args.out / "model.safetensors"))
+    num_params = sum(p.numel() for p in model.parameters())
+    save_file({
+        "images": images, "tokens": tokens,
+        "image_features": img, "text_features": txt,
+        "image_features_normalized": img_n, "text_features_normalized": txt_n,
+        "logits_per_image": logits,
+        "num_params": torch.tensor(num_params, dtype=torch.long),
+    }, str(args.out / "expected.safetensors"),
+        metadata={"arch": args.arch, "image_size": str(args.image_size), "vocab_size": str(vocab)})
+    print(f"{args.arch}: {num_params} params -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
