@@ -15,6 +15,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
+const REL_TOL: f64 = 5e-6;
 /// Vocabulary of the committed small fixtures (keeps them small; presets use 49408).
 const FIXTURE_VOCAB: i64 = 512;
 
@@ -98,7 +99,12 @@ fn check_fixture(dir: &Path, cfg: &ClipConfig) {
         let d = max_diff(ours, &exp[name]);
         // Logits are scaled by exp(logit_scale) = 1/0.07; compare them relative to that scale.
         let tol = if name == "logits_per_image" { TOL * 100.0 } else { TOL };
+        // Relative to the output's scale too, so small outputs cannot hide a wrong op
+        // (e.g. tanh-approximated GELU) under the absolute bound.
+        let scale = exp[name].abs().max().double_value(&[]);
+        eprintln!("{}: {name} max |diff| {d:e} (max |expected| {scale:e})", cfg.arch);
         assert!(d <= tol, "{}: {name} max |diff| {d:e} > {tol:e}", cfg.arch);
+        assert!(d <= REL_TOL * scale, "{}: {name} max |diff| {d:e} > {REL_TOL:e} x {scale:e}", cfg.arch);
     }
 }
 
