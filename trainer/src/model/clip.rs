@@ -170,3 +170,58 @@ impl ContrastiveModel for Clip {
 pub fn num_params(vs: &nn::VarStore) -> i64 {
     vs.variables().values().map(|t| t.numel() as i64).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn every_listed_arch_has_a_preset() {
+        for arch in ClipConfig::ARCHS {
+            assert_eq!(ClipConfig::from_arch(arch).unwrap().arch, *arch);
+        }
+        assert!(ClipConfig::from_arch("convnext_nope").is_none());
+        let cfg = ClipConfig::from_arch("convnext_base_w").unwrap().with_image_size(320).with_drop_path(0.2);
+        assert_eq!(cfg.image_size(), 320);
+        assert!(matches!(cfg.vision, VisionConfig::ConvNext(ref c) if c.drop_path_rate == 0.2));
+    }
+
+    #[test]
+    fn init_matches_open_clip_and_timm() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &ClipConfig::from_arch("convnext_test").unwrap());
+        let vars = vs.variables();
+        assert!((model.logit_scale().double_value(&[]) - (1.0f64 / 0.07).ln()).abs() < 1e-6);
+        assert_eq!(model.logit_scale().dim(), 0, "OpenCLIP's logit_scale is 0-dim");
+        let gamma = &vars["visual.trunk.stages.0.blocks.0.gamma"];
+        assert!(gamma.allclose(&gamma.full_like(1e-6), 0.0, 1e-12, false));
+        assert_eq!(vars["visual.trunk.stem.0.bias"].abs().max().double_value(&[]), 0.0);
+        let pos_std = vars["positional_embedding"].std(true).double_value(&[]);
+        assert!((pos_std - 0.01).abs() < 0.001, "positional_embedding std {pos_std}");
+    }
+
+    #[test]
+    fn stochastic_depth_only_in_train_mode() {
+        tch::manual_seed(1);
+        let cfg = ClipConfig::from_arch("convnext_test").unwrap().with_drop_path(0.5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Clip::new(&vs.root(), &cfg);
+        // Make the residual branches matter (gamma starts at 1e-6).
+        tch::no_grad(|| {
+            for (k, mut v) in vs.variables() {
+                if k.ends_with("gamma") {
+                    let _ = v.fill_(1.0);
+                }
+            }
+        });
+        let x = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let eval_a = model.encode_image(&x, false);
+        assert!(eval_a.equal(&model.encode_image(&x, false)));
+        assert_eq!(eval_a.size(), [4, 32]);
+        let train = model.encode_image(&x, true);
+        assert!((train - &eval_a).abs().max().double_value(&[]) > 1e-4);
+        let tokens = Tensor::randint(49407, [3, 77], (Kind::Int64, Device::Cpu));
+        assert_eq!(model.encode_text(&tokens, true).size(), [3, 32]);
+    }
+}

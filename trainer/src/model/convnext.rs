@@ -198,3 +198,41 @@ impl ConvNext {
         } // [b, embed]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn drop_path_drops_whole_samples_and_rescales() {
+        tch::manual_seed(0);
+        let x = Tensor::ones([4000, 3, 2, 2], (Kind::Float, Device::Cpu));
+        let y = drop_path(&x, 0.25, true);
+        // Each sample is either all 0 or all 1/keep.
+        let per_sample = y.flatten(1, -1);
+        let (mn, mx) = (per_sample.amin(&[1i64][..], false), per_sample.amax(&[1i64][..], false));
+        assert!(mn.equal(&mx), "a sample was partially dropped");
+        let kept = mx.gt(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!((kept - 0.75).abs() < 0.03, "kept fraction {kept}");
+        assert!((mx.max().double_value(&[]) - 1.0 / 0.75).abs() < 1e-6);
+        assert!(drop_path(&x, 0.25, false).equal(&x), "eval must be identity");
+    }
+
+    #[test]
+    fn drop_path_rates_increase_linearly_over_all_blocks() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ConvNextConfig {
+            dims: [8, 8, 8, 8],
+            depths: [1, 1, 2, 1],
+            drop_path_rate: 0.4,
+            proj: ConvNextProj::Linear,
+            image_size: 32,
+        };
+        let m = ConvNext::new(&(vs.root() / "visual"), &cfg, 4);
+        let rates: Vec<f64> = m.stages.iter().flat_map(|s| s.blocks.iter().map(|b| b.drop_path)).collect();
+        // timm: torch.linspace(0, 0.4, 5).split(depths)
+        let want = [0.0, 0.1, 0.2, 0.3, 0.4];
+        assert!(rates.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{rates:?}");
+    }
+}
