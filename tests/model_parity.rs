@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferroclip::model::{load_safetensors, num_params, save_safetensors, Clip, ClipConfig, ContrastiveModel};
+use ferroclip::model::{
+    load_safetensors, num_params, save_safetensors, Clip, ClipConfig, ContrastiveModel,
+};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -20,7 +22,10 @@ const REL_TOL: f64 = 5e-6;
 const FIXTURE_VOCAB: i64 = 512;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn python() -> PathBuf {
@@ -55,7 +60,10 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -64,7 +72,9 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn config(arch: &str, image_size: i64, vocab: i64) -> ClipConfig {
-    let mut cfg = ClipConfig::from_arch(arch).unwrap().with_image_size(image_size);
+    let mut cfg = ClipConfig::from_arch(arch)
+        .unwrap()
+        .with_image_size(image_size);
     cfg.text.vocab_size = vocab;
     cfg
 }
@@ -82,9 +92,17 @@ fn check_fixture(dir: &Path, cfg: &ClipConfig) {
     let report = load_safetensors(&mut vs, &dir.join("model.safetensors"), cfg).unwrap();
     assert_eq!(report.loaded, vs.variables().len());
     let exp = read(&dir.join("expected.safetensors"));
-    assert_eq!(num_params(&vs), exp["num_params"].int64_value(&[]), "{} parameter count", cfg.arch);
+    assert_eq!(
+        num_params(&vs),
+        exp["num_params"].int64_value(&[]),
+        "{} parameter count",
+        cfg.arch
+    );
     let (img, txt) = tch::no_grad(|| {
-        (model.encode_image(&exp["images"], false), model.encode_text(&exp["tokens"], false))
+        (
+            model.encode_image(&exp["images"], false),
+            model.encode_text(&exp["tokens"], false),
+        )
     });
     let img_n = &img / img.norm_scalaropt_dim(2, [-1], true);
     let txt_n = &txt / txt.norm_scalaropt_dim(2, [-1], true);
@@ -98,13 +116,24 @@ fn check_fixture(dir: &Path, cfg: &ClipConfig) {
     ] {
         let d = max_diff(ours, &exp[name]);
         // Logits are scaled by exp(logit_scale) = 1/0.07; compare them relative to that scale.
-        let tol = if name == "logits_per_image" { TOL * 100.0 } else { TOL };
+        let tol = if name == "logits_per_image" {
+            TOL * 100.0
+        } else {
+            TOL
+        };
         // Relative to the output's scale too, so small outputs cannot hide a wrong op
         // (e.g. tanh-approximated GELU) under the absolute bound.
         let scale = exp[name].abs().max().double_value(&[]);
-        eprintln!("{}: {name} max |diff| {d:e} (max |expected| {scale:e})", cfg.arch);
+        eprintln!(
+            "{}: {name} max |diff| {d:e} (max |expected| {scale:e})",
+            cfg.arch
+        );
         assert!(d <= tol, "{}: {name} max |diff| {d:e} > {tol:e}", cfg.arch);
-        assert!(d <= REL_TOL * scale, "{}: {name} max |diff| {d:e} > {REL_TOL:e} x {scale:e}", cfg.arch);
+        assert!(
+            d <= REL_TOL * scale,
+            "{}: {name} max |diff| {d:e} > {REL_TOL:e} x {scale:e}",
+            cfg.arch
+        );
     }
 }
 
@@ -114,12 +143,18 @@ fn fixture(arch: &str) -> PathBuf {
 
 #[test]
 fn convnext_test_matches_open_clip() {
-    check_fixture(&fixture("convnext_test"), &config("convnext_test", 64, FIXTURE_VOCAB));
+    check_fixture(
+        &fixture("convnext_test"),
+        &config("convnext_test", 64, FIXTURE_VOCAB),
+    );
 }
 
 #[test]
 fn convnext_mlp_head_matches_open_clip() {
-    check_fixture(&fixture("convnext_test_mlp"), &config("convnext_test_mlp", 64, FIXTURE_VOCAB));
+    check_fixture(
+        &fixture("convnext_test_mlp"),
+        &config("convnext_test_mlp", 64, FIXTURE_VOCAB),
+    );
 }
 
 #[test]
@@ -131,16 +166,28 @@ fn vit_test_matches_open_clip() {
 fn load_reports_missing_unexpected_and_misshaped_keys() {
     let cfg = config("convnext_test_mlp", 64, FIXTURE_VOCAB);
     let (mut vs, _model) = build(&cfg);
-    let err = load_safetensors(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err();
+    let err = load_safetensors(
+        &mut vs,
+        &fixture("convnext_test").join("model.safetensors"),
+        &cfg,
+    )
+    .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("visual.head.mlp.fc1.weight"), "{msg}");
     assert!(msg.contains("visual.head.proj.weight"), "{msg}");
     let cfg = config("convnext_test", 64, 1000);
     let (mut vs, _model) = build(&cfg);
-    let msg = load_safetensors(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg)
-        .unwrap_err()
-        .to_string();
-    assert!(msg.contains("token_embedding.weight: [512, 32] vs [1000, 32]"), "{msg}");
+    let msg = load_safetensors(
+        &mut vs,
+        &fixture("convnext_test").join("model.safetensors"),
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("token_embedding.weight: [512, 32] vs [1000, 32]"),
+        "{msg}"
+    );
 }
 
 /// A freshly initialised Rust model, saved, loads in OpenCLIP and gives the same features.
@@ -152,13 +199,23 @@ fn round_trip(arch: &str, image_size: i64, vocab: i64) {
     let images = Tensor::randn([2, 3, image_size, image_size], (Kind::Float, Device::Cpu));
     let tokens = Tensor::randint_low(1, vocab - 2, [2, 77], (Kind::Int64, Device::Cpu));
     let _ = tokens.narrow(1, 10, 1).fill_(vocab - 1);
-    let (img, txt) = tch::no_grad(|| (model.encode_image(&images, false), model.encode_text(&tokens, false)));
+    let (img, txt) = tch::no_grad(|| {
+        (
+            model.encode_image(&images, false),
+            model.encode_text(&tokens, false),
+        )
+    });
     let weights = dir.join("rust.safetensors");
     let meta = BTreeMap::from([("arch".to_string(), arch.to_string())]);
     save_safetensors(&vs, &weights, &meta).unwrap();
     let inputs = dir.join("inputs.safetensors");
     Tensor::write_safetensors(
-        &[("images", &images), ("tokens", &tokens), ("image_features", &img), ("text_features", &txt)],
+        &[
+            ("images", &images),
+            ("tokens", &tokens),
+            ("image_features", &img),
+            ("text_features", &txt),
+        ],
         &inputs,
     )
     .unwrap();
@@ -192,26 +249,52 @@ fn vit_pos_embed_resized_like_open_clip() {
     // fp32 copy of the fixture (the fixture stores fp16).
     let cfg32 = config("vit_test", 32, FIXTURE_VOCAB);
     let (mut vs32, _m) = build(&cfg32);
-    load_safetensors(&mut vs32, &fixture("vit_test").join("model.safetensors"), &cfg32).unwrap();
+    load_safetensors(
+        &mut vs32,
+        &fixture("vit_test").join("model.safetensors"),
+        &cfg32,
+    )
+    .unwrap();
     let weights = dir.join("vit32.safetensors");
     save_safetensors(&vs32, &weights, &BTreeMap::new()).unwrap();
 
     let cfg48 = config("vit_test", 48, FIXTURE_VOCAB);
     let (mut vs48, model) = build(&cfg48);
     let report = load_safetensors(&mut vs48, &weights, &cfg48).unwrap();
-    assert_eq!(report.resized, vec!["visual.positional_embedding".to_string()]);
+    assert_eq!(
+        report.resized,
+        vec!["visual.positional_embedding".to_string()]
+    );
     let images = Tensor::randn([2, 3, 48, 48], (Kind::Float, Device::Cpu));
     let tokens = read(&fixture("vit_test").join("expected.safetensors"))["tokens"].shallow_clone();
-    let (img, txt) = tch::no_grad(|| (model.encode_image(&images, false), model.encode_text(&tokens, false)));
+    let (img, txt) = tch::no_grad(|| {
+        (
+            model.encode_image(&images, false),
+            model.encode_text(&tokens, false),
+        )
+    });
     let inputs = dir.join("inputs.safetensors");
     Tensor::write_safetensors(
-        &[("images", &images), ("tokens", &tokens), ("image_features", &img), ("text_features", &txt)],
+        &[
+            ("images", &images),
+            ("tokens", &tokens),
+            ("image_features", &img),
+            ("text_features", &txt),
+        ],
         &inputs,
     )
     .unwrap();
     script(&[
-        "--arch", "vit_test", "--image-size", "48", "--vocab-size", "512",
-        "--check-load", weights.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(),
+        "--arch",
+        "vit_test",
+        "--image-size",
+        "48",
+        "--vocab-size",
+        "512",
+        "--check-load",
+        weights.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
     ]);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -220,12 +303,22 @@ fn vit_pos_embed_resized_like_open_clip() {
 fn full_size(arch: &str, image_size: i64, expected_params: f64) {
     let dir = temp_dir(arch);
     let size = image_size.to_string();
-    script(&["--arch", arch, "--image-size", &size, "--out", dir.to_str().unwrap()]);
+    script(&[
+        "--arch",
+        arch,
+        "--image-size",
+        &size,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let cfg = config(arch, image_size, 49408);
     check_fixture(&dir, &cfg);
     let (vs, _m) = build(&cfg);
     let millions = num_params(&vs) as f64 / 1e6;
-    assert!((millions - expected_params).abs() < 0.05, "{arch}: {millions:.2} M parameters");
+    assert!(
+        (millions - expected_params).abs() < 0.05,
+        "{arch}: {millions:.2} M parameters"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -34,11 +34,23 @@ pub struct ClipConfig {
 }
 
 fn text(width: i64, heads: i64, layers: i64) -> TextConfig {
-    TextConfig { context_length: 77, vocab_size: 49408, width, heads, layers }
+    TextConfig {
+        context_length: 77,
+        vocab_size: 49408,
+        width,
+        heads,
+        layers,
+    }
 }
 
 fn convnext(dims: [i64; 4], depths: [i64; 4], proj: ConvNextProj, image_size: i64) -> VisionConfig {
-    VisionConfig::ConvNext(ConvNextConfig { dims, depths, drop_path_rate: 0.1, proj, image_size })
+    VisionConfig::ConvNext(ConvNextConfig {
+        dims,
+        depths,
+        drop_path_rate: 0.1,
+        proj,
+        image_size,
+    })
 }
 
 impl ClipConfig {
@@ -72,20 +84,41 @@ impl ClipConfig {
             "convnext_large_d_320" => (768, convnext(large, deep, Mlp, 320), text(768, 12, 16)),
             "ViT-B-32" => (
                 512,
-                VisionConfig::Vit(VitConfig { image_size: 224, patch_size: 32, width: 768, layers: 12, heads: 12 }),
+                VisionConfig::Vit(VitConfig {
+                    image_size: 224,
+                    patch_size: 32,
+                    width: 768,
+                    layers: 12,
+                    heads: 12,
+                }),
                 text(512, 8, 12),
             ),
             "convnext_test" => (32, convnext(tiny, tiny_depths, Linear, 64), text(32, 2, 2)),
             "convnext_test_mlp" => (32, convnext(tiny, tiny_depths, Mlp, 64), text(32, 2, 2)),
-            "convnext_demo" => (64, convnext([24, 48, 96, 192], tiny_depths, Linear, 64), text(64, 4, 2)),
+            "convnext_demo" => (
+                64,
+                convnext([24, 48, 96, 192], tiny_depths, Linear, 64),
+                text(64, 4, 2),
+            ),
             "vit_test" => (
                 32,
-                VisionConfig::Vit(VitConfig { image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2 }),
+                VisionConfig::Vit(VitConfig {
+                    image_size: 32,
+                    patch_size: 8,
+                    width: 64,
+                    layers: 2,
+                    heads: 2,
+                }),
                 text(32, 2, 2),
             ),
             _ => return None,
         };
-        Some(ClipConfig { arch: name.to_string(), embed_dim, vision, text })
+        Some(ClipConfig {
+            arch: name.to_string(),
+            embed_dim,
+            vision,
+            text,
+        })
     }
 
     /// Training/eval resolution of the image tower.
@@ -140,7 +173,12 @@ impl Clip {
         };
         let text = TextTransformer::new(root, &cfg.text, cfg.embed_dim);
         let logit_scale = root.var("logit_scale", &[], Init::Const((1.0f64 / 0.07).ln()));
-        Self { visual, text, logit_scale, cfg: cfg.clone() }
+        Self {
+            visual,
+            text,
+            logit_scale,
+            cfg: cfg.clone(),
+        }
     }
 
     /// The configuration this model was built from.
@@ -182,7 +220,10 @@ mod tests {
             assert_eq!(ClipConfig::from_arch(arch).unwrap().arch, *arch);
         }
         assert!(ClipConfig::from_arch("convnext_nope").is_none());
-        let cfg = ClipConfig::from_arch("convnext_base_w").unwrap().with_image_size(320).with_drop_path(0.2);
+        let cfg = ClipConfig::from_arch("convnext_base_w")
+            .unwrap()
+            .with_image_size(320)
+            .with_drop_path(0.2);
         assert_eq!(cfg.image_size(), 320);
         assert!(matches!(cfg.vision, VisionConfig::ConvNext(ref c) if c.drop_path_rate == 0.2));
     }
@@ -193,18 +234,33 @@ mod tests {
         let model = Clip::new(&vs.root(), &ClipConfig::from_arch("convnext_test").unwrap());
         let vars = vs.variables();
         assert!((model.logit_scale().double_value(&[]) - (1.0f64 / 0.07).ln()).abs() < 1e-6);
-        assert_eq!(model.logit_scale().dim(), 0, "OpenCLIP's logit_scale is 0-dim");
+        assert_eq!(
+            model.logit_scale().dim(),
+            0,
+            "OpenCLIP's logit_scale is 0-dim"
+        );
         let gamma = &vars["visual.trunk.stages.0.blocks.0.gamma"];
         assert!(gamma.allclose(&gamma.full_like(1e-6), 0.0, 1e-12, false));
-        assert_eq!(vars["visual.trunk.stem.0.bias"].abs().max().double_value(&[]), 0.0);
+        assert_eq!(
+            vars["visual.trunk.stem.0.bias"]
+                .abs()
+                .max()
+                .double_value(&[]),
+            0.0
+        );
         let pos_std = vars["positional_embedding"].std(true).double_value(&[]);
-        assert!((pos_std - 0.01).abs() < 0.001, "positional_embedding std {pos_std}");
+        assert!(
+            (pos_std - 0.01).abs() < 0.001,
+            "positional_embedding std {pos_std}"
+        );
     }
 
     #[test]
     fn stochastic_depth_only_in_train_mode() {
         tch::manual_seed(1);
-        let cfg = ClipConfig::from_arch("convnext_test").unwrap().with_drop_path(0.5);
+        let cfg = ClipConfig::from_arch("convnext_test")
+            .unwrap()
+            .with_drop_path(0.5);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg);
         // Make the residual branches matter (gamma starts at 1e-6).

@@ -17,7 +17,10 @@ use super::vit::resize_pos_embed;
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: tch::TchError },
+    Read {
+        path: PathBuf,
+        source: tch::TchError,
+    },
     #[error("writing {path}: {message}")]
     Write { path: PathBuf, message: String },
     #[error(
@@ -52,15 +55,24 @@ pub fn load_safetensors(
     path: &Path,
     cfg: &ClipConfig,
 ) -> Result<LoadReport, WeightsError> {
-    let read = Tensor::read_safetensors(path)
-        .map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })?;
+    let read = Tensor::read_safetensors(path).map_err(|source| WeightsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut file: HashMap<String, Tensor> = read
         .into_iter()
-        .map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v))
+        .map(|(k, v)| {
+            (
+                k.strip_prefix("module.").map(str::to_string).unwrap_or(k),
+                v,
+            )
+        })
         .collect();
     let vars = vs.variables();
     let mut report = LoadReport::default();
-    if let (VisionConfig::Vit(vit), Some(pos)) = (&cfg.vision, file.get("visual.positional_embedding")) {
+    if let (VisionConfig::Vit(vit), Some(pos)) =
+        (&cfg.vision, file.get("visual.positional_embedding"))
+    {
         let g = vit.grid_size();
         if pos.dim() == 2 && pos.size()[0] != g * g + 1 {
             let resized = tch::no_grad(|| resize_pos_embed(&pos.to_kind(Kind::Float), g));
@@ -83,7 +95,11 @@ pub fn load_safetensors(
             }
         }
     }
-    let mut unexpected: Vec<String> = file.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
+    let mut unexpected: Vec<String> = file
+        .keys()
+        .filter(|k| !vars.contains_key(*k))
+        .cloned()
+        .collect();
     if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
         missing.sort();
         unexpected.sort();
@@ -113,7 +129,10 @@ pub fn save_safetensors(
     path: &Path,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), WeightsError> {
-    let werr = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
+    let werr = |message: String| WeightsError::Write {
+        path: path.to_path_buf(),
+        message,
+    };
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(vars.len());
     for (k, v) in &vars {
@@ -121,7 +140,8 @@ pub fn save_safetensors(
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let numel = t.numel();
         let mut data = vec![0f32; numel];
-        t.f_copy_data(&mut data, numel).map_err(|e| werr(format!("{k}: {e}")))?;
+        t.f_copy_data(&mut data, numel)
+            .map_err(|e| werr(format!("{k}: {e}")))?;
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         buffers.push((k.clone(), shape, bytes));
     }
