@@ -124,7 +124,6 @@ def main():
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         register_small(Path(tmp), args.vocab_size)
         if args.check_load:
