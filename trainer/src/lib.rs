@@ -4,3 +4,4 @@ pub mod dist;
 pub mod model;
 pub mod loss;
 pub mod optim;
+pub mod step;
