@@ -2,3 +2,6 @@
 pub mod device;
 pub mod dist;
 pub mod model;
+pub mod loss;
+pub mod optim;
+pub mod step;

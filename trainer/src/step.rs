@@ -1,0 +1,186 @@
+//! One optimizer step's forward/backward with EXACT gradients over the global batch.
+//!
+//! Follows OpenCLIP's gradient accumulation (open_clip_train/train.py `accum_freq`: features of all
+//! micro-batches first without graph, then each micro-batch recomputed with graph), and fixes what it
+//! gets wrong: there the tower gradients are averaged over W ranks (DDP) and the temperature gradient
+//! is counted k times. Here:
+//!
+//! 1. every micro-batch's features are computed (without graph when k > 1; with k = 1 the single
+//!    forward keeps its graph and is reused);
+//! 2. the local features (k micro-batches concatenated) are all-gathered, turned into leaves, and the
+//!    loss of the whole global batch is computed and backpropagated to the leaves and `logit_scale`;
+//! 3. each micro-batch is recomputed with graph, replaying its RNG (`tch::manual_seed(rng_seed + i)`
+//!    before both passes, so dropout/stochastic-depth masks match), and backpropagated with its slice
+//!    of the feature gradients.
+//!
+//! After the caller sums the parameter gradients over ranks ([`all_reduce_grads`] or
+//! `AdamW::all_reduce_grads`), they equal those of one process on the concatenated W·k·B batch.
+//!
+//! The `logit_scale` rule (so the SUM over ranks does not over-count it):
+//! - without `local_loss`, every rank computes the full global loss, so its `logit_scale` gradient is
+//!   already complete: only rank 0 puts it into `.grad()`, the others contribute zero;
+//! - with `local_loss`, each rank backpropagates its share `loss_r / W`, whose `logit_scale`
+//!   gradients sum to the exact one; the feature gradients are all-reduced (summed) before the
+//!   tower backward, since each rank's rows of the logits touch every rank's features.
+//!
+//! No host sync: the loss comes back as a tensor; read it only when logging.
+
+use tch::{Kind, Tensor};
+
+use crate::dist::Collective;
+use crate::loss::ClipLoss;
+use crate::model::ContrastiveModel;
+
+/// What one [`contrastive_step`] returns.
+pub struct StepOutput {
+    /// The global loss (0-dim fp32, equal on every rank). A device tensor: `double_value` syncs.
+    pub loss: Tensor,
+    /// Samples in the global batch (W · sum of micro-batch sizes).
+    pub global_batch: usize,
+}
+
+/// Forward/backward of one optimizer step over `micro_batches` (images, tokens) of this rank,
+/// accumulating exact gradients into the parameters' `.grad()` (not zeroed here: zero them before).
+/// Every rank must pass micro-batches of the same sizes. `rng_seed` must differ between steps (and
+/// ranks); micro-batch `i` uses `rng_seed + i`.
+pub fn contrastive_step(
+    model: &dyn ContrastiveModel,
+    micro_batches: &[(Tensor, Tensor)],
+    collective: &dyn Collective,
+    loss: &ClipLoss,
+    rng_seed: i64,
+) -> StepOutput {
+    assert!(!micro_batches.is_empty(), "contrastive_step needs at least one micro-batch");
+    let rank = collective.rank();
+    let world = collective.world_size();
+    let k = micro_batches.len();
+    let sizes: Vec<i64> = micro_batches.iter().map(|(img, _)| img.size()[0]).collect();
+    let local_rows: i64 = sizes.iter().sum();
+
+    // (1) features of every micro-batch; with k = 1 keep the graph for step (3).
+    let mut kept: Option<(Tensor, Tensor)> = None;
+    let (img_local, txt_local) = if k == 1 {
+        tch::manual_seed(rng_seed);
+        let (images, tokens) = &micro_batches[0];
+        let (fi, ft) = tch::with_grad(|| {
+            (model.encode_image(images, true).to_kind(Kind::Float), model.encode_text(tokens, true).to_kind(Kind::Float))
+        });
+        let out = (fi.detach(), ft.detach());
+        kept = Some((fi, ft));
+        out
+    } else {
+        tch::no_grad(|| {
+            let (mut is, mut ts) = (Vec::with_capacity(k), Vec::with_capacity(k));
+            for (i, (images, tokens)) in micro_batches.iter().enumerate() {
+                tch::manual_seed(rng_seed + i as i64);
+                is.push(model.encode_image(images, true).to_kind(Kind::Float));
+                ts.push(model.encode_text(tokens, true).to_kind(Kind::Float));
+            }
+            (Tensor::cat(&is, 0), Tensor::cat(&ts, 0)) // [k·B, d]
+        })
+    };
+
+    // (2) gather, loss on leaves, backward to the leaves (and logit_scale).
+    let img_all = collective.all_gather(&img_local).detach().set_requires_grad(true); // [W·k·B, d]
+    let txt_all = collective.all_gather(&txt_local).detach().set_requires_grad(true);
+    let local = loss.local_loss && world > 1;
+    // Ranks other than 0 contribute a zero (but defined) logit_scale gradient without local_loss.
+    let logit_scale = if local || rank == 0 {
+        model.logit_scale()
+    } else {
+        let s = model.logit_scale();
+        tch::with_grad(|| &s * 0.0 + s.detach())
+    };
+    let (global_loss, img_grad, txt_grad) = tch::with_grad(|| {
+        let l = loss.forward(&img_all, &txt_all, &logit_scale, rank, world);
+        if local {
+            let share = &l / world as f64;
+            share.backward();
+            // Sum every rank's feature gradients and loss share in one collective.
+            let d = img_all.size()[1];
+            let mut packed = Tensor::cat(
+                &[img_all.grad().view([-1]), txt_all.grad().view([-1]), share.detach().view([1])],
+                0,
+            );
+            collective.all_reduce_sum(&mut packed);
+            let n = img_all.numel() as i64;
+            let gi = packed.narrow(0, 0, n).view([-1, d]);
+            let gt = packed.narrow(0, n, n).view([-1, d]);
+            let lsum = packed.narrow(0, 2 * n, 1).view([]);
+            (lsum, gi, gt)
+        } else {
+            l.backward();
+            (l.detach(), img_all.grad(), txt_all.grad())
+        }
+    });
+    let start = rank as i64 * local_rows;
+    let img_grad = img_grad.narrow(0, start, local_rows); // [k·B, d] this rank's rows
+    let txt_grad = txt_grad.narrow(0, start, local_rows);
+
+    // (3) tower backward per micro-batch with its slice of the feature gradients.
+    tch::with_grad(|| {
+        let mut offset = 0i64;
+        for (i, (images, tokens)) in micro_batches.iter().enumerate() {
+            let (fi, ft) = match kept.take() {
+                Some(f) => f,
+                None => {
+                    tch::manual_seed(rng_seed + i as i64);
+                    (
+                        model.encode_image(images, true).to_kind(Kind::Float),
+                        model.encode_text(tokens, true).to_kind(Kind::Float),
+                    )
+                }
+            };
+            let gi = img_grad.narrow(0, offset, sizes[i]);
+            let gt = txt_grad.narrow(0, offset, sizes[i]);
+            // d/dF sum(F ⊙ G) = G: backpropagates exactly the given feature gradients.
+            let surrogate = (fi * gi).sum(Kind::Float) + (ft * gt).sum(Kind::Float);
+            surrogate.backward();
+            offset += sizes[i];
+        }
+    });
+
+    StepOutput { loss: global_loss, global_batch: world * local_rows as usize }
+}
+
+/// Largest bucket of [`all_reduce_grads`], in fp32 values (64 MiB).
+pub const BUCKET_VALUES: i64 = 16 << 20;
+
+/// Sums the gradients of `params` over ranks, in buckets of up to [`BUCKET_VALUES`] values: flatten,
+/// one all-reduce per bucket, copy back. (With `AdamW`'s flat buffers use `AdamW::all_reduce_grads`,
+/// which needs no copies.) Every parameter must have a defined gradient.
+pub fn all_reduce_grads(params: &[Tensor], collective: &dyn Collective) {
+    if collective.world_size() <= 1 {
+        return;
+    }
+    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    assert!(grads.iter().all(|g| g.defined()), "all_reduce_grads: a parameter has no gradient");
+    let mut i = 0;
+    while i < grads.len() {
+        let mut j = i;
+        let mut values = 0i64;
+        while j < grads.len() && (j == i || values + grads[j].numel() as i64 <= BUCKET_VALUES) {
+            values += grads[j].numel() as i64;
+            j += 1;
+        }
+        let flat: Vec<Tensor> = grads[i..j].iter().map(|g| g.reshape([-1])).collect();
+        let mut bucket = Tensor::cat(&flat, 0);
+        collective.all_reduce_sum(&mut bucket);
+        let mut offset = 0i64;
+        for g in &grads[i..j] {
+            let n = g.numel() as i64;
+            let mut g = g.shallow_clone();
+            tch::no_grad(|| g.copy_(&bucket.narrow(0, offset, n).view(g.size().as_slice())));
+            offset += n;
+        }
+        i = j;
+    }
+}
+
+/// OpenCLIP clamps the log temperature to `[0, ln(100)]` after every optimizer step.
+pub fn clamp_logit_scale(model: &dyn ContrastiveModel, max: f64) {
+    let mut s = model.logit_scale();
+    tch::no_grad(|| {
+        let _ = s.clamp_(0.0, max);
+    });
+}
