@@ -1,4 +1,5 @@
 //! ferroclip's trainer: everything between a batch and a checkpoint.
 pub mod device;
 pub mod dist;
+pub mod log;
 pub mod model;
