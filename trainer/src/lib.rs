@@ -1,9 +1,18 @@
 //! ferroclip's trainer: everything between a batch and a checkpoint.
+//!
+//! [`config`] (the typed run config) → [`session`] (ranks, device, model config, tokenizer) →
+//! [`model`] (OpenCLIP-compatible towers) → [`step`] (exact global InfoNCE step, [`loss`]) →
+//! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] → [`log`] / [`eval`].
+//! [`train`] is the one loop that strings them together; [`commands`] the other subcommands.
+pub mod checkpoint;
+pub mod config;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod lock;
 pub mod log;
-pub mod model;
 pub mod loss;
+pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod step;

@@ -15,8 +15,8 @@ pub struct ClipLoss {
     pub local_loss: bool,
 }
 
-/// F.normalize(x, dim=-1) in fp32.
-fn l2_normalize(x: &Tensor) -> Tensor {
+/// `F.normalize(x, dim=-1)` in fp32 (eps 1e-12): the one normalization of features everywhere.
+pub fn l2_normalize(x: &Tensor) -> Tensor {
     let x = x.to_kind(Kind::Float);
     let norm = x.norm_scalaropt_dim(2, [-1i64].as_slice(), true).clamp_min(1e-12);
     x / norm

@@ -1,4 +1,156 @@
-fn main() {
-    let d = ferroclip::device::select(0, false);
-    eprintln!("device: {d:?}");
+//! The `trainer` command line. Each subcommand parses its arguments and hands over to the library.
+//!
+//! Exit status: 0 on success, 2 on a usage or config error, 1 on any other failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use ferroclip::config::{Config, ConfigError};
+
+#[derive(Parser)]
+#[command(name = "trainer", version, about = "Train CLIP-style contrastive image–text models (OpenCLIP-compatible)")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Same as `trainer train --config ...`.
+    #[command(flatten)]
+    train: Option<ConfigArgs>,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Run config (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set optim.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train (what `srun trainer --config FILE` runs).
+    Train(ConfigArgs),
+    /// Zero-shot, retrieval and validation-loss evaluation of a checkpoint.
+    Eval {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// An OpenCLIP-compatible .safetensors model file.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Write the results as flat JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write L2-normalized image and text features of a checkpoint to a safetensors file.
+    Embed {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Folder of images (features in sorted file-name order).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Text file, one caption per line.
+        #[arg(long)]
+        texts: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Walk the configured training shards and report counts, extensions and bad samples.
+    DataCheck(ConfigArgs),
+    /// Measure the input pipeline (decode + augreg) in images/s.
+    BenchData {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Worker threads (default: data.workers).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Minimum seconds to measure.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Print the token ids of each stdin line as a JSON array.
+    Tokenize {
+        /// Run config (for the tokenizer choice); default: the CLIP BPE, context 77.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Write the synthetic demo dataset (WebDataset shards of shapes and captions).
+    MakeDemoData {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training shards to write.
+        #[arg(long, default_value_t = 8)]
+        shards: usize,
+        /// Samples per training shard.
+        #[arg(long, default_value_t = 400)]
+        per_shard: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Check every collective against known results on all ranks (run under mpirun/srun).
+    #[command(hide = true)]
+    DistSelftest,
+}
+
+fn load(args: &ConfigArgs) -> Result<Config> {
+    Ok(Config::load(&args.config, &args.set)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    use ferroclip::commands;
+    match cli.command {
+        None => {
+            let Some(args) = cli.train else {
+                return Err(ConfigError { file: "<command line>".into(), message: "missing --config FILE (see --help)".into() }.into());
+            };
+            ferroclip::train::run(&load(&args)?)
+        }
+        Some(Command::Train(args)) => ferroclip::train::run(&load(&args)?),
+        Some(Command::Eval { cfg, checkpoint, out }) => commands::eval(&load(&cfg)?, &checkpoint, out.as_deref()),
+        Some(Command::Embed { cfg, checkpoint, images, texts, out }) => {
+            commands::embed(&load(&cfg)?, &checkpoint, images.as_deref(), texts.as_deref(), &out)
+        }
+        Some(Command::DataCheck(args)) => commands::data_check(&load(&args)?),
+        Some(Command::BenchData { cfg, threads, seconds }) => commands::bench_data(&load(&cfg)?, threads, seconds),
+        Some(Command::Tokenize { config, set }) => {
+            let cfg = match config {
+                Some(path) => Some(Config::load(&path, &set)?),
+                None => None,
+            };
+            commands::tokenize(cfg.as_ref())
+        }
+        Some(Command::MakeDemoData { out, shards, per_shard, seed }) => {
+            commands::make_demo_data(&out, shards, per_shard, seed)
+        }
+        Some(Command::DistSelftest) => commands::dist_selftest(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
 }

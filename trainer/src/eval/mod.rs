@@ -9,6 +9,7 @@
 
 pub mod report;
 pub mod retrieval;
+
 pub mod zeroshot;
 
 use std::path::Path;

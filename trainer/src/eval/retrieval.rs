@@ -7,14 +7,10 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use crate::loss::l2_normalize;
+
 /// Score rows in chunks so a 5k × 25k (COCO) similarity matrix never sits in memory at once.
 const MAX_CHUNK_ELEMENTS: i64 = 1 << 24;
-
-fn normalize(x: &Tensor) -> Tensor {
-    let x = x.to_kind(Kind::Float);
-    let norm = x.norm_scalaropt_dim(2.0, [-1i64], true).clamp_min(1e-12);
-    x / norm
-}
 
 /// Fraction of `queries` rows whose top-k (by `queries @ candidates.T`) holds a positive, for
 /// each k. `candidate_id` and `query_id` give each row an id; a candidate is positive for a query
@@ -53,8 +49,8 @@ fn recall(
 pub fn recall_at_k(image_features: &Tensor, text_features: &Tensor, text_to_image: &Tensor, ks: &[i64]) -> BTreeMap<String, f64> {
     let _guard = tch::no_grad_guard();
     let device = image_features.device();
-    let images = normalize(image_features);
-    let texts = normalize(&text_features.to_device(device));
+    let images = l2_normalize(image_features);
+    let texts = l2_normalize(&text_features.to_device(device));
     let text_to_image = text_to_image.to_device(device).to_kind(Kind::Int64);
     let image_ids = Tensor::arange(images.size()[0], (Kind::Int64, device));
     let i2t = recall(&images, &texts, &image_ids, &text_to_image, ks, MAX_CHUNK_ELEMENTS);
@@ -137,9 +133,9 @@ mod tests {
     #[test]
     fn chunking_does_not_change_results() {
         tch::manual_seed(3);
-        let images = normalize(&Tensor::randn([30, 4], (Kind::Float, Device::Cpu)));
+        let images = l2_normalize(&Tensor::randn([30, 4], (Kind::Float, Device::Cpu)));
         let owner = Tensor::arange(60, (Kind::Int64, Device::Cpu)).remainder(30);
-        let texts = normalize(&(images.index_select(0, &owner) + Tensor::randn([60, 4], (Kind::Float, Device::Cpu))));
+        let texts = l2_normalize(&(images.index_select(0, &owner) + Tensor::randn([60, 4], (Kind::Float, Device::Cpu))));
         let ids = Tensor::arange(30, (Kind::Int64, Device::Cpu));
         let whole = recall(&images, &texts, &ids, &owner, &[1, 5], 1 << 20);
         // 7 rows of 60 candidates per chunk: 4 full chunks and a ragged one.

@@ -6,13 +6,8 @@ use ferroclip_data::tokenize::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
 use super::fill_template;
+use crate::loss::l2_normalize;
 use crate::model::ContrastiveModel;
-
-/// `x / ‖x‖` along the last dim, like `F.normalize(x, dim=-1)` (eps 1e-12).
-fn normalize(x: &Tensor) -> Tensor {
-    let norm = x.norm_scalaropt_dim(2.0, [-1i64], true).clamp_min(1e-12);
-    x / norm
-}
 
 /// Zero-shot classifier weights `[embed_dim, num_classes]` (float32): for each class, every
 /// template filled with its name is encoded, the text features are L2-normalized, averaged over
@@ -42,7 +37,7 @@ pub fn build_classifier(
             tokenizer.encode_into(&text, out);
         }
         let tokens = Tensor::from_slice(&ids).view([-1, context as i64]).to_device(device); // [c*t, ctx]
-        let features = normalize(&model.encode_text(&tokens, false).to_kind(Kind::Float)); // [c*t, d]
+        let features = l2_normalize(&model.encode_text(&tokens, false).to_kind(Kind::Float)); // [c*t, d]
         let per_class = features.view([chunk.len() as i64, num_templates, -1]).mean_dim(1, false, Kind::Float); // [c, d]
         // OpenCLIP divides by the norm here without an eps; a mean of unit vectors is never 0 in practice.
         let per_class = &per_class / per_class.norm_scalaropt_dim(2.0, [1i64], true);
@@ -51,10 +46,10 @@ pub fn build_classifier(
     Tensor::cat(&columns, 1) // [d, classes]
 }
 
-/// Classification logits `100 · normalize(image_features) @ classifier` (`[b, classes]`, float32),
+/// Classification logits `100 · l2_normalize(image_features) @ classifier` (`[b, classes]`, float32),
 /// as `open_clip_train/zero_shot.py` computes them (the model there returns normalized features).
 pub fn zero_shot_logits(image_features: &Tensor, classifier: &Tensor) -> Tensor {
-    normalize(&image_features.to_kind(Kind::Float)).matmul(&classifier.to_kind(Kind::Float)) * 100.0
+    l2_normalize(&image_features.to_kind(Kind::Float)).matmul(&classifier.to_kind(Kind::Float)) * 100.0
 }
 
 /// For each k in `topk`, how many rows of `logits` `[n, classes]` have their label (`labels`, `[n]`,

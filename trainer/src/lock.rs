@@ -1,0 +1,131 @@
+//! Freezing ("locking") a tower for fine-tunes, as OpenCLIP's `--lock-image`/`--lock-text`:
+//! parameters are split into layer groups in forward order and all but the last N are frozen.
+//!
+//! Groups follow OpenCLIP: text tower and ViT (`transformer.py` `lock_text_tower`,
+//! `VisionTransformer.lock`): `[embeddings]`, each block but the last, `[last block + final LN]`,
+//! `[projection]`. timm trunks (`timm_model.py` `TimmModel.lock`): only `visual.trunk.*` is frozen,
+//! grouped coarsely as stem, then one group per stage; the projection head stays trainable.
+
+/// Which tower and layer group a parameter belongs to, with the tower's group count.
+fn group_of(name: &str, text_layers: usize, vit_layers: usize, trunk_stages: usize) -> Option<(Tower, usize, usize)> {
+    let block_index = |rest: &str| rest.split('.').next().and_then(|s| s.parse::<usize>().ok());
+    if let Some(rest) = name.strip_prefix("visual.trunk.") {
+        let groups = trunk_stages + 1;
+        if rest.starts_with("stem") {
+            return Some((Tower::Image, 0, groups));
+        }
+        if let Some(i) = rest.strip_prefix("stages.").and_then(block_index) {
+            return Some((Tower::Image, i + 1, groups));
+        }
+        // head norm and anything after the stages: with the last stage.
+        return Some((Tower::Image, trunk_stages, groups));
+    }
+    if name.starts_with("visual.head.") {
+        return None;
+    }
+    if let Some(rest) = name.strip_prefix("visual.") {
+        return Some((Tower::Image, transformer_group(rest, "transformer.resblocks.", &["ln_post"], &["proj"], vit_layers)?, vit_layers + 2));
+    }
+    if name == "logit_scale" || name == "logit_bias" {
+        return None;
+    }
+    let rest = name.strip_prefix("text.").unwrap_or(name);
+    Some((Tower::Text, transformer_group(rest, "transformer.resblocks.", &["ln_final"], &["text_projection"], text_layers)?, text_layers + 2))
+}
+
+/// OpenCLIP's grouping of a pre-LN transformer tower with `layers` blocks.
+fn transformer_group(rest: &str, blocks: &str, final_ln: &[&str], proj: &[&str], layers: usize) -> Option<usize> {
+    if let Some(b) = rest.strip_prefix(blocks) {
+        let i: usize = b.split('.').next()?.parse().ok()?;
+        // group 0 = embeddings; block i → i + 1, the last block shares its group with the final LN.
+        return Some(i + 1);
+    }
+    if final_ln.iter().any(|p| rest.starts_with(p)) {
+        return Some(layers);
+    }
+    if proj.iter().any(|p| rest == *p || rest.starts_with(&format!("{p}."))) {
+        return Some(layers + 1);
+    }
+    Some(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tower {
+    Image,
+    Text,
+}
+
+/// What to freeze.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LockSpec {
+    pub lock_image: bool,
+    pub image_unlocked_groups: usize,
+    pub lock_text: bool,
+    pub text_unlocked_layers: usize,
+}
+
+/// Tower depths needed to number the groups.
+#[derive(Debug, Clone, Copy)]
+pub struct TowerDepths {
+    pub text_layers: usize,
+    pub vit_layers: usize,
+    pub trunk_stages: usize,
+}
+
+/// Whether parameter `name` stays trainable under `spec`.
+pub fn is_trainable(name: &str, spec: &LockSpec, depths: &TowerDepths) -> bool {
+    let Some((tower, group, groups)) = group_of(name, depths.text_layers, depths.vit_layers, depths.trunk_stages) else {
+        return true;
+    };
+    let (locked, unlocked) = match tower {
+        Tower::Image => (spec.lock_image, spec.image_unlocked_groups),
+        Tower::Text => (spec.lock_text, spec.text_unlocked_layers),
+    };
+    !locked || group + unlocked >= groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: TowerDepths = TowerDepths { text_layers: 3, vit_layers: 2, trunk_stages: 4 };
+
+    #[test]
+    fn lock_text_freezes_all_text_but_the_last_groups() {
+        let spec = LockSpec { lock_text: true, text_unlocked_layers: 0, ..Default::default() };
+        for n in ["token_embedding.weight", "positional_embedding", "transformer.resblocks.2.mlp.c_fc.weight", "ln_final.weight", "text_projection"] {
+            assert!(!is_trainable(n, &spec, &D), "{n}");
+        }
+        assert!(is_trainable("logit_scale", &spec, &D));
+        assert!(is_trainable("visual.trunk.stem.0.weight", &spec, &D));
+        let spec = LockSpec { lock_text: true, text_unlocked_layers: 2, ..Default::default() };
+        assert!(is_trainable("text_projection", &spec, &D));
+        assert!(is_trainable("ln_final.bias", &spec, &D));
+        assert!(is_trainable("transformer.resblocks.2.attn.in_proj_weight", &spec, &D));
+        assert!(!is_trainable("transformer.resblocks.1.attn.in_proj_weight", &spec, &D));
+        assert!(!is_trainable("token_embedding.weight", &spec, &D));
+    }
+
+    #[test]
+    fn lock_image_on_a_timm_trunk_keeps_the_head_trainable() {
+        let spec = LockSpec { lock_image: true, ..Default::default() };
+        assert!(!is_trainable("visual.trunk.stages.3.blocks.0.conv_dw.weight", &spec, &D));
+        assert!(!is_trainable("visual.trunk.head.norm.weight", &spec, &D));
+        assert!(is_trainable("visual.head.proj.weight", &spec, &D));
+        let spec = LockSpec { lock_image: true, image_unlocked_groups: 1, ..Default::default() };
+        assert!(is_trainable("visual.trunk.stages.3.blocks.0.conv_dw.weight", &spec, &D));
+        assert!(!is_trainable("visual.trunk.stages.2.blocks.0.conv_dw.weight", &spec, &D));
+    }
+
+    #[test]
+    fn lock_image_on_a_vit_uses_openclip_groups() {
+        let spec = LockSpec { lock_image: true, image_unlocked_groups: 1, ..Default::default() };
+        assert!(is_trainable("visual.proj", &spec, &D));
+        assert!(!is_trainable("visual.ln_post.weight", &spec, &D));
+        assert!(!is_trainable("visual.conv1.weight", &spec, &D));
+        let spec = LockSpec { lock_image: true, image_unlocked_groups: 2, ..Default::default() };
+        assert!(is_trainable("visual.ln_post.weight", &spec, &D));
+        assert!(is_trainable("visual.transformer.resblocks.1.ln_1.weight", &spec, &D));
+        assert!(!is_trainable("visual.transformer.resblocks.0.ln_1.weight", &spec, &D));
+    }
+}
