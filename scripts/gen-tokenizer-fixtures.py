@@ -8,20 +8,25 @@ Run with the repository's venv (open-clip-torch 3.3.0, ftfy, tokenizers, transfo
 Writes
 - clip_bpe.jsonl: {"text", "ids"} per caption, ids from open_clip's default tokenizer
   (`open_clip.tokenize`, context length 77), plus a few rows with other context lengths
-  ({"context_length": n});
+  ({"context_length": n}); the captions are hand-written edge cases, random caption-like
+  strings and random "noise" strings of odd code points and HTML entities;
 - xlmr_tiny_tokenizer.json: a small XLM-R-style tokenizer (Unigram vocabulary counted here
   from a few sentences, Metaspace pre-tokenizer, `<s> $A </s>` template, <s>=0 <pad>=1 </s>=2 <unk>=3),
   built without any download;
-- hf_xlmr.jsonl: {"text", "ids", "mask"} from open_clip's `HFTokenizer` loading that
-  tokenizer (as `get_tokenizer` does for xlm-roberta-base-ViT-B-32, context length 77).
+- hf_xlmr.jsonl: {"text", "context_length", "ids", "mask"} from open_clip's `HFTokenizer`
+  loading that tokenizer (as `get_tokenizer` does for xlm-roberta-base-ViT-B-32), at context
+  lengths 77 and 8.
 
 Captions that ftfy's mojibake repair (`fix_encoding`) would change are left out: that step
 is documented as not replicated in data/src/tokenize/clean.rs.
 """
+import html
+import html.entities
 import json
 import math
 import random
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import ftfy
@@ -118,6 +123,7 @@ HAND_WRITTEN = [
     "Turkish: ığüşöç İĞÜŞÖÇ",
     "Polish: zażółć gęślą jaźń",
     "Icelandic: Þórsmörk Ðð",
+    "ypogegrammeni \u0345 ᾳ\u0345 and long-s contraction it'ſ",
 ]
 
 # Fragments combined at random into caption-like strings.
@@ -147,6 +153,40 @@ def captions(rng: random.Random) -> list[str]:
             text = text.upper()
         elif rng.random() < 0.3:
             text = text.title()
+        out.append(text)
+    return out
+
+
+# Code point ranges for adversarial "noise" captions: odd scripts, combining marks, symbols,
+# presentation forms, controls, entities (named, upper-cased, numeric, unterminated).
+NOISE_RANGES = [
+    (0x00, 0x20), (0x21, 0x7E), (0x7F, 0x2FF), (0x300, 0x36F), (0x370, 0x52F), (0x590, 0x6FF),
+    (0x2000, 0x206F), (0x2100, 0x2BFF), (0x3000, 0x30FF), (0x4E00, 0x4EFF), (0xAC00, 0xACFF),
+    (0xFB00, 0xFB4F), (0xFE00, 0xFFFD), (0x1D400, 0x1D7FF), (0x1F300, 0x1FAFF),
+]
+
+
+def noise_captions(rng: random.Random, count: int) -> list[str]:
+    names = sorted(html.entities.html5)
+    def piece() -> str:
+        r = rng.random()
+        if r < 0.08:
+            name = rng.choice(names)
+            return "&" + (name.upper() if rng.random() < 0.3 else name)
+        if r < 0.12:
+            n = rng.choice([0, 9, 10, 13, 28, 39, 128, 150, 159, 0xD800, 0x10FFFF, 0x110000, rng.randint(0, 0x2FFFF)])
+            return rng.choice(["&#%d" % n, "&#x%x" % n, "&#X%X" % n]) + rng.choice([";", "", " "])
+        if r < 0.2:
+            return rng.choice(["'s", "'S", "'ll", "'ſ", "<end_of_text>", "\u0345", "\r\n", "\x1b[1m", "<", "  "])
+        lo, hi = rng.choice(NOISE_RANGES)
+        return chr(rng.randint(lo, hi))
+    out = []
+    while len(out) < count:
+        text = "".join(piece() for _ in range(rng.choice([1, 3, 10, 30, 100])))
+        # Characters unassigned in this Python's Unicode tables get their case and letter
+        # classes from newer tables in Rust; keep to characters both sides agree on.
+        if any(unicodedata.category(c) in ("Cn", "Cs") for c in html.unescape(text)):
+            continue
         out.append(text)
     return out
 
@@ -230,10 +270,12 @@ def hf_fixture(texts: list[str]) -> int:
         # The same class and call path as open_clip.get_tokenizer('xlm-roberta-base-ViT-B-32').
         hf = HFTokenizer(d, context_length=77)
         assert hf.tokenizer.pad_token_id == 1
-        ids = hf(texts).tolist()
-        cleaned = [hf.clean_fn(t) for t in texts]
-        masks = hf.tokenizer(cleaned, max_length=77, padding="max_length", truncation=True).attention_mask
-    rows = [{"text": t, "ids": i, "mask": m} for t, i, m in zip(texts, ids, masks)]
+        rows = []
+        for n, sample in ((77, texts), (8, texts[:30])):
+            ids = hf(sample, context_length=n).tolist()
+            cleaned = [hf.clean_fn(t) for t in sample]
+            masks = hf.tokenizer(cleaned, max_length=n, padding="max_length", truncation=True).attention_mask
+            rows += [{"text": t, "context_length": n, "ids": i, "mask": m} for t, i, m in zip(sample, ids, masks)]
     write_jsonl(OUT / "hf_xlmr.jsonl", rows)
     return len(rows)
 
@@ -241,7 +283,7 @@ def hf_fixture(texts: list[str]) -> int:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rng = random.Random(20240613)
-    texts = captions(rng)
+    texts = captions(rng) + noise_captions(random.Random(7), 300)
     kept = [t for t in texts if not mojibake_repaired(t)]
     dropped = len(texts) - len(kept)
     n_clip = clip_fixture(kept)

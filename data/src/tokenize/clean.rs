@@ -21,8 +21,14 @@
 //! of character classes; captions it would change are tokenized here as they are (the
 //! mojibake stays), so their ids can differ from open_clip's. Such captions are rare in
 //! curated data; the parity fixtures exclude exactly the captions where `fix_encoding` acts.
-//! Unicode tables (case mapping, normalization, letter/number classes) are Rust's, which may
-//! be a newer Unicode version than the Python that produced a given dataset's reference ids.
+//!
+//! # Unicode versions
+//! Case mapping and NFC here come from Rust's tables (`std`, `unicode-normalization`), letter
+//! and number classes from the `regex` crate; open_clip gets them from its Python (3.11:
+//! Unicode 14) and the `regex` package (Unicode 17). Ids agree on every character whose
+//! properties are the same in both versions; they can differ on characters assigned after
+//! Unicode 14 (e.g. `U+A7DA` has no lower-case in Python 3.11) or whose properties changed
+//! (`ʕ` stopped being lower-case in Unicode 17, which changes the final-sigma rule next to it).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

@@ -5,7 +5,7 @@
 //! 1. clean: `ftfy.fix_text` subset, `html.unescape` ×2, strip, whitespace folding, lower
 //!    (see [`super::clean`] for what of ftfy is replicated);
 //! 2. split with `<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+`
-//!    (case-insensitive);
+//!    (case-insensitive in Python's `regex`; the equivalent on lower-cased text is spelled out);
 //! 3. map each piece's UTF-8 bytes through `bytes_to_unicode`, mark the last symbol with
 //!    `</w>`, and apply the 48 894 merges lowest rank first, all non-overlapping occurrences
 //!    left to right per step;
@@ -143,9 +143,14 @@ impl ClipTokenizer {
             merges.insert(key, (rank as u32, encoder[format!("{a}{b}").as_str()]));
         }
 
+        // OpenCLIP compiles the pattern with IGNORECASE, but it only ever sees lower-cased
+        // text, where case-insensitivity changes exactly two things in Python's `regex`: `'s`
+        // also matches `'ſ` (simple case folding), and U+0345 (which folds to `ι`) matches
+        // no branch at all, so it is dropped. Rust's `(?i)` would instead make U+0345 a
+        // letter, so the folding is spelled out here.
         let specials = SPECIAL_TOKENS.join("|");
         let pattern = Regex::new(&format!(
-            r"(?i){specials}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+"
+            r"{specials}|'[sſ]|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}\x{{345}}]+"
         ))
         .expect("CLIP pre-tokenizer pattern");
 
