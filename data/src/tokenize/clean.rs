@@ -352,14 +352,23 @@ mod tests {
         assert_eq!(fix_text("\u{80}5"), "€5");
         assert_eq!(fix_text("&NTILDE;o &amp;amp; x"), "Ño & x");
         // A line with '<' keeps its entities (and so does every later line).
-        assert_eq!(fix_text("a &amp; b\n<b> &amp;\n&amp;"), "a & b\n<b> &amp;\n&amp;");
+        assert_eq!(
+            fix_text("a &amp; b\n<b> &amp;\n&amp;"),
+            "a & b\n<b> &amp;\n&amp;"
+        );
     }
 
     #[test]
     fn lower_clean() {
-        assert_eq!(clean_lower("  A  Photo\tof\n\na  DOG &amp;amp; cat  "), "a photo of a dog & cat");
+        assert_eq!(
+            clean_lower("  A  Photo\tof\n\na  DOG &amp;amp; cat  "),
+            "a photo of a dog & cat"
+        );
         // ftfy drops the U+001C control before `split()` could treat it as a separator.
-        assert_eq!(clean_whitespace(" Ein  Hund\u{1c}X\u{2003}\u{a0}Y "), "Ein HundX Y");
+        assert_eq!(
+            clean_whitespace(" Ein  Hund\u{1c}X\u{2003}\u{a0}Y "),
+            "Ein HundX Y"
+        );
         assert_eq!(clean_lower(""), "");
     }
 }

@@ -130,8 +130,11 @@ impl ClipTokenizer {
         vocab.extend(merge_lines.iter().map(|(a, b)| format!("{a}{b}")));
         vocab.extend(SPECIAL_TOKENS.iter().map(|s| s.to_string()));
         // dict(zip(vocab, range)): a repeated string keeps its last id.
-        let encoder: HashMap<&str, u32> =
-            vocab.iter().enumerate().map(|(i, s)| (s.as_str(), i as u32)).collect();
+        let encoder: HashMap<&str, u32> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_str(), i as u32))
+            .collect();
 
         let mut byte_id = [0u32; 256];
         for (b, c) in byte_encoder.iter().enumerate() {
@@ -161,7 +164,9 @@ impl ClipTokenizer {
             merges,
             decoder: vocab,
             pattern,
-            cache: (0..CACHE_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            cache: (0..CACHE_SHARDS)
+                .map(|_| RwLock::new(HashMap::new()))
+                .collect(),
         }
     }
 
@@ -213,9 +218,15 @@ impl ClipTokenizer {
         while word.len() > 1 {
             let best = word
                 .windows(2)
-                .filter_map(|p| self.merges.get(&(p[0], p[1])).map(|&(rank, id)| (rank, p[0], p[1], id)))
+                .filter_map(|p| {
+                    self.merges
+                        .get(&(p[0], p[1]))
+                        .map(|&(rank, id)| (rank, p[0], p[1], id))
+                })
                 .min();
-            let Some((_, first, second, merged)) = best else { break };
+            let Some((_, first, second, merged)) = best else {
+                break;
+            };
             let mut next = Vec::with_capacity(word.len());
             let mut i = 0;
             while i < word.len() {
@@ -297,7 +308,10 @@ mod tests {
     #[test]
     fn encodes_known_words() {
         // open_clip.tokenize("a photo of a dog")[0][:7]
-        assert_eq!(tok().encode_text("a photo of a dog"), vec![320, 1125, 539, 320, 1929]);
+        assert_eq!(
+            tok().encode_text("a photo of a dog"),
+            vec![320, 1125, 539, 320, 1929]
+        );
         // "hello" and "!!" are single tokens (open_clip: [3306, 748]).
         assert_eq!(tok().encode_text("Hello!!"), vec![3306, 748]);
     }
@@ -316,7 +330,10 @@ mod tests {
         assert_eq!(row[76], EOT_TOKEN_ID);
 
         let short = ClipTokenizer::with_context_length(3);
-        assert_eq!(short.encode("a dog barks"), vec![SOT_TOKEN_ID, 320, EOT_TOKEN_ID]);
+        assert_eq!(
+            short.encode("a dog barks"),
+            vec![SOT_TOKEN_ID, 320, EOT_TOKEN_ID]
+        );
         assert_eq!(short.encode("a"), vec![SOT_TOKEN_ID, 320, EOT_TOKEN_ID]);
     }
 
@@ -334,7 +351,9 @@ mod tests {
     #[test]
     fn shared_across_threads() {
         let rows: Vec<Vec<i64>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| tok().encode("threads share one cache"))).collect();
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| tok().encode("threads share one cache")))
+                .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(rows.windows(2).all(|w| w[0] == w[1]));

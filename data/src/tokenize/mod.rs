@@ -37,6 +37,11 @@ pub enum TokenizerError {
     MissingPath,
     #[error("context length must be at least 1")]
     ZeroContext,
+    #[error("context length {context_length} cannot hold the {specials} special tokens the tokenizer adds")]
+    ContextTooShort {
+        context_length: usize,
+        specials: usize,
+    },
     #[error("cannot load tokenizer {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("tokenizer {path} defines no padding id and has no \"<pad>\" token")]
@@ -71,10 +76,22 @@ mod tests {
     fn tokenizer_for_picks_kind() {
         let t = tokenizer_for("clip", None, 16).unwrap();
         assert_eq!(t.context_length(), 16);
-        assert_eq!(t.encode("a dog")[..4], [SOT_TOKEN_ID, 320, 1929, EOT_TOKEN_ID]);
-        assert!(matches!(tokenizer_for("hf", None, 77), Err(TokenizerError::MissingPath)));
-        assert!(matches!(tokenizer_for("bpe", None, 77), Err(TokenizerError::UnknownKind(_))));
-        assert!(matches!(tokenizer_for("clip", None, 0), Err(TokenizerError::ZeroContext)));
+        assert_eq!(
+            t.encode("a dog")[..4],
+            [SOT_TOKEN_ID, 320, 1929, EOT_TOKEN_ID]
+        );
+        assert!(matches!(
+            tokenizer_for("hf", None, 77),
+            Err(TokenizerError::MissingPath)
+        ));
+        assert!(matches!(
+            tokenizer_for("bpe", None, 77),
+            Err(TokenizerError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            tokenizer_for("clip", None, 0),
+            Err(TokenizerError::ZeroContext)
+        ));
         let missing = tokenizer_for("hf", Some(Path::new("no/such/tokenizer.json")), 77);
         assert!(matches!(missing, Err(TokenizerError::Load { .. })));
     }
