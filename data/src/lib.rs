@@ -15,6 +15,7 @@ pub mod source;
 pub mod tar;
 pub mod sample;
 pub mod decode;
+pub mod resize;
 pub mod augment;
 pub mod tokenize;
 pub mod batch;
