@@ -23,6 +23,7 @@ pub mod loader;
 pub mod rng;
 pub mod stats;
 pub mod synth;
+pub mod bench;
 
 pub use batch::Batch;
 pub use config::DataConfig;
