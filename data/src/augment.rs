@@ -1,13 +1,27 @@
 //! Train (augreg) and eval image transforms, writing normalized CHW floats.
 //!
 //! Follows timm's `create_transform(is_training=True, scale=(0.33, 1.0), re_prob=0.35,
-//! re_mode='pixel', hflip=0, interpolation='bicubic')` + OpenAI CLIP normalization for training,
+//! re_mode='pixel', hflip=0, interpolation='bicubic')` + OpenAI CLIP normalization for training
+//! (OpenCLIP `image_transform(.., is_train=True, aug_cfg=AugmentationCfg(use_timm=True, ..))`),
 //! and OpenCLIP's eval transform (shortest-side bicubic resize, center crop).
+//!
+//! Samplers follow the references line by line: torchvision
+//! `transforms.RandomResizedCrop.get_params`, timm `data/random_erasing.py`
+//! (`RandomErasing._erase`), torchvision `CenterCrop`/`Resize` geometry. Python's `round` is
+//! round-half-to-even, hence `round_ties_even` throughout.
 
+use rand::Rng;
+use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::DecodeError;
+use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, DecodeError, RgbImage};
+use crate::resize::{resize_bicubic_into, ResizeBox};
 use crate::rng::SampleRng;
+
+/// OpenAI CLIP's per-channel mean (OpenCLIP `OPENAI_DATASET_MEAN`).
+pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// OpenAI CLIP's per-channel std (OpenCLIP `OPENAI_DATASET_STD`).
+pub const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// `[data.augment]`: the train-time augmentation recipe (defaults: augreg).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,4 +81,297 @@ pub trait ImageTransform: Send + Sync {
     /// Decode `encoded` (member extension `ext`, lower-case) and write the CHW result into
     /// `out` (length `3 * size * size`). All randomness comes from `rng`.
     fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError>;
+}
+
+/// A crop rectangle in pixels (torchvision's `i, j, h, w` = `top, left, height, width`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropRect {
+    pub top: u32,
+    pub left: u32,
+    pub height: u32,
+    pub width: u32,
+}
+
+/// Python's `int(round(x))`: round half to even.
+fn py_round(x: f64) -> i64 {
+    x.round_ties_even() as i64
+}
+
+/// `random.uniform(a, b)` / `torch.empty(1).uniform_(a, b)`.
+fn uniform(rng: &mut SampleRng, a: f64, b: f64) -> f64 {
+    a + (b - a) * rng.gen::<f64>()
+}
+
+/// torchvision `RandomResizedCrop.get_params(img, scale, ratio)` for a `width × height` image.
+pub fn random_resized_crop_params(width: u32, height: u32, scale: [f64; 2], ratio: [f64; 2], rng: &mut SampleRng) -> CropRect {
+    let area = width as f64 * height as f64;
+    let (log_r0, log_r1) = (ratio[0].ln(), ratio[1].ln());
+    for _ in 0..10 {
+        let target_area = area * uniform(rng, scale[0], scale[1]);
+        let aspect = uniform(rng, log_r0, log_r1).exp();
+        let w = py_round((target_area * aspect).sqrt());
+        let h = py_round((target_area / aspect).sqrt());
+        if 0 < w && w <= width as i64 && 0 < h && h <= height as i64 {
+            let top = rng.gen_range(0..=(height as i64 - h)) as u32;
+            let left = rng.gen_range(0..=(width as i64 - w)) as u32;
+            return CropRect { top, left, height: h as u32, width: w as u32 };
+        }
+    }
+    // Fallback: central crop with the ratio clamped into range.
+    let in_ratio = width as f64 / height as f64;
+    let (w, h) = if in_ratio < ratio[0].min(ratio[1]) {
+        (width as i64, py_round(width as f64 / ratio[0].min(ratio[1])))
+    } else if in_ratio > ratio[0].max(ratio[1]) {
+        (py_round(height as f64 * ratio[0].max(ratio[1])), height as i64)
+    } else {
+        (width as i64, height as i64)
+    };
+    let (w, h) = (w.clamp(1, width as i64), h.clamp(1, height as i64));
+    CropRect { top: ((height as i64 - h) / 2) as u32, left: ((width as i64 - w) / 2) as u32, height: h as u32, width: w as u32 }
+}
+
+/// timm `RandomErasing._erase` geometry (`min_area=0.02, max_area=1/3, min_aspect=0.3`,
+/// `max_count=1`) on a `height × width` image: `None` when the draw skips erasing
+/// (probability `1 - probability`) or all 10 attempts miss. The caller fills the rectangle.
+pub fn random_erasing_params(height: u32, width: u32, probability: f64, rng: &mut SampleRng) -> Option<CropRect> {
+    const MIN_AREA: f64 = 0.02;
+    const MAX_AREA: f64 = 1.0 / 3.0;
+    const MIN_ASPECT: f64 = 0.3;
+    if rng.gen::<f64>() > probability {
+        return None;
+    }
+    let area = height as f64 * width as f64;
+    let (la0, la1) = (MIN_ASPECT.ln(), (1.0 / MIN_ASPECT).ln());
+    for _ in 0..10 {
+        let target_area = uniform(rng, MIN_AREA, MAX_AREA) * area;
+        let aspect = uniform(rng, la0, la1).exp();
+        let h = py_round((target_area * aspect).sqrt());
+        let w = py_round((target_area / aspect).sqrt());
+        if w < width as i64 && h < height as i64 {
+            let top = rng.gen_range(0..=(height as i64 - h)) as u32;
+            let left = rng.gen_range(0..=(width as i64 - w)) as u32;
+            return Some(CropRect { top, left, height: h as u32, width: w as u32 });
+        }
+    }
+    None
+}
+
+/// torchvision `Resize(size)` with an int size: the shorter side becomes `size`, the longer
+/// `int(size * long / short)` (truncated). Returns `(width, height)`.
+pub fn shorter_side_resize_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+    if width <= height {
+        (size, ((size as u64 * height as u64) / width as u64) as u32)
+    } else {
+        (((size as u64 * width as u64) / height as u64) as u32, size)
+    }
+}
+
+/// torchvision `CenterCrop(size)` on a `width × height` image no smaller than `size`:
+/// `top = int(round((h - size) / 2))`, same for `left`.
+pub fn center_crop_rect(width: u32, height: u32, size: u32) -> CropRect {
+    let top = py_round((height as f64 - size as f64) / 2.0).max(0) as u32;
+    let left = py_round((width as f64 - size as f64) / 2.0).max(0) as u32;
+    CropRect { top, left, height: size.min(height), width: size.min(width) }
+}
+
+/// ToTensor + Normalize: packed RGB `u8` (HWC) → CHW `(v/255 - mean) / std`.
+pub fn normalize_into(rgb: &[u8], out: &mut [f32]) {
+    let n = rgb.len() / 3;
+    assert_eq!(out.len(), n * 3, "output is not 3 × the pixel count");
+    // Per-channel lookup tables: same float ops as torch (`x/255`, then `(x - m) / s`).
+    let mut lut = [[0f32; 256]; 3];
+    for c in 0..3 {
+        for v in 0..256 {
+            lut[c][v] = (v as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c];
+        }
+    }
+    let (r, rest) = out.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (i, p) in rgb.chunks_exact(3).enumerate() {
+        r[i] = lut[0][p[0] as usize];
+        g[i] = lut[1][p[1] as usize];
+        b[i] = lut[2][p[2] as usize];
+    }
+}
+
+/// PIL's `convert('L')`: ITU-R 601-2 luma in 16-bit fixed point.
+fn luma(p: &[u8]) -> u8 {
+    ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// PIL `Image.blend(degenerate, img, factor)`: `d + f·(x - d)`, clipped, truncated.
+fn blend(x: u8, d: u8, f: f32) -> u8 {
+    let v = d as f32 + f * (x as f32 - d as f32);
+    if v <= 0.0 {
+        0
+    } else if v >= 255.0 {
+        255
+    } else {
+        v as u8
+    }
+}
+
+/// torchvision `ColorJitter(brightness=s, contrast=s, saturation=s)` on a PIL image: the three
+/// enhancements in a random order, each factor uniform in `[max(0, 1-s), 1+s]`.
+fn color_jitter(rgb: &mut [u8], strength: f64, rng: &mut SampleRng) {
+    let mut order = [0usize, 1, 2];
+    // torch.randperm(3) equivalent (Fisher–Yates).
+    for i in (1..3).rev() {
+        let j = rng.gen_range(0..=i);
+        order.swap(i, j);
+    }
+    let lo = (1.0 - strength).max(0.0);
+    let factors: Vec<f32> = (0..3).map(|_| uniform(rng, lo, 1.0 + strength) as f32).collect();
+    for &op in &order {
+        let f = factors[op];
+        match op {
+            0 => rgb.iter_mut().for_each(|v| *v = blend(*v, 0, f)),
+            1 => {
+                // ImageEnhance.Contrast: degenerate = mean of L, rounded.
+                let n = (rgb.len() / 3).max(1) as f64;
+                let mean = (rgb.chunks_exact(3).map(|p| luma(p) as f64).sum::<f64>() / n + 0.5) as u8;
+                rgb.iter_mut().for_each(|v| *v = blend(*v, mean, f));
+            }
+            _ => rgb.chunks_exact_mut(3).for_each(|p| {
+                let l = luma(p);
+                p.iter_mut().for_each(|v| *v = blend(*v, l, f));
+            }),
+        }
+    }
+}
+
+/// The largest DCT reduction (1, 2, 4 or 8) that keeps the crop at least `size` on each side.
+fn jpeg_reduction(crop: &CropRect, size: u32) -> u32 {
+    let mut d = 1;
+    while d < 8 && crop.width / (d * 2) >= size && crop.height / (d * 2) >= size {
+        d *= 2;
+    }
+    d
+}
+
+/// augreg train transform: RandomResizedCrop(bicubic) → [color jitter] → [grayscale] →
+/// ToTensor + Normalize(OpenAI) → RandomErasing('pixel').
+#[derive(Debug, Clone)]
+pub struct TrainTransform {
+    size: usize,
+    cfg: AugmentConfig,
+    max_pixels: u64,
+    /// Decode JPEGs at a reduced DCT scale when the kept crop allows it. Default true.
+    pub reduced_decode: bool,
+}
+
+impl TrainTransform {
+    pub fn new(size: usize, cfg: &AugmentConfig, max_pixels: u64) -> Self {
+        Self { size, cfg: cfg.clone(), max_pixels, reduced_decode: true }
+    }
+
+    /// The transform on an already decoded image (no reduced decoding).
+    pub fn apply_rgb(&self, img: &RgbImage, rng: &mut SampleRng, out: &mut [f32]) {
+        let crop = random_resized_crop_params(img.width, img.height, self.cfg.scale, self.cfg.ratio, rng);
+        self.finish(img, ResizeBox::crop(crop.left, crop.top, crop.width, crop.height), rng, out);
+    }
+
+    fn finish(&self, img: &RgbImage, region: ResizeBox, rng: &mut SampleRng, out: &mut [f32]) {
+        let s = self.size;
+        let mut rgb = Vec::new();
+        resize_bicubic_into(img, region, s, s, &mut rgb);
+        if self.cfg.color_jitter > 0.0 {
+            color_jitter(&mut rgb, self.cfg.color_jitter, rng);
+        }
+        if self.cfg.grayscale_prob > 0.0 && rng.gen::<f64>() < self.cfg.grayscale_prob {
+            rgb.chunks_exact_mut(3).for_each(|p| {
+                let l = luma(p);
+                p.fill(l);
+            });
+        }
+        normalize_into(&rgb, out);
+        if self.cfg.re_prob > 0.0 {
+            if let Some(r) = random_erasing_params(s as u32, s as u32, self.cfg.re_prob, rng) {
+                // Per-pixel standard normal, channel-major like `torch.empty((c, h, w)).normal_()`.
+                for c in 0..3 {
+                    for y in r.top..r.top + r.height {
+                        let row = &mut out[c * s * s + y as usize * s..][..s];
+                        for v in &mut row[r.left as usize..(r.left + r.width) as usize] {
+                            *v = rng.sample(StandardNormal);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ImageTransform for TrainTransform {
+    fn output_size(&self) -> usize {
+        self.size
+    }
+
+    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+        // Crop parameters depend only on the full size, so they are drawn from the header and
+        // the decode scale chosen from them: the random stream is the same at every scale.
+        let (w, h) = probe_size(encoded, ext)?;
+        if w as u64 * h as u64 > self.max_pixels {
+            return Err(DecodeError::TooLarge { width: w, height: h, limit: self.max_pixels });
+        }
+        let crop = random_resized_crop_params(w, h, self.cfg.scale, self.cfg.ratio, rng);
+        let denom = if self.reduced_decode { jpeg_reduction(&crop, self.size as u32) } else { 1 };
+        let img = decode_rgb_reduced(encoded, ext, self.max_pixels, denom)?;
+        let region = if img.width == w && img.height == h {
+            ResizeBox::crop(crop.left, crop.top, crop.width, crop.height)
+        } else {
+            // The same window in the reduced image's coordinates; the pixels it may read are
+            // those covering the original crop (as PIL's crop would keep).
+            let (sx, sy) = (img.width as f64 / w as f64, img.height as f64 / h as f64);
+            let x0 = crop.left as f64 * sx;
+            let y0 = crop.top as f64 * sy;
+            let x1 = ((crop.left + crop.width) as f64 * sx).min(img.width as f64);
+            let y1 = ((crop.top + crop.height) as f64 * sy).min(img.height as f64);
+            let (cl, ct) = (x0.floor() as u32, y0.floor() as u32);
+            let (cr, cb) = ((x1.ceil() as u32).min(img.width), (y1.ceil() as u32).min(img.height));
+            ResizeBox { x0, y0, x1, y1, clip: (cl, ct, cr - cl, cb - ct) }
+        };
+        self.finish(&img, region, rng, out);
+        Ok(())
+    }
+}
+
+/// OpenCLIP's default eval transform: bicubic resize of the shorter side to `size`,
+/// center crop `size × size`, ToTensor + Normalize(OpenAI).
+#[derive(Debug, Clone)]
+pub struct EvalTransform {
+    size: usize,
+    max_pixels: u64,
+}
+
+impl EvalTransform {
+    pub fn new(size: usize, max_pixels: u64) -> Self {
+        Self { size, max_pixels }
+    }
+
+    /// The transform on an already decoded image.
+    pub fn apply_rgb(&self, img: &RgbImage, out: &mut [f32]) {
+        let s = self.size as u32;
+        let (rw, rh) = shorter_side_resize_size(img.width, img.height, s);
+        let mut resized = Vec::new();
+        resize_bicubic_into(img, ResizeBox::crop(0, 0, img.width, img.height), rw as usize, rh as usize, &mut resized);
+        let c = center_crop_rect(rw, rh, s);
+        let mut rgb = Vec::with_capacity(self.size * self.size * 3);
+        for y in c.top..c.top + s {
+            let start = (y as usize * rw as usize + c.left as usize) * 3;
+            rgb.extend_from_slice(&resized[start..start + self.size * 3]);
+        }
+        normalize_into(&rgb, out);
+    }
+}
+
+impl ImageTransform for EvalTransform {
+    fn output_size(&self) -> usize {
+        self.size
+    }
+
+    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+        let img = decode_rgb(encoded, ext, self.max_pixels)?;
+        self.apply_rgb(&img, out);
+        Ok(())
+    }
 }

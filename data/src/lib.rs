@@ -15,6 +15,7 @@ pub mod source;
 pub mod tar;
 pub mod sample;
 pub mod decode;
+pub mod resize;
 pub mod augment;
 pub mod tokenize;
 pub mod batch;
@@ -22,6 +23,7 @@ pub mod loader;
 pub mod rng;
 pub mod stats;
 pub mod synth;
+pub mod bench;
 
 pub use batch::Batch;
 pub use config::DataConfig;
