@@ -52,10 +52,9 @@ fn taps(in_size: usize, in0: f64, in1: f64, out_size: usize, offset: usize) -> T
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize - xmin;
         let xmax = xmax.min(ksize);
         let mut ww = 0.0;
-        for x in 0..xmax {
-            let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
-            k[x] = w;
-            ww += w;
+        for (x, kx) in k[..xmax].iter_mut().enumerate() {
+            *kx = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            ww += *kx;
         }
         for x in 0..xmax {
             let v = if ww != 0.0 { k[x] / ww } else { k[x] };
