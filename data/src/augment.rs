@@ -378,3 +378,18 @@ impl ImageTransform for EvalTransform {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jpeg_reduction_keeps_the_crop_at_least_the_output_size() {
+        let crop = |width, height| CropRect { top: 0, left: 0, width, height };
+        assert_eq!(jpeg_reduction(&crop(511, 2000), 256), 1);
+        assert_eq!(jpeg_reduction(&crop(512, 600), 256), 2);
+        assert_eq!(jpeg_reduction(&crop(1024, 1100), 256), 4);
+        assert_eq!(jpeg_reduction(&crop(4000, 4000), 256), 8);
+        assert_eq!(jpeg_reduction(&crop(4000, 1023), 256), 2);
+    }
+}
