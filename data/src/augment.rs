@@ -14,7 +14,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, DecodeError, RgbImage};
+use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, recycle, DecodeError, RgbImage};
 use crate::resize::{resize_bicubic_into, ResizeBox};
 use crate::rng::SampleRng;
 
@@ -334,6 +334,7 @@ impl ImageTransform for TrainTransform {
             ResizeBox { x0, y0, x1, y1, clip: (cl, ct, cr - cl, cb - ct) }
         };
         self.finish(&img, region, rng, out);
+        recycle(img);
         Ok(())
     }
 }
@@ -375,6 +376,7 @@ impl ImageTransform for EvalTransform {
     fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
         let img = decode_rgb(encoded, ext, self.max_pixels)?;
         self.apply_rgb(&img, out);
+        recycle(img);
         Ok(())
     }
 }
