@@ -60,12 +60,12 @@ def worker(args):
     # Warm-up outside the timed region (imports, first-call allocations).
     for b in blobs[:5]:
         t(Image.open(io.BytesIO(b)).convert("RGB"))
-    n, i, start = 0, wid, time.perf_counter()
+    n, i, start, cpu0 = 0, wid, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         t(Image.open(io.BytesIO(blobs[i % len(blobs)])).convert("RGB"))
         n += 1
         i += 1
-    return n, time.perf_counter() - start
+    return n, time.perf_counter() - start, time.process_time() - cpu0
 
 
 def main():
@@ -91,8 +91,11 @@ def main():
     else:
         with mp.get_context("spawn").Pool(a.workers) as pool:
             results = pool.map(worker, jobs)
-    total = sum(n / s for n, s in results)
+    total = sum(n / s for n, s, _ in results)
     print(f"{len(files)} JPEGs from {a.dir}; open_clip augreg train transform at {a.size}px, timm={not a.no_timm}")
+    # CPU-time rate: what one fully busy core would do (robust when the machine is shared).
+    cpu_ms = sum(c for _, _, c in results) * 1e3 / sum(n for n, _, _ in results)
+    print(f"cpu ms/image {cpu_ms:.2f} (= {1e3 / cpu_ms:.0f} images/s per busy core)")
     print(f"images_per_s_per_core={total / a.workers:.1f}")
     print(f"images_per_s={total:.1f} workers={a.workers}")
 

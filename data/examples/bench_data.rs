@@ -25,8 +25,33 @@ fn main() -> anyhow::Result<()> {
     let mean_kb = samples.iter().map(|s| s.0.len()).sum::<usize>() as f64 / n as f64 / 1024.0;
     println!("{n} LAION-like JPEGs, mean {mean_kb:.1} KiB; augreg TrainTransform at {size}px");
     let t = TrainTransform::new(size, &AugmentConfig::default(), 89_478_485);
+    if args.iter().any(|a| a == "--breakdown") {
+        // Single-thread CPU time (not wall time: robust on a shared machine) of a full decode
+        // alone and of the whole transform.
+        let t0 = thread_cpu_ns();
+        for (b, e) in &samples {
+            std::hint::black_box(ferroclip_data::decode::decode_rgb(b, e, u64::MAX)?);
+        }
+        let t1 = thread_cpu_ns();
+        let mut out = vec![0f32; 3 * size * size];
+        for (i, (b, e)) in samples.iter().enumerate() {
+            use ferroclip_data::augment::ImageTransform;
+            t.apply(b, e, &mut ferroclip_data::rng::SampleRng::from_seed(i as u64), &mut out)?;
+        }
+        let t2 = thread_cpu_ns();
+        let ms = |d: u64| d as f64 / 1e6 / n as f64;
+        println!("cpu ms/image: decode {:.2}, full transform {:.2} (= {:.0} images/s per busy core)", ms(t1 - t0), ms(t2 - t1), 1e3 / ms(t2 - t1));
+    }
     for th in threads {
         println!("{}", bench_transform(&samples, &t, th, seconds));
     }
     Ok(())
+}
+
+/// CPU time of the calling thread (Linux `/proc/thread-self/schedstat`, first field, ns).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

@@ -14,13 +14,16 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, DecodeError, RgbImage};
+use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, recycle, DecodeError, RgbImage};
 use crate::resize::{resize_bicubic_into, ResizeBox};
 use crate::rng::SampleRng;
 
+// The literals are OpenCLIP's `constants.py`, digit for digit (more than f32 holds).
 /// OpenAI CLIP's per-channel mean (OpenCLIP `OPENAI_DATASET_MEAN`).
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP's per-channel std (OpenCLIP `OPENAI_DATASET_STD`).
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// `[data.augment]`: the train-time augmentation recipe (defaults: augreg).
@@ -180,9 +183,9 @@ pub fn normalize_into(rgb: &[u8], out: &mut [f32]) {
     assert_eq!(out.len(), n * 3, "output is not 3 × the pixel count");
     // Per-channel lookup tables: same float ops as torch (`x/255`, then `(x - m) / s`).
     let mut lut = [[0f32; 256]; 3];
-    for c in 0..3 {
-        for v in 0..256 {
-            lut[c][v] = (v as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, slot) in table.iter_mut().enumerate() {
+            *slot = (v as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c];
         }
     }
     let (r, rest) = out.split_at_mut(n);
@@ -331,6 +334,7 @@ impl ImageTransform for TrainTransform {
             ResizeBox { x0, y0, x1, y1, clip: (cl, ct, cr - cl, cb - ct) }
         };
         self.finish(&img, region, rng, out);
+        recycle(img);
         Ok(())
     }
 }
@@ -372,6 +376,22 @@ impl ImageTransform for EvalTransform {
     fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
         let img = decode_rgb(encoded, ext, self.max_pixels)?;
         self.apply_rgb(&img, out);
+        recycle(img);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jpeg_reduction_keeps_the_crop_at_least_the_output_size() {
+        let crop = |width, height| CropRect { top: 0, left: 0, width, height };
+        assert_eq!(jpeg_reduction(&crop(511, 2000), 256), 1);
+        assert_eq!(jpeg_reduction(&crop(512, 600), 256), 2);
+        assert_eq!(jpeg_reduction(&crop(1024, 1100), 256), 4);
+        assert_eq!(jpeg_reduction(&crop(4000, 4000), 256), 8);
+        assert_eq!(jpeg_reduction(&crop(4000, 1023), 256), 2);
     }
 }

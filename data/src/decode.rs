@@ -164,9 +164,38 @@ pub fn decode_rgb_reduced(bytes: &[u8], ext: &str, max_pixels: u64, denom: u32) 
 fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
     let mut dec =
         zune_jpeg::JpegDecoder::new_with_options(zune_jpeg::zune_core::bytestream::ZCursor::new(bytes), zune_options());
-    let pixels = dec.decode().map_err(corrupt)?;
+    dec.decode_headers().map_err(corrupt)?;
     let (w, h) = dec.dimensions().ok_or_else(|| corrupt("no JPEG frame header"))?;
+    let len = dec.output_buffer_size().ok_or_else(|| corrupt("no JPEG frame header"))?;
+    let mut pixels = take_buffer(len);
+    dec.decode_into(&mut pixels).map_err(corrupt)?;
     Ok(RgbImage { width: w as u32, height: h as u32, pixels })
+}
+
+thread_local! {
+    /// A per-thread pixel buffer handed back by [`recycle`]: a decode then reuses warm memory
+    /// instead of a fresh zeroed allocation (measurable at hundreds of images per second).
+    static POOL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of exactly `len` bytes with unspecified contents (the decoder overwrites them).
+fn take_buffer(len: usize) -> Vec<u8> {
+    let mut v = POOL.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Give a decoded image's memory back for the next decode on this thread (optional).
+pub fn recycle(img: RgbImage) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if img.pixels.capacity() > p.capacity() {
+            *p = img.pixels;
+        }
+    });
 }
 
 /// Reduced-size IDCT decode via `jpeg-decoder` (zune-jpeg has no DCT scaling).

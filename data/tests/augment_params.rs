@@ -181,6 +181,7 @@ fn eval_geometry_follows_torchvision_rounding() {
 }
 
 #[test]
+#[allow(clippy::excessive_precision)]
 fn normalization_is_totensor_then_openai_normalize_in_chw() {
     let rgb: Vec<u8> = (0..12u32).map(|i| (i * 23 % 256) as u8).collect(); // 4 pixels
     let mut out = vec![0f32; 12];
