@@ -344,6 +344,7 @@ mod tests {
 
     #[test]
     fn decode_roundtrips_cleaned_text() {
+        // open_clip: _tokenizer.decode(_tokenizer.encode("A café, 12 dogs & 3 cats!"))
         let ids = tok().encode_text("A café, 12 dogs & 3 cats!");
         assert_eq!(tok().decode(&ids), "a café , 1 2 dogs & 3 cats ! ");
     }
