@@ -304,6 +304,7 @@ def main() -> None:
     hf_texts = kept[:60] + [
         "Una foto di un gatto", "Ein Hund im Schnee", "東京の夜景 と 猫", "  spaces   inside  ",
         "Caf&eacute; &amp; bar", ("a photo of a dog " * 30).strip(),
+        "special tokens in text: <s> a <mask>  dog </s><pad> <unk>", "ＦＵＬＬ　ｗｉｄｔｈ ﬁ ①",
     ]
     n_hf = hf_fixture(hf_texts)
     print(f"clip_bpe.jsonl: {n_clip} rows ({dropped} captions dropped for ftfy mojibake repair)")
