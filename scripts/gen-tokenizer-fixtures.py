@@ -6,16 +6,20 @@ Run with the repository's venv (open-clip-torch 3.3.0, ftfy, tokenizers, transfo
     .venv/bin/python scripts/gen-tokenizer-fixtures.py
 
 Writes
-- clip_bpe.jsonl: {"text", "ids"} per caption, ids from open_clip's default tokenizer
-  (`open_clip.tokenize`, context length 77), plus a few rows with other context lengths
-  ({"context_length": n}); the captions are hand-written edge cases, random caption-like
-  strings and random "noise" strings of odd code points and HTML entities;
+- clip_bpe.jsonl: {"text", "ids", "decoded"} per caption, ids from open_clip's default
+  tokenizer (`open_clip.tokenize`, context length 77) and `SimpleTokenizer.decode` of them,
+  plus a few rows with other context lengths ({"context_length": n}); the captions are
+  hand-written edge cases, random caption-like strings and random "noise" strings of odd
+  code points and HTML entities;
 - xlmr_tiny_tokenizer.json: a small XLM-R-style tokenizer (Unigram vocabulary counted here
   from a few sentences, Metaspace pre-tokenizer, `<s> $A </s>` template, <s>=0 <pad>=1 </s>=2 <unk>=3),
   built without any download;
 - hf_xlmr.jsonl: {"text", "context_length", "ids", "mask"} from open_clip's `HFTokenizer`
   loading that tokenizer (as `get_tokenizer` does for xlm-roberta-base-ViT-B-32), at context
   lengths 77 and 8.
+
+Also rewrites data/assets/html5_entities.json, Python's `html.entities.html5` table that the
+Rust `html.unescape` embeds.
 
 Captions that ftfy's mojibake repair (`fix_encoding`) would change are left out: that step
 is documented as not replicated in data/src/tokenize/clean.rs.
@@ -204,7 +208,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def clip_fixture(texts: list[str]) -> int:
     rows = []
     ids = open_clip.tokenize(texts).tolist()
-    rows += [{"text": t, "ids": i} for t, i in zip(texts, ids)]
+    bpe = open_clip.tokenizer._tokenizer
+    for t, i in zip(texts, ids):
+        # `decode` of the text ids (between <start_of_text> and <end_of_text>); rows cut
+        # mid-character exercise its replacement of invalid UTF-8.
+        rows.append({"text": t, "ids": i, "decoded": bpe.decode(i[1:i.index(bpe.eot_token_id)])})
     for n in (5, 16, 32):
         sample = texts[:40]
         ids = open_clip.tokenize(sample, context_length=n).tolist()
@@ -280,8 +288,14 @@ def hf_fixture(texts: list[str]) -> int:
     return len(rows)
 
 
+def write_html5_entities() -> None:
+    table = json.dumps(html.entities.html5, ensure_ascii=False, indent=0, sort_keys=True)
+    (REPO / "data" / "assets" / "html5_entities.json").write_text(table, encoding="utf-8")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    write_html5_entities()
     rng = random.Random(20240613)
     texts = captions(rng) + noise_captions(random.Random(7), 300)
     kept = [t for t in texts if not mojibake_repaired(t)]
@@ -290,6 +304,7 @@ def main() -> None:
     hf_texts = kept[:60] + [
         "Una foto di un gatto", "Ein Hund im Schnee", "東京の夜景 と 猫", "  spaces   inside  ",
         "Caf&eacute; &amp; bar", ("a photo of a dog " * 30).strip(),
+        "special tokens in text: <s> a <mask>  dog </s><pad> <unk>", "ＦＵＬＬ　ｗｉｄｔｈ ﬁ ①",
     ]
     n_hf = hf_fixture(hf_texts)
     print(f"clip_bpe.jsonl: {n_clip} rows ({dropped} captions dropped for ftfy mojibake repair)")

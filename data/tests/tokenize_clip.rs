@@ -13,6 +13,9 @@ struct Row {
     #[serde(default)]
     context_length: Option<usize>,
     ids: Vec<i64>,
+    /// `SimpleTokenizer.decode` of the ids between start and end token (77-long rows).
+    #[serde(default)]
+    decoded: Option<String>,
 }
 
 fn rows() -> Vec<Row> {
@@ -56,10 +59,26 @@ fn matches_open_clip_ids() {
         failures.join("\n")
     );
     // The fixture exercises truncation and every context length it was written for.
-    assert!(rows
-        .iter()
-        .any(|r| r.ids[76.min(r.ids.len() - 1)] == 49407 && r.ids.len() == 77));
+    assert!(rows.iter().any(|r| r.ids.len() == 77 && r.ids[76] == 49407));
     assert_eq!(tokenizers.len(), 4);
+}
+
+#[test]
+fn decode_matches_open_clip() {
+    let tok = ClipTokenizer::new();
+    let mut checked = 0;
+    for row in rows() {
+        let Some(want) = row.decoded else { continue };
+        let end = row.ids.iter().position(|&id| id == 49407).unwrap();
+        assert_eq!(
+            tok.decode(&row.ids[1..end]),
+            want,
+            "decode of {:?}",
+            row.text
+        );
+        checked += 1;
+    }
+    assert!(checked >= 500, "only {checked} rows carry a decoded text");
 }
 
 #[test]

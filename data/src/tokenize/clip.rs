@@ -13,13 +13,14 @@
 //!    the context length and its last id replaced by 49407.
 //!
 //! Merges run on vocabulary ids rather than strings; results are memoized per piece in a
-//! sharded, bounded cache that the loader's threads share.
+//! sharded, bounded cache that the loader's threads share. The vocabulary is parsed once per
+//! process, so tokenizers for several context lengths cost no more than one.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 
 use regex::Regex;
 
@@ -46,8 +47,14 @@ const CACHE_SHARD_CAPACITY: usize = 1 << 14;
 /// CLIP BPE tokenizer with OpenCLIP's ids, cleaning, padding and truncation.
 pub struct ClipTokenizer {
     context_length: usize,
-    /// `byte_encoder`: byte → printable stand-in character.
-    byte_encoder: [char; 256],
+    vocab: &'static Vocab,
+    cache: Vec<RwLock<HashMap<String, Vec<u32>>>>,
+}
+
+/// The parsed vocabulary, built once per process and shared by every [`ClipTokenizer`].
+struct Vocab {
+    /// `byte_decoder`: stand-in character → byte.
+    byte_decoder: HashMap<char, u8>,
     /// Vocabulary id of each byte's symbol; `+ 256` is its `</w>` form.
     byte_id: [u32; 256],
     /// `(left id, right id)` → `(rank, merged id)`.
@@ -55,7 +62,6 @@ pub struct ClipTokenizer {
     /// Id → vocabulary string (byte stand-in characters, `</w>` suffixes).
     decoder: Vec<String>,
     pattern: Regex,
-    cache: Vec<RwLock<HashMap<String, Vec<u32>>>>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -94,15 +100,9 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
         .collect()
 }
 
-impl ClipTokenizer {
-    /// The OpenAI vocabulary with context length 77.
-    pub fn new() -> Self {
-        Self::with_context_length(DEFAULT_CONTEXT_LENGTH)
-    }
-
-    /// The OpenAI vocabulary with another context length (at least 1).
-    pub fn with_context_length(context_length: usize) -> Self {
-        assert!(context_length >= 1, "context length must be at least 1");
+impl Vocab {
+    /// Parses the embedded `bpe_simple_vocab_16e6.txt.gz` as `SimpleTokenizer.__init__` does.
+    fn load() -> Self {
         let mut text = String::new();
         flate2::read::GzDecoder::new(BPE_VOCAB_GZ)
             .read_to_string(&mut text)
@@ -158,12 +158,28 @@ impl ClipTokenizer {
         .expect("CLIP pre-tokenizer pattern");
 
         Self {
-            context_length,
-            byte_encoder,
+            byte_decoder: b2u.iter().map(|&(b, c)| (c, b)).collect(),
             byte_id,
             merges,
             decoder: vocab,
             pattern,
+        }
+    }
+}
+
+impl ClipTokenizer {
+    /// The OpenAI vocabulary with context length 77.
+    pub fn new() -> Self {
+        Self::with_context_length(DEFAULT_CONTEXT_LENGTH)
+    }
+
+    /// The OpenAI vocabulary with another context length (at least 1).
+    pub fn with_context_length(context_length: usize) -> Self {
+        assert!(context_length >= 1, "context length must be at least 1");
+        static VOCAB: OnceLock<Vocab> = OnceLock::new();
+        Self {
+            context_length,
+            vocab: VOCAB.get_or_init(Vocab::load),
             cache: (0..CACHE_SHARDS)
                 .map(|_| RwLock::new(HashMap::new()))
                 .collect(),
@@ -180,7 +196,7 @@ impl ClipTokenizer {
 
     /// Appends the ids of the pieces of already cleaned `text` until `ids` holds `limit`.
     fn encode_pieces(&self, text: &str, limit: usize, ids: &mut Vec<i64>) {
-        for piece in self.pattern.find_iter(text) {
+        for piece in self.vocab.pattern.find_iter(text) {
             if ids.len() >= limit {
                 return;
             }
@@ -211,7 +227,10 @@ impl ClipTokenizer {
 
     /// `SimpleTokenizer.bpe` on one piece's bytes, in vocabulary ids.
     fn bpe(&self, bytes: &[u8]) -> Vec<u32> {
-        let mut word: Vec<u32> = bytes.iter().map(|&b| self.byte_id[b as usize]).collect();
+        let mut word: Vec<u32> = bytes
+            .iter()
+            .map(|&b| self.vocab.byte_id[b as usize])
+            .collect();
         if let Some(last) = word.last_mut() {
             *last += 256; // the `</w>` form of the final symbol
         }
@@ -219,7 +238,8 @@ impl ClipTokenizer {
             let best = word
                 .windows(2)
                 .filter_map(|p| {
-                    self.merges
+                    self.vocab
+                        .merges
                         .get(&(p[0], p[1]))
                         .map(|&(rank, id)| (rank, p[0], p[1], id))
                 })
@@ -248,12 +268,15 @@ impl ClipTokenizer {
     pub fn decode(&self, ids: &[i64]) -> String {
         let mut bytes = Vec::new();
         for &id in ids {
-            let Some(token) = usize::try_from(id).ok().and_then(|i| self.decoder.get(i)) else {
+            let Some(token) = usize::try_from(id)
+                .ok()
+                .and_then(|i| self.vocab.decoder.get(i))
+            else {
                 continue;
             };
             for c in token.chars() {
-                match self.byte_encoder.iter().position(|&e| e == c) {
-                    Some(b) => bytes.push(b as u8),
+                match self.vocab.byte_decoder.get(&c) {
+                    Some(&b) => bytes.push(b),
                     // Unreachable for vocabulary strings, which are all byte stand-ins.
                     None => bytes.extend(c.to_string().as_bytes()),
                 }
@@ -299,10 +322,13 @@ mod tests {
         let b2u = bytes_to_unicode();
         assert_eq!(b2u.len(), 256);
         assert_eq!(b2u[0], (b'!', '!'));
-        assert_eq!(tok().byte_encoder[b' ' as usize], 'Ġ');
-        assert_eq!(tok().byte_encoder[b'\n' as usize], 'Ċ');
-        assert_eq!(tok().decoder.len(), VOCAB_SIZE);
-        assert_eq!(tok().decoder[SOT_TOKEN_ID as usize], "<start_of_text>");
+        assert_eq!(tok().vocab.byte_decoder[&'Ġ'], b' ');
+        assert_eq!(tok().vocab.byte_decoder[&'Ċ'], b'\n');
+        assert_eq!(tok().vocab.decoder.len(), VOCAB_SIZE);
+        assert_eq!(
+            tok().vocab.decoder[SOT_TOKEN_ID as usize],
+            "<start_of_text>"
+        );
     }
 
     #[test]
@@ -344,6 +370,7 @@ mod tests {
 
     #[test]
     fn decode_roundtrips_cleaned_text() {
+        // open_clip: _tokenizer.decode(_tokenizer.encode("A café, 12 dogs & 3 cats!"))
         let ids = tok().encode_text("A café, 12 dogs & 3 cats!");
         assert_eq!(tok().decode(&ids), "a café , 1 2 dogs & 3 cats ! ");
     }
