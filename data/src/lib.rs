@@ -25,4 +25,5 @@ pub mod synth;
 
 pub use batch::Batch;
 pub use config::DataConfig;
-pub use loader::StreamCursor;
+pub use loader::{DataError, Loader, LoaderOptions, Mode, StreamCursor};
+pub use stats::StatsSnapshot;
