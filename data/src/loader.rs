@@ -14,6 +14,12 @@
 //! is a pure function of (config, shards, seed, rank, epoch). The cursor stores how many
 //! candidates the epoch has consumed; resuming regenerates the epoch's sequence (reading tar
 //! bytes again, transforming nothing) and drops that many before producing batches.
+//!
+//! Bad data: a bad sample or shard is skipped with a (rate-limited) warning naming the shard
+//! and counted in [`StatsSnapshot`]. A Train epoch that yields not one full batch (every shard
+//! unreadable, or fewer samples than a batch) ends the stream: `next_batch` returns `None` and
+//! [`Loader::error`] says why, rather than spinning through empty epochs. In resampled mode a
+//! reader gives up after `2 × shards + 16` consecutive draws without a usable sample.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -277,7 +283,7 @@ impl Context {
 /// Rate-limited warning: the first few of each reason, then every thousandth.
 fn warn_skip(stats: &Stats, reason: &str, what: impl FnOnce() -> String) {
     let n = stats.skip(reason);
-    if n <= 10 || n % 1000 == 0 {
+    if n <= 10 || n.is_multiple_of(1000) {
         eprintln!("warning: skipped sample ({reason}, {n} so far): {}", what());
     }
 }
