@@ -20,6 +20,14 @@
 //! unreadable, or fewer samples than a batch) ends the stream: `next_batch` returns `None` and
 //! [`Loader::error`] says why, rather than spinning through empty epochs. In resampled mode a
 //! reader gives up after `2 × shards + 16` consecutive draws without a usable sample.
+//!
+//! Memory: at most 64 encoded samples per reader thread, `shuffle_buffer` encoded samples,
+//! one batch being assembled and `prefetch` finished batches; shards are streamed member by
+//! member, never loaded whole.
+//!
+//! Resume cost: the fast-forward re-reads (never decodes) the epoch's shard bytes up to the
+//! cursor, so it is bounded by one epoch of this rank's data; with `resampled`, choose
+//! `train_num_samples` (the checkpoint interval) accordingly.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -199,7 +207,19 @@ impl Loader {
         let resume = opts.resume.unwrap_or_default();
         std::thread::Builder::new()
             .name("data-assembler".into())
-            .spawn(move || assemble(ctx, pool, resume, tx))
+            .spawn(move || {
+                // A panic (e.g. in a transform) must surface as an error, not a silent end.
+                let tx_panic = tx.clone();
+                let run = std::panic::AssertUnwindSafe(|| assemble(ctx, pool, resume, tx));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    let _ = tx_panic.send(Err(format!("the loader thread panicked: {what}")));
+                }
+            })
             .map_err(|e| DataError::Options(format!("cannot start the loader thread: {e}")))?;
         Ok(Loader { rx, stats, stop, error: None, done: false })
     }

@@ -105,3 +105,23 @@ fn weighted_sources_are_drawn_in_proportion_in_resampled_mode() {
     let from_b = batches.iter().flat_map(|b| &b.keys).filter(|k| k.starts_with('b')).count() as f64 / 800.0;
     assert!((0.7..0.9).contains(&from_b), "share of source b {from_b}, expected ~0.8");
 }
+
+#[test]
+fn labels_come_from_the_label_member_and_unlabelled_samples_are_skipped() {
+    let dir = tempdir("labels");
+    let mut s: Vec<_> = (0..4).map(|i| {
+        let mut m = good(&format!("k{i}"));
+        m.push((format!("k{i}.cls"), format!(" {} \n", 10 + i).into_bytes()));
+        m
+    }).collect();
+    s[2].pop();
+    s[3][2].1 = b"not a number".to_vec();
+    std::fs::write(dir.join("0.tar"), tar_of(&s)).unwrap();
+    let mut o = opts(0, 1, 4, Mode::Eval, Arc::new(FakeTransform::default()), None);
+    o.label_key = Some("cls".into());
+    let mut l = Loader::new(&cfg(), &format!("{}/0.tar", dir.display()), o).unwrap();
+    let b = l.next_batch().unwrap();
+    assert_eq!((b.keys.clone(), b.labels.clone()), (vec!["k0".to_string(), "k1".into()], vec![10, 11]));
+    assert!(l.next_batch().is_none());
+    assert_eq!(l.stats().skipped.get("missing_label"), Some(&2));
+}

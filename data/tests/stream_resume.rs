@@ -133,3 +133,32 @@ fn resume_does_not_transform_skipped_samples() {
     }
     assert!(seen.len() >= 8, "the resumed loader transformed the batches it produced");
 }
+
+/// Sleeps a clock-dependent time before delegating, so thread timing varies run to run.
+struct Jitter(FakeTransform);
+
+impl ferroclip_data::augment::ImageTransform for Jitter {
+    fn output_size(&self) -> usize {
+        self.0.output_size()
+    }
+    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [f32]) -> Result<(), ferroclip_data::decode::DecodeError> {
+        let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        std::thread::sleep(std::time::Duration::from_micros((ns % 400) as u64));
+        self.0.apply(e, x, r, o)
+    }
+}
+
+#[test]
+fn batches_do_not_depend_on_thread_timing_or_worker_count() {
+    let pattern = data("determinism");
+    let run = |workers| {
+        let cfg = DataConfig { workers, ..cfg() };
+        let mut o = opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None);
+        o.transform = Arc::new(Jitter(FakeTransform::default()));
+        let mut l = Loader::new(&cfg, &pattern, o).unwrap();
+        take(&mut l, 15).into_iter().map(|b| (b.keys, b.images)).collect::<Vec<_>>()
+    };
+    let a = run(1);
+    assert_eq!(a, run(3));
+    assert_eq!(a, run(3));
+}

@@ -123,3 +123,28 @@ fn epochs_shorter_than_a_batch_stop_instead_of_spinning() {
     });
     assert!(none);
 }
+
+struct Panics;
+
+impl ferroclip_data::augment::ImageTransform for Panics {
+    fn output_size(&self) -> usize {
+        SIZE
+    }
+    fn apply(&self, _: &[u8], _: &str, _: &mut ferroclip_data::rng::SampleRng, _: &mut [f32]) -> Result<(), ferroclip_data::decode::DecodeError> {
+        panic!("transform bug")
+    }
+}
+
+#[test]
+fn a_panicking_transform_ends_the_stream_with_an_error() {
+    let dir = tempdir("robust-panic");
+    let pattern = dataset(&dir, 1, 3);
+    let (none, err) = within(60, move || {
+        let mut o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
+        o.transform = Arc::new(Panics);
+        let mut l = Loader::new(&cfg(), &pattern, o).unwrap();
+        (l.next_batch().is_none(), l.error().map(|e| e.to_string()))
+    });
+    assert!(none);
+    assert!(err.unwrap().contains("transform bug"));
+}
