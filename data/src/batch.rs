@@ -15,6 +15,8 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// Sample keys, in batch order (for debugging and resume tests).
     pub keys: Vec<String>,
+    /// The raw caption of each sample, in batch order (retrieval evaluation, debugging).
+    pub captions: Vec<String>,
     /// Epoch this batch belongs to (0-based).
     pub epoch: u64,
     /// Stream position right after this batch: store it to resume exactly here.

@@ -18,21 +18,24 @@ pub struct DataConfig {
     pub batch_size: usize,
     /// Decode/augment threads per rank. Default 4.
     pub workers: usize,
-    /// Shard reader threads per rank (read-ahead across shards). Default 2.
+    /// Shard reader threads per rank (read-ahead across shards); the rank's shards are split
+    /// between them like webdataset's `split_by_worker`. Default 2.
     pub readers: usize,
     /// Image member extensions in priority order, `;`-separated. Default `"jpg;jpeg;png;webp"`.
     pub image_keys: String,
     /// Caption member: an extension (`"txt"`) or a field of a JSON member (`"json:caption"`).
     /// Default `"txt"`.
     pub caption_key: String,
-    /// Sample shuffle buffer size (0 disables). Default 2000.
+    /// Sample shuffle buffer size, in samples held encoded in memory (0 disables; eval never
+    /// shuffles). Default 2000.
     pub shuffle_buffer: usize,
     /// Shuffle the shard order every epoch. Default true.
     pub shuffle_shards: bool,
     /// Draw shards with replacement forever (OpenCLIP's `--dataset-resampled`). Default false.
     pub resampled: bool,
-    /// Samples that make one epoch across all ranks (OpenCLIP's `--train-num-samples`);
-    /// 0 means one pass over the shards. Required with `resampled`. Default 0.
+    /// Samples that make one epoch across all ranks (OpenCLIP's `--train-num-samples`): each
+    /// rank yields `ceil(train_num_samples / (batch_size * world_size))` batches per epoch.
+    /// 0 means one pass over the rank's shards. Required with `resampled`. Default 0.
     pub train_num_samples: u64,
     /// Batches prepared ahead of the trainer. Default 4.
     pub prefetch: usize,

@@ -8,7 +8,8 @@
 //! → token ids ([`tokenize`]) → batches with a resumable cursor ([`batch`], [`loader`]).
 //!
 //! [`config`] holds the typed `[data]` section, [`rng`] the per-sample random streams that
-//! make augmentation independent of thread and rank, [`stats`] the counters the trainer logs.
+//! make augmentation independent of thread and rank, [`stats`] the counters the trainer logs,
+//! [`check`] the dataset report behind `trainer data-check`.
 
 pub mod config;
 pub mod source;
@@ -22,9 +23,11 @@ pub mod batch;
 pub mod loader;
 pub mod rng;
 pub mod stats;
+pub mod check;
 pub mod synth;
 pub mod bench;
 
 pub use batch::Batch;
 pub use config::DataConfig;
-pub use loader::StreamCursor;
+pub use loader::{DataError, Loader, LoaderOptions, Mode, StreamCursor};
+pub use stats::StatsSnapshot;

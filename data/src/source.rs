@@ -1,1 +1,213 @@
-//! TODO
+//! Shard sources: brace patterns, `::`-joined weighted sources, local files and `pipe:CMD`.
+//!
+//! Follows OpenCLIP's `expand_urls` (`open_clip_train/data.py`: `::` separates sources, each
+//! with an optional upsampling weight) and webdataset's `gopen` (`pipe:` runs a shell command
+//! whose stdout is the tar stream) and `braceexpand` (`{000..099}` keeps zero padding, `{a,b}`).
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::loader::DataError;
+
+/// One shard to read: a local path or a `pipe:` command, with the weight of its source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    /// The shard as written in the pattern after brace expansion (`pipe:` kept).
+    pub url: String,
+    /// Sampling weight in resampled mode (the weight of its `::` source).
+    pub weight: f64,
+}
+
+impl Shard {
+    pub fn is_pipe(&self) -> bool {
+        self.url.starts_with("pipe:")
+    }
+}
+
+/// Expand `{a..b}` ranges and `{x,y}` lists, left to right, like Python's `braceexpand`.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, DataError> {
+    let bad = |m: &str| DataError::BadPattern { pattern: pattern.to_string(), message: m.to_string() };
+    let Some(open) = pattern.find('{') else {
+        if pattern.contains('}') {
+            return Err(bad("unmatched `}`"));
+        }
+        return Ok(vec![pattern.to_string()]);
+    };
+    let close = pattern[open..].find('}').map(|i| i + open).ok_or_else(|| bad("unmatched `{`"))?;
+    let body = &pattern[open + 1..close];
+    if body.contains('{') {
+        return Err(bad("nested braces are not supported"));
+    }
+    let (head, tail) = (&pattern[..open], &pattern[close + 1..]);
+    let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..") {
+        let (lo, hi) = (a.parse::<u64>().map_err(|_| bad("range bound is not a number"))?, b
+            .parse::<u64>()
+            .map_err(|_| bad("range bound is not a number"))?);
+        // braceexpand pads to the longer bound when either bound is written zero-padded.
+        let padded = (a.len() > 1 && a.starts_with('0')) || (b.len() > 1 && b.starts_with('0'));
+        let width = if padded { a.len().max(b.len()) } else { 0 };
+        let range: Vec<u64> = if lo <= hi { (lo..=hi).collect() } else { (hi..=lo).rev().collect() };
+        range.into_iter().map(|n| format!("{n:0width$}")).collect()
+    } else if body.contains(',') {
+        body.split(',').map(str::to_string).collect()
+    } else {
+        // `{x}` is literal in bash/braceexpand.
+        return Ok(expand_braces(tail)?.into_iter().map(|t| format!("{head}{{{body}}}{t}")).collect());
+    };
+    let tails = expand_braces(tail)?;
+    let mut out = Vec::with_capacity(alternatives.len() * tails.len());
+    for alt in &alternatives {
+        for t in &tails {
+            out.push(format!("{head}{alt}{t}"));
+        }
+    }
+    Ok(out)
+}
+
+/// Expand a `::`-joined shard pattern into shards, each carrying its source's weight
+/// (`weights` empty: 1.0 each, i.e. sources weighted by their shard counts, as OpenCLIP).
+///
+/// Fails with [`DataError::NoShards`] when a local source matches no existing file.
+pub fn expand_shards(pattern: &str, weights: &[f64]) -> Result<Vec<Shard>, DataError> {
+    let sources: Vec<&str> = pattern.split("::").map(str::trim).filter(|s| !s.is_empty()).collect();
+    if sources.is_empty() {
+        return Err(DataError::NoShards { pattern: pattern.to_string() });
+    }
+    if !weights.is_empty() && weights.len() != sources.len() {
+        return Err(DataError::BadPattern {
+            pattern: pattern.to_string(),
+            message: format!("{} weights for {} `::`-separated sources", weights.len(), sources.len()),
+        });
+    }
+    let mut shards = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let weight = weights.get(i).copied().unwrap_or(1.0);
+        let urls = expand_braces(source)?;
+        // A local source must match at least one file at start-up: a typo in a path is an
+        // error now, not an endless stream of missing-shard warnings later. Individual missing
+        // files in a range are skipped (and counted) when read.
+        if !source.starts_with("pipe:") && !urls.iter().any(|u| Path::new(u).exists()) {
+            return Err(DataError::NoShards { pattern: source.to_string() });
+        }
+        shards.extend(urls.into_iter().map(|url| Shard { url, weight }));
+    }
+    Ok(shards)
+}
+
+/// Which decompressor a shard needs, by its name's extension (for `pipe:` the command's text).
+fn compression(url: &str) -> Compression {
+    let u = url.trim_end().to_ascii_lowercase();
+    if u.ends_with(".tar.gz") || u.ends_with(".tgz") {
+        Compression::Gzip
+    } else if u.ends_with(".tar.zst") || u.ends_with(".tzst") {
+        Compression::Zstd
+    } else {
+        Compression::None
+    }
+}
+
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// Counts the (compressed) bytes read from a shard into a shared counter.
+struct Counting<R> {
+    inner: R,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// stdout of a `pipe:` command; at its end, a non-zero exit status becomes a read error so a
+/// failing download (`pipe:curl ...` on a 404, `pipe:false`) counts as a failed shard.
+struct PipeReader {
+    child: Child,
+    cmd: String,
+    done: bool,
+}
+
+impl Read for PipeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.child.stdout.as_mut().expect("stdout piped").read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.done = true;
+            let status = self.child.wait()?;
+            if !status.success() {
+                return Err(io::Error::other(format!("`{}` exited with {status}", self.cmd)));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for PipeReader {
+    fn drop(&mut self) {
+        // Stopping early (end of epoch, loader dropped) must not leave downloads running.
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Open a shard as a decompressed byte stream; `bytes` counts the raw bytes read.
+pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>) -> io::Result<Box<dyn Read + Send>> {
+    let raw: Box<dyn Read + Send> = if let Some(cmd) = shard.url.strip_prefix("pipe:") {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Box::new(PipeReader { child, cmd: cmd.to_string(), done: false })
+    } else {
+        Box::new(File::open(&shard.url)?)
+    };
+    let raw = BufReader::with_capacity(1 << 20, Counting { inner: raw, bytes });
+    Ok(match compression(&shard.url) {
+        Compression::None => Box::new(raw),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braces_keep_zero_padding_and_expand_lists_left_to_right() {
+        assert_eq!(expand_braces("s/{000..002}.tar").unwrap(), ["s/000.tar", "s/001.tar", "s/002.tar"]);
+        assert_eq!(expand_braces("{8..10}").unwrap(), ["8", "9", "10"]);
+        assert_eq!(expand_braces("{a,b}-{0..1}").unwrap(), ["a-0", "a-1", "b-0", "b-1"]);
+        assert_eq!(expand_braces("x{y}").unwrap(), ["x{y}"]);
+        assert!(expand_braces("x{1..2").is_err());
+        assert!(expand_braces("x{1..z}").is_err());
+    }
+
+    #[test]
+    fn sources_carry_weights_and_a_missing_source_is_an_error() {
+        let shards = expand_shards("pipe:cat a{0..1}::pipe:cat b", &[2.0, 0.5]).unwrap();
+        let got: Vec<(&str, f64)> = shards.iter().map(|s| (s.url.as_str(), s.weight)).collect();
+        assert_eq!(got, [("pipe:cat a0", 2.0), ("pipe:cat a1", 2.0), ("pipe:cat b", 0.5)]);
+        let err = expand_shards("/nonexistent/{0..3}.tar", &[]).unwrap_err();
+        assert!(matches!(err, DataError::NoShards { .. }), "{err}");
+        assert!(err.to_string().contains("matches no file"), "{err}");
+    }
+}

@@ -1,1 +1,243 @@
-//! TODO
+//! A streaming tar member reader over any `Read` (POSIX ustar, pax and GNU long names).
+//!
+//! webdataset reads shards with Python's `tarfile` in stream mode (`tariterators.py`); we do the
+//! same one member at a time, so memory is bounded by the largest member, never the shard.
+//! Every malformed input (bad checksum, truncated header or payload, absurd size) is an
+//! `io::Error`, never a panic: the loader then skips the rest of the shard.
+
+use std::io::{self, Read};
+
+/// Members larger than this are skipped unread (a corrupt size field or a stray video must
+/// not allocate gigabytes). LAION images are far below it.
+pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
+
+/// One regular-file member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// Path inside the archive.
+    pub name: String,
+    /// The payload, or `None` when it was skipped (larger than [`MAX_MEMBER_BYTES`]).
+    pub data: Option<Vec<u8>>,
+    pub size: u64,
+}
+
+/// Iterates the regular-file members of a tar stream.
+pub struct TarReader<R> {
+    inner: R,
+    finished: bool,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Read exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
+fn read_block(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated tar header")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
+    if copied != n {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated tar member"));
+    }
+    Ok(())
+}
+
+fn cstr(field: &[u8]) -> &[u8] {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    &field[..end]
+}
+
+/// Octal (NUL/space terminated) or GNU base-256 numeric field.
+fn parse_number(field: &[u8]) -> io::Result<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut v: u64 = (field[0] & 0x7f) as u64;
+        for &b in &field[1..] {
+            v = v.checked_mul(256).and_then(|v| v.checked_add(b as u64)).ok_or_else(|| invalid("tar size overflows"))?;
+        }
+        return Ok(v);
+    }
+    let s = std::str::from_utf8(cstr(field)).map_err(|_| invalid("tar numeric field is not ASCII"))?;
+    let s = s.trim_matches(|c: char| c == ' ' || c == '\0');
+    if s.is_empty() {
+        return Ok(0);
+    }
+    u64::from_str_radix(s, 8).map_err(|_| invalid(format!("tar numeric field `{s}` is not octal")))
+}
+
+fn checksum_ok(header: &[u8; 512]) -> io::Result<bool> {
+    let stored = parse_number(&header[148..156])?;
+    let sum: u64 = header.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 }).sum();
+    Ok(stored == sum)
+}
+
+impl<R: Read> TarReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self { inner, finished: false }
+    }
+
+    fn payload(&mut self, size: u64) -> io::Result<Vec<u8>> {
+        let mut data = Vec::with_capacity(size.min(1 << 24) as usize);
+        (&mut self.inner).take(size).read_to_end(&mut data)?;
+        if data.len() as u64 != size {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated tar member"));
+        }
+        self.pad(size)?;
+        Ok(data)
+    }
+
+    fn pad(&mut self, size: u64) -> io::Result<()> {
+        skip(&mut self.inner, (512 - size % 512) % 512)
+    }
+
+    /// The next regular-file member, `Ok(None)` at the end of the archive.
+    pub fn next_member(&mut self) -> io::Result<Option<Member>> {
+        let mut long_name: Option<String> = None;
+        let mut header = [0u8; 512];
+        loop {
+            if self.finished || !read_block(&mut self.inner, &mut header)? {
+                // A stream that stops at a block boundary without the end-of-archive blocks
+                // is accepted, as Python's tarfile does.
+                self.finished = true;
+                return Ok(None);
+            }
+            if header.iter().all(|&b| b == 0) {
+                self.finished = true;
+                return Ok(None);
+            }
+            if !checksum_ok(&header)? {
+                return Err(invalid("tar header checksum mismatch (not a tar file, or corrupt)"));
+            }
+            let size = parse_number(&header[124..136])?;
+            let kind = header[156];
+            match kind {
+                // pax extended header: only `path` matters to us.
+                b'x' | b'L' => {
+                    if size > 1 << 20 {
+                        return Err(invalid("oversized tar extended header"));
+                    }
+                    let data = self.payload(size)?;
+                    if kind == b'L' {
+                        long_name = Some(String::from_utf8_lossy(cstr(&data)).into_owned());
+                    } else {
+                        long_name = pax_path(&data).or(long_name);
+                    }
+                }
+                b'0' | 0 | b'7' => {
+                    let name = long_name.take().unwrap_or_else(|| {
+                        let name = String::from_utf8_lossy(cstr(&header[0..100])).into_owned();
+                        let prefix = if &header[257..262] == b"ustar" { cstr(&header[345..500]) } else { &[] };
+                        if prefix.is_empty() {
+                            name
+                        } else {
+                            format!("{}/{}", String::from_utf8_lossy(prefix), name)
+                        }
+                    });
+                    if size > MAX_MEMBER_BYTES {
+                        skip(&mut self.inner, size)?;
+                        self.pad(size)?;
+                        return Ok(Some(Member { name, data: None, size }));
+                    }
+                    let data = self.payload(size)?;
+                    return Ok(Some(Member { name, data: Some(data), size }));
+                }
+                // Directories, links, global pax headers, ...: not sample data.
+                _ => {
+                    skip(&mut self.inner, size)?;
+                    self.pad(size)?;
+                    long_name = None;
+                }
+            }
+        }
+    }
+}
+
+/// `path=` record of a pax extended header (`"%d path=%s\n"` records).
+fn pax_path(data: &[u8]) -> Option<String> {
+    let mut rest = data;
+    let mut path = None;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+        if len <= space || len > rest.len() {
+            return path;
+        }
+        let record = &rest[space + 1..len];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        if let Some(v) = record.strip_prefix(b"path=") {
+            path = Some(String::from_utf8_lossy(v).into_owned());
+        }
+        rest = &rest[len..];
+    }
+    path
+}
+
+/// Writes a minimal ustar archive (tests and fixtures only).
+pub fn write_tar(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in members {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(bytes: &[u8]) -> io::Result<Vec<Member>> {
+        let mut r = TarReader::new(bytes);
+        let mut v = Vec::new();
+        while let Some(m) = r.next_member()? {
+            v.push(m);
+        }
+        Ok(v)
+    }
+
+    #[test]
+    fn reads_members_in_order() {
+        let tar = write_tar(&[("a/0.jpg", b"xyz"), ("a/0.txt", b"")]);
+        let m = all(&tar).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].name.as_str(), m[0].data.as_deref()), ("a/0.jpg", Some(&b"xyz"[..])));
+        assert_eq!(m[1].data.as_deref(), Some(&b""[..]));
+    }
+
+    #[test]
+    fn truncation_and_garbage_are_errors_not_panics() {
+        let tar = write_tar(&[("0.jpg", &[7u8; 1000]), ("0.txt", b"cap")]);
+        for cut in [100, 512, 700, 1535, 1600] {
+            let r = all(&tar[..cut]);
+            assert!(r.is_err(), "cut at {cut} gave {:?}", r.map(|v| v.len()));
+        }
+        assert!(all(&[0x55u8; 2048]).is_err());
+        assert!(all(b"").unwrap().is_empty());
+    }
+}

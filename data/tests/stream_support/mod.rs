@@ -1,0 +1,125 @@
+//! Shared helpers of the `stream_*` tests: shards written by the tests, a fake transform and
+//! a byte tokenizer (the real decoder and tokenizer are tested in their own modules).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ferroclip_data::augment::ImageTransform;
+use ferroclip_data::decode::DecodeError;
+use ferroclip_data::rng::SampleRng;
+use ferroclip_data::tar::write_tar;
+use ferroclip_data::tokenize::Tokenizer;
+use ferroclip_data::{Batch, DataConfig, Loader, LoaderOptions, Mode, StreamCursor};
+use rand::RngCore;
+
+pub const SIZE: usize = 2;
+
+/// "Decodes" `IMG...` payloads: pixels = payload bytes mixed with the sample's rng (so the
+/// per-sample random stream is visible in the output). Fails like the real decoder on
+/// empty, `CORRUPT` and `HUGE` payloads. Records every payload it transformed.
+#[derive(Default)]
+pub struct FakeTransform {
+    pub seen: Mutex<Vec<(Vec<u8>, u64)>>,
+}
+
+impl ImageTransform for FakeTransform {
+    fn output_size(&self) -> usize {
+        SIZE
+    }
+    fn apply(&self, encoded: &[u8], _ext: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+        let draw = rng.next_u64();
+        self.seen.lock().unwrap().push((encoded.to_vec(), draw));
+        if encoded.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        if encoded.starts_with(b"HUGE") {
+            return Err(DecodeError::TooLarge { width: 100_000, height: 100_000, limit: 89_478_485 });
+        }
+        if !encoded.starts_with(b"IMG") || encoded.windows(7).any(|w| w == b"CORRUPT") {
+            return Err(DecodeError::Corrupt("bad magic".into()));
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = encoded[i % encoded.len()] as f32 + (draw % 1000) as f32 * 1e-3;
+        }
+        Ok(())
+    }
+}
+
+/// Token ids = caption bytes, zero padded.
+pub struct ByteTokenizer;
+
+impl Tokenizer for ByteTokenizer {
+    fn context_length(&self) -> usize {
+        8
+    }
+    fn encode_into(&self, text: &str, out: &mut [i64]) {
+        out.fill(0);
+        for (o, b) in out.iter_mut().zip(text.bytes()) {
+            *o = b as i64;
+        }
+    }
+}
+
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferroclip-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A sample with a good image and caption.
+pub fn good(key: &str) -> Vec<(String, Vec<u8>)> {
+    vec![(format!("{key}.jpg"), format!("IMG:{key}").into_bytes()), (format!("{key}.txt"), format!("a photo of {key}").into_bytes())]
+}
+
+pub fn tar_of(samples: &[Vec<(String, Vec<u8>)>]) -> Vec<u8> {
+    let members: Vec<(&str, &[u8])> = samples.iter().flatten().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    write_tar(&members)
+}
+
+/// `shards` shards of `per_shard` good samples, keys `s{shard}_{i}`, files `{shard:03}.tar`;
+/// returns the brace pattern.
+pub fn dataset(dir: &Path, shards: usize, per_shard: usize) -> String {
+    for s in 0..shards {
+        let samples: Vec<_> = (0..per_shard).map(|i| good(&format!("s{s}_{i:02}"))).collect();
+        std::fs::write(dir.join(format!("{s:03}.tar")), tar_of(&samples)).unwrap();
+    }
+    format!("{}/{{000..{:03}}}.tar", dir.display(), shards - 1)
+}
+
+pub fn cfg() -> DataConfig {
+    DataConfig { workers: 2, readers: 2, shuffle_buffer: 5, prefetch: 2, ..DataConfig::default() }
+}
+
+pub fn opts(rank: usize, world_size: usize, batch_size: usize, mode: Mode, transform: Arc<FakeTransform>, resume: Option<StreamCursor>) -> LoaderOptions {
+    LoaderOptions {
+        rank,
+        world_size,
+        seed: 17,
+        batch_size,
+        mode,
+        transform,
+        tokenizer: Arc::new(ByteTokenizer),
+        label_key: None,
+        resume,
+    }
+}
+
+pub fn take(loader: &mut Loader, n: usize) -> Vec<Batch> {
+    (0..n).map(|i| loader.next_batch().unwrap_or_else(|| panic!("stream ended at batch {i}: {:?}", loader.error()))).collect()
+}
+
+pub fn keys(batches: &[Batch]) -> Vec<(u64, String)> {
+    batches.iter().flat_map(|b| b.keys.iter().map(move |k| (b.epoch, k.clone()))).collect()
+}
+
+/// All keys of an eval pass plus the final stats.
+pub fn eval_all(cfg: &DataConfig, pattern: &str, batch_size: usize) -> (Vec<String>, ferroclip_data::StatsSnapshot) {
+    let mut l = Loader::new(cfg, pattern, opts(0, 1, batch_size, Mode::Eval, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut ks = Vec::new();
+    while let Some(b) = l.next_batch() {
+        ks.extend(b.keys);
+    }
+    (ks, l.stats())
+}
