@@ -321,7 +321,7 @@ fn read_shards(
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     fast_forward: Arc<AtomicBool>,
-    tx: Sender<Item>,
+    tx: Sender<Option<Item>>,
 ) {
     let (list, mut resample) = match plan {
         ReaderPlan::List(l) => (l, None),
@@ -361,6 +361,9 @@ fn read_shards(
                 stats.shards_failed.fetch_add(1, Ordering::Relaxed);
                 eprintln!("warning: skipping shard `{name}`: {e}");
                 barren += 1;
+                if tx.send(None).is_err() {
+                    return;
+                }
                 continue;
             }
         };
@@ -378,7 +381,7 @@ fn read_shards(
                     match spec.select(raw) {
                         Ok(sample) => {
                             usable += 1;
-                            if tx.send((name.clone(), sample)).is_err() {
+                            if tx.send(Some((name.clone(), sample))).is_err() {
                                 return;
                             }
                         }
@@ -394,13 +397,21 @@ fn read_shards(
             }
         }
         barren = if usable == 0 { barren + 1 } else { 0 };
+        // End-of-shard marker: lets Eval merge the readers shard by shard.
+        if tx.send(None).is_err() {
+            return;
+        }
     }
 }
 
-/// One epoch's candidate sequence for this rank: readers merged round-robin, then shuffled.
+/// One epoch's candidate sequence for this rank: readers merged round-robin (per sample in
+/// Train, like webdataset workers; per shard in Eval, so it reads the shards in order), then
+/// shuffled (Train).
 struct EpochStream {
-    readers: Vec<Receiver<Item>>,
+    /// `None` messages mark the end of a shard.
+    readers: Vec<Receiver<Option<Item>>>,
     next_reader: usize,
+    by_shard: bool,
     buffer: Vec<Item>,
     capacity: usize,
     rng: SampleRng,
@@ -426,6 +437,7 @@ impl EpochStream {
         EpochStream {
             readers,
             next_reader: 0,
+            by_shard: ctx.mode == Mode::Eval,
             buffer: Vec::new(),
             capacity: ctx.shuffle_buffer,
             rng: SampleRng::for_sample(ctx.seed, epoch, &format!("sample-shuffle/rank{}", ctx.rank)),
@@ -436,9 +448,16 @@ impl EpochStream {
         while !self.readers.is_empty() {
             let i = self.next_reader % self.readers.len();
             match self.readers[i].recv() {
-                Ok(item) => {
-                    self.next_reader = i + 1;
+                Ok(Some(item)) => {
+                    if !self.by_shard {
+                        self.next_reader = i + 1;
+                    }
                     return Some(item);
+                }
+                Ok(None) => {
+                    if self.by_shard {
+                        self.next_reader = i + 1;
+                    }
                 }
                 Err(_) => {
                     self.readers.remove(i);
