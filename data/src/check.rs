@@ -91,7 +91,7 @@ pub fn check_shards(
                     }
                     let key = raw.key.clone();
                     match spec.select(raw) {
-                        Ok(sample) => match validate_image(&sample.image, &sample.image_ext) {
+                        Ok(sample) => match validate_image(sample.image.bytes().unwrap_or_default(), &sample.image_ext) {
                             Ok(()) => report.samples += 1,
                             Err(reason) => report.skip(&shard.url, &key, &reason),
                         },

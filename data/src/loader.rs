@@ -25,9 +25,11 @@
 //! one batch being assembled and `prefetch` finished batches; shards are streamed member by
 //! member, never loaded whole.
 //!
-//! Resume cost: the fast-forward re-reads (never decodes) the epoch's shard bytes up to the
-//! cursor, so it is bounded by one epoch of this rank's data; with `resampled`, choose
-//! `train_num_samples` (the checkpoint interval) accordingly.
+//! Resume cost: the fast-forward re-reads the tar headers and captions of the epoch up to the
+//! cursor and transforms nothing; image payloads of local uncompressed shards are seeked over
+//! (read later only if kept), while `pipe:` and compressed shards are read through. The cost
+//! is bounded by one epoch of this rank's data; with `resampled`, `train_num_samples` (the
+//! checkpoint interval) bounds it.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +48,8 @@ use crate::batch::Batch;
 use crate::config::{ConfigError, DataConfig};
 use crate::rng::SampleRng;
 use crate::sample::{Sample, SampleGrouper, SampleSpec};
-use crate::source::{expand_shards, open_shard, Shard};
+use crate::source::{expand_shards, open_shard, read_payload, Shard};
+use crate::tar::Payload;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tokenize::Tokenizer;
 
@@ -309,7 +312,17 @@ fn warn_skip(stats: &Stats, reason: &str, what: impl FnOnce() -> String) {
 }
 
 /// Read one reader's shards into `tx` until its plan ends, `tx` is dropped or the loader stops.
-fn read_shards(plan: ReaderPlan, spec: SampleSpec, stats: Arc<Stats>, stop: Arc<AtomicBool>, tx: Sender<Item>) {
+///
+/// While `fast_forward` is set (a resume is skipping candidates), image payloads of local
+/// plain shards are seeked over and sent as [`Payload::At`], to be read only if kept.
+fn read_shards(
+    plan: ReaderPlan,
+    spec: SampleSpec,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    fast_forward: Arc<AtomicBool>,
+    tx: Sender<Option<Item>>,
+) {
     let (list, mut resample) = match plan {
         ReaderPlan::List(l) => (l, None),
         ReaderPlan::Resampled { shards, rng } => {
@@ -348,6 +361,9 @@ fn read_shards(plan: ReaderPlan, spec: SampleSpec, stats: Arc<Stats>, stop: Arc<
                 stats.shards_failed.fetch_add(1, Ordering::Relaxed);
                 eprintln!("warning: skipping shard `{name}`: {e}");
                 barren += 1;
+                if tx.send(None).is_err() {
+                    return;
+                }
                 continue;
             }
         };
@@ -358,13 +374,14 @@ fn read_shards(plan: ReaderPlan, spec: SampleSpec, stats: Arc<Stats>, stop: Arc<
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match grouper.next_sample() {
+            let defer: &[String] = if fast_forward.load(Ordering::Relaxed) { &spec.image_exts } else { &[] };
+            match grouper.next_sample_deferring(defer) {
                 Ok(Some(raw)) => {
                     let key = raw.key.clone();
                     match spec.select(raw) {
                         Ok(sample) => {
                             usable += 1;
-                            if tx.send((name.clone(), sample)).is_err() {
+                            if tx.send(Some((name.clone(), sample))).is_err() {
                                 return;
                             }
                         }
@@ -380,20 +397,28 @@ fn read_shards(plan: ReaderPlan, spec: SampleSpec, stats: Arc<Stats>, stop: Arc<
             }
         }
         barren = if usable == 0 { barren + 1 } else { 0 };
+        // End-of-shard marker: lets Eval merge the readers shard by shard.
+        if tx.send(None).is_err() {
+            return;
+        }
     }
 }
 
-/// One epoch's candidate sequence for this rank: readers merged round-robin, then shuffled.
+/// One epoch's candidate sequence for this rank: readers merged round-robin (per sample in
+/// Train, like webdataset workers; per shard in Eval, so it reads the shards in order), then
+/// shuffled (Train).
 struct EpochStream {
-    readers: Vec<Receiver<Item>>,
+    /// `None` messages mark the end of a shard.
+    readers: Vec<Receiver<Option<Item>>>,
     next_reader: usize,
+    by_shard: bool,
     buffer: Vec<Item>,
     capacity: usize,
     rng: SampleRng,
 }
 
 impl EpochStream {
-    fn start(ctx: &Context, epoch: u64) -> EpochStream {
+    fn start(ctx: &Context, epoch: u64, fast_forward: &Arc<AtomicBool>) -> EpochStream {
         let readers = ctx
             .plans(epoch)
             .into_iter()
@@ -401,10 +426,10 @@ impl EpochStream {
             .map(|(r, plan)| {
                 // Read-ahead: each reader runs ahead of the assembler by this many samples.
                 let (tx, rx) = bounded(64);
-                let (spec, stats, stop) = (ctx.spec.clone(), ctx.stats.clone(), ctx.stop.clone());
+                let (spec, stats, stop, ff) = (ctx.spec.clone(), ctx.stats.clone(), ctx.stop.clone(), fast_forward.clone());
                 std::thread::Builder::new()
                     .name(format!("data-reader-{r}"))
-                    .spawn(move || read_shards(plan, spec, stats, stop, tx))
+                    .spawn(move || read_shards(plan, spec, stats, stop, ff, tx))
                     .expect("spawn reader thread");
                 rx
             })
@@ -412,6 +437,7 @@ impl EpochStream {
         EpochStream {
             readers,
             next_reader: 0,
+            by_shard: ctx.mode == Mode::Eval,
             buffer: Vec::new(),
             capacity: ctx.shuffle_buffer,
             rng: SampleRng::for_sample(ctx.seed, epoch, &format!("sample-shuffle/rank{}", ctx.rank)),
@@ -422,9 +448,16 @@ impl EpochStream {
         while !self.readers.is_empty() {
             let i = self.next_reader % self.readers.len();
             match self.readers[i].recv() {
-                Ok(item) => {
-                    self.next_reader = i + 1;
+                Ok(Some(item)) => {
+                    if !self.by_shard {
+                        self.next_reader = i + 1;
+                    }
                     return Some(item);
+                }
+                Ok(None) => {
+                    if self.by_shard {
+                        self.next_reader = i + 1;
+                    }
                 }
                 Err(_) => {
                     self.readers.remove(i);
@@ -460,13 +493,16 @@ fn assemble(ctx: Context, pool: rayon::ThreadPool, resume: StreamCursor, tx: Sen
         if ctx.batches_per_epoch.is_some_and(|n| cursor.batches_in_epoch >= n) {
             cursor = StreamCursor { epoch: cursor.epoch + 1, samples_in_epoch: 0, batches_in_epoch: 0 };
         }
-        let mut stream = EpochStream::start(&ctx, cursor.epoch);
-        // Fast-forward over what the interrupted run already consumed: no transform runs.
+        let fast_forward = Arc::new(AtomicBool::new(cursor.samples_in_epoch > 0));
+        let mut stream = EpochStream::start(&ctx, cursor.epoch, &fast_forward);
+        // Fast-forward over what the interrupted run already consumed: no transform runs,
+        // and images of local plain shards are not even read.
         for _ in 0..cursor.samples_in_epoch {
             if stream.next().is_none() {
                 break;
             }
         }
+        fast_forward.store(false, Ordering::Relaxed);
         let batches_before = cursor.batches_in_epoch;
         let mut sent_any = batches_before > 0;
         loop {
@@ -530,14 +566,24 @@ fn fill_batch(ctx: &Context, pool: &rayon::ThreadPool, stream: &mut EpochStream,
         if cands.is_empty() {
             break;
         }
-        let (seed, epoch, transform) = (ctx.seed, cursor.epoch, &ctx.transform);
-        let results: Vec<_> = pool.install(|| {
+        let (seed, epoch, transform, stats) = (ctx.seed, cursor.epoch, &ctx.transform, &ctx.stats);
+        let results: Vec<Result<(), (&'static str, String)>> = pool.install(|| {
             images[have * px..(have + cands.len()) * px]
                 .par_chunks_mut(px)
                 .zip(cands.par_iter())
                 .map(|(out, (shard, s))| {
+                    let loaded;
+                    let encoded: &[u8] = match &s.image {
+                        Payload::Bytes(b) => b,
+                        Payload::At { offset, size } => {
+                            loaded = read_payload(shard, *offset, *size, &stats.bytes_read)
+                                .map_err(|e| ("shard_read_error", e.to_string()))?;
+                            &loaded
+                        }
+                        Payload::TooLarge => return Err(("member_too_large", String::new())),
+                    };
                     let mut rng = SampleRng::for_sample(seed, epoch, &format!("{shard}/{}", s.key));
-                    transform.apply(&s.image, &s.image_ext, &mut rng, out)
+                    transform.apply(encoded, &s.image_ext, &mut rng, out).map_err(|e| (e.reason(), e.to_string()))
                 })
                 .collect()
         });
@@ -550,7 +596,7 @@ fn fill_batch(ctx: &Context, pool: &rayon::ThreadPool, stream: &mut EpochStream,
                     }
                     kept.push(item);
                 }
-                Err(e) => warn_skip(&ctx.stats, e.reason(), || format!("`{}` key `{}`: {e}", item.0, item.1.key)),
+                Err((reason, e)) => warn_skip(&ctx.stats, reason, || format!("`{}` key `{}`: {e}", item.0, item.1.key)),
             }
         }
         if exhausted {

@@ -6,17 +6,17 @@
 //! `rename(image="jpg;png;jpeg;webp", text="txt")`: the first image extension present wins.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io;
 
 use crate::config::DataConfig;
-use crate::tar::TarReader;
+use crate::tar::{Payload, ShardStream, TarReader};
 
 /// All members of one key, by extension.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawSample {
     pub key: String,
-    /// extension → payload (`None`: member skipped as too large).
-    pub members: BTreeMap<String, Option<Vec<u8>>>,
+    /// extension → payload.
+    pub members: BTreeMap<String, Payload>,
 }
 
 /// Split a member path into (key, extension); `None` for names without an extension.
@@ -35,7 +35,7 @@ pub struct SampleGrouper<R> {
     pending: Option<RawSample>,
 }
 
-impl<R: Read> SampleGrouper<R> {
+impl<R: ShardStream> SampleGrouper<R> {
     pub fn new(reader: R) -> Self {
         Self { tar: TarReader::new(reader), pending: None }
     }
@@ -43,19 +43,26 @@ impl<R: Read> SampleGrouper<R> {
     /// The next complete sample, `Ok(None)` at the end. After an `Err` the rest of the
     /// stream is unusable; the sample under construction is dropped (it may be incomplete).
     pub fn next_sample(&mut self) -> io::Result<Option<RawSample>> {
+        self.next_sample_deferring(&[])
+    }
+
+    /// Like [`next_sample`](Self::next_sample), but members with an extension in `defer` are
+    /// seeked over where the stream allows it (see [`Payload::At`]).
+    pub fn next_sample_deferring(&mut self, defer: &[String]) -> io::Result<Option<RawSample>> {
+        let defer_fn = |name: &str| !defer.is_empty() && key_and_ext(name).is_some_and(|(_, e)| defer.contains(&e));
         loop {
-            let Some(member) = self.tar.next_member()? else {
+            let Some(member) = self.tar.next_member(&defer_fn)? else {
                 return Ok(self.pending.take());
             };
             let Some((key, ext)) = key_and_ext(&member.name) else { continue };
             match &mut self.pending {
                 Some(s) if s.key == key => {
                     // A repeated extension within a key keeps the first (webdataset raises).
-                    s.members.entry(ext).or_insert(member.data);
+                    s.members.entry(ext).or_insert(member.payload);
                 }
                 _ => {
                     let mut next = RawSample { key: key.to_string(), members: BTreeMap::new() };
-                    next.members.insert(ext, member.data);
+                    next.members.insert(ext, member.payload);
                     if let Some(done) = self.pending.replace(next) {
                         return Ok(Some(done));
                     }
@@ -97,7 +104,8 @@ impl SampleSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub key: String,
-    pub image: Vec<u8>,
+    /// The image member: bytes, or where to read them (deferred during a resume fast-forward).
+    pub image: Payload,
     pub image_ext: String,
     pub caption: String,
     pub label: Option<i64>,
@@ -132,7 +140,7 @@ impl SampleSpec {
     pub fn select(&self, mut raw: RawSample) -> Result<Sample, SkipReason> {
         let image_ext = self.image_exts.iter().find(|e| raw.members.contains_key(*e)).ok_or(SkipReason::MissingImage)?.clone();
         let caption_bytes = raw.members.get(&self.caption_ext).ok_or(SkipReason::MissingCaption)?;
-        let caption_bytes = caption_bytes.as_deref().ok_or(SkipReason::MemberTooLarge)?;
+        let caption_bytes = caption_bytes.bytes().ok_or(SkipReason::MemberTooLarge)?;
         let caption = match &self.caption_field {
             None => std::str::from_utf8(caption_bytes).map_err(|_| SkipReason::BadCaption)?.to_string(),
             Some(field) => {
@@ -150,12 +158,15 @@ impl SampleSpec {
         let label = match &self.label_ext {
             None => None,
             Some(ext) => {
-                let bytes = raw.members.get(ext).and_then(|b| b.as_deref()).ok_or(SkipReason::MissingLabel)?;
+                let bytes = raw.members.get(ext).and_then(|b| b.bytes()).ok_or(SkipReason::MissingLabel)?;
                 let text = std::str::from_utf8(bytes).map_err(|_| SkipReason::MissingLabel)?;
                 Some(text.trim().parse::<i64>().map_err(|_| SkipReason::MissingLabel)?)
             }
         };
-        let image = raw.members.remove(&image_ext).flatten().ok_or(SkipReason::MemberTooLarge)?;
+        let image = raw.members.remove(&image_ext).expect("present");
+        if image == Payload::TooLarge {
+            return Err(SkipReason::MemberTooLarge);
+        }
         Ok(Sample { key: raw.key, image, image_ext, caption, label })
     }
 }
@@ -193,13 +204,13 @@ mod tests {
         let mut cfg = DataConfig::default();
         let spec = SampleSpec::new(&cfg, None);
         let s = spec.select(raws[0].clone()).unwrap();
-        assert_eq!((s.image, s.image_ext.as_str(), s.caption.as_str()), (b"J".to_vec(), "jpg", "from txt"));
+        assert_eq!((s.image, s.image_ext.as_str(), s.caption.as_str()), (Payload::Bytes(b"J".to_vec()), "jpg", "from txt"));
         assert_eq!(spec.select(raws[1].clone()), Err(SkipReason::MissingImage));
         assert_eq!(spec.select(raws[2].clone()), Err(SkipReason::EmptyCaption));
         cfg.caption_key = "json:caption".into();
         cfg.image_keys = "png;jpg".into();
         let s = SampleSpec::new(&cfg, None).select(raws[0].clone()).unwrap();
-        assert_eq!((s.image, s.caption.as_str()), (b"P".to_vec(), "from json"));
+        assert_eq!((s.image, s.caption.as_str()), (Payload::Bytes(b"P".to_vec()), "from json"));
         assert_eq!(SampleSpec::new(&cfg, Some("cls")).select(raws[0].clone()), Err(SkipReason::MissingLabel));
     }
 }

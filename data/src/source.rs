@@ -5,13 +5,14 @@
 //! whose stdout is the tar stream) and `braceexpand` (`{000..099}` keeps zero padding, `{a,b}`).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::loader::DataError;
+use crate::tar::ShardStream;
 
 /// One shard to read: a local path or a `pipe:` command, with the weight of its source.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,9 +166,43 @@ impl Drop for PipeReader {
     }
 }
 
+/// A stream that cannot seek (pipes, decompressors).
+struct Sequential<R>(R);
+
+impl<R: Read + Send> Read for Sequential<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Read + Send> ShardStream for Sequential<R> {}
+
+/// An uncompressed local shard: payloads can be seeked over.
+struct LocalTar(BufReader<Counting<File>>);
+
+impl Read for LocalTar {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl ShardStream for LocalTar {
+    fn seek_forward(&mut self, n: u64) -> io::Result<bool> {
+        let n = i64::try_from(n).map_err(io::Error::other)?;
+        self.0.seek_relative(n)?;
+        Ok(true)
+    }
+}
+
+impl Seek for Counting<File> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
 /// Open a shard as a decompressed byte stream; `bytes` counts the raw bytes read.
-pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>) -> io::Result<Box<dyn Read + Send>> {
-    let raw: Box<dyn Read + Send> = if let Some(cmd) = shard.url.strip_prefix("pipe:") {
+pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>) -> io::Result<Box<dyn ShardStream>> {
+    if let Some(cmd) = shard.url.strip_prefix("pipe:") {
         let child = Command::new("sh")
             .arg("-c")
             .arg(cmd)
@@ -175,16 +210,37 @@ pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>) -> io::Result<Box<dyn Re
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Box::new(PipeReader { child, cmd: cmd.to_string(), done: false })
-    } else {
-        Box::new(File::open(&shard.url)?)
-    };
-    let raw = BufReader::with_capacity(1 << 20, Counting { inner: raw, bytes });
+        let pipe = PipeReader { child, cmd: cmd.to_string(), done: false };
+        return decompress(&shard.url, BufReader::with_capacity(1 << 20, Counting { inner: pipe, bytes }));
+    }
+    // A small buffer: large payload reads bypass it anyway, and seeking over payloads
+    // (resume fast-forward) then skips real I/O instead of reading into the buffer.
+    let file = BufReader::with_capacity(16 << 10, Counting { inner: File::open(&shard.url)?, bytes });
     Ok(match compression(&shard.url) {
-        Compression::None => Box::new(raw),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw)?),
+        Compression::None => Box::new(LocalTar(file)),
+        _ => decompress(&shard.url, file)?,
     })
+}
+
+fn decompress<R: Read + Send + 'static>(url: &str, raw: BufReader<R>) -> io::Result<Box<dyn ShardStream>> {
+    Ok(match compression(url) {
+        Compression::None => Box::new(Sequential(raw)),
+        Compression::Gzip => Box::new(Sequential(flate2::read::MultiGzDecoder::new(raw))),
+        Compression::Zstd => Box::new(Sequential(zstd::stream::read::Decoder::with_buffer(raw)?)),
+    })
+}
+
+/// Read a payload deferred as [`Payload::At`](crate::tar::Payload::At) from a local shard.
+pub fn read_payload(url: &str, offset: u64, size: u64, bytes: &AtomicU64) -> io::Result<Vec<u8>> {
+    let mut file = File::open(url)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut data = Vec::with_capacity(size as usize);
+    file.take(size).read_to_end(&mut data)?;
+    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    if data.len() as u64 != size {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "shard shrank since it was read"));
+    }
+    Ok(data)
 }
 
 #[cfg(test)]

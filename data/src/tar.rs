@@ -11,20 +11,57 @@ use std::io::{self, Read};
 /// not allocate gigabytes). LAION images are far below it.
 pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
 
+/// A member's content.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Bytes(Vec<u8>),
+    /// Not read: it lies at `offset` of the (uncompressed, local) shard file. Used while a
+    /// resumed loader fast-forwards, so skipped images are seeked over instead of read.
+    At { offset: u64, size: u64 },
+    /// Not read: larger than [`MAX_MEMBER_BYTES`].
+    TooLarge,
+}
+
+impl Payload {
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Payload::Bytes(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
 /// One regular-file member.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     /// Path inside the archive.
     pub name: String,
-    /// The payload, or `None` when it was skipped (larger than [`MAX_MEMBER_BYTES`]).
-    pub data: Option<Vec<u8>>,
+    pub payload: Payload,
     pub size: u64,
+}
+
+/// A shard byte stream; local plain files can also seek forward over member payloads.
+pub trait ShardStream: Read + Send {
+    /// Skip `n` bytes without reading them; `Ok(false)` when this stream cannot seek.
+    fn seek_forward(&mut self, _n: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+}
+
+impl ShardStream for &[u8] {}
+
+impl<T: ShardStream + ?Sized> ShardStream for Box<T> {
+    fn seek_forward(&mut self, n: u64) -> io::Result<bool> {
+        (**self).seek_forward(n)
+    }
 }
 
 /// Iterates the regular-file members of a tar stream.
 pub struct TarReader<R> {
     inner: R,
     finished: bool,
+    /// Bytes of the tar stream consumed so far (the offset of the next header).
+    pos: u64,
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -82,9 +119,9 @@ fn checksum_ok(header: &[u8; 512]) -> io::Result<bool> {
     Ok(stored == sum)
 }
 
-impl<R: Read> TarReader<R> {
+impl<R: ShardStream> TarReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner, finished: false }
+        Self { inner, finished: false, pos: 0 }
     }
 
     fn payload(&mut self, size: u64) -> io::Result<Vec<u8>> {
@@ -93,20 +130,33 @@ impl<R: Read> TarReader<R> {
         if data.len() as u64 != size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated tar member"));
         }
+        self.pos += size;
         self.pad(size)?;
         Ok(data)
     }
 
-    fn pad(&mut self, size: u64) -> io::Result<()> {
-        skip(&mut self.inner, (512 - size % 512) % 512)
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        skip(&mut self.inner, n)?;
+        self.pos += n;
+        Ok(())
     }
 
-    /// The next regular-file member, `Ok(None)` at the end of the archive.
-    pub fn next_member(&mut self) -> io::Result<Option<Member>> {
+    fn pad(&mut self, size: u64) -> io::Result<()> {
+        self.skip((512 - size % 512) % 512)
+    }
+
+    /// The next regular-file member, `Ok(None)` at the end of the archive. Members for which
+    /// `defer(name)` holds are seeked over (when the stream can seek) and returned as
+    /// [`Payload::At`].
+    pub fn next_member(&mut self, defer: &dyn Fn(&str) -> bool) -> io::Result<Option<Member>> {
         let mut long_name: Option<String> = None;
         let mut header = [0u8; 512];
         loop {
-            if self.finished || !read_block(&mut self.inner, &mut header)? {
+            let more = !self.finished && read_block(&mut self.inner, &mut header)?;
+            if more {
+                self.pos += 512;
+            }
+            if !more {
                 // A stream that stops at a block boundary without the end-of-archive blocks
                 // is accepted, as Python's tarfile does.
                 self.finished = true;
@@ -145,16 +195,24 @@ impl<R: Read> TarReader<R> {
                         }
                     });
                     if size > MAX_MEMBER_BYTES {
-                        skip(&mut self.inner, size)?;
+                        self.skip(size)?;
                         self.pad(size)?;
-                        return Ok(Some(Member { name, data: None, size }));
+                        return Ok(Some(Member { name, payload: Payload::TooLarge, size }));
+                    }
+                    if size > 0 && defer(&name) {
+                        let offset = self.pos;
+                        if self.inner.seek_forward(size)? {
+                            self.pos += size;
+                            self.pad(size)?;
+                            return Ok(Some(Member { name, payload: Payload::At { offset, size }, size }));
+                        }
                     }
                     let data = self.payload(size)?;
-                    return Ok(Some(Member { name, data: Some(data), size }));
+                    return Ok(Some(Member { name, payload: Payload::Bytes(data), size }));
                 }
                 // Directories, links, global pax headers, ...: not sample data.
                 _ => {
-                    skip(&mut self.inner, size)?;
+                    self.skip(size)?;
                     self.pad(size)?;
                     long_name = None;
                 }
@@ -215,7 +273,7 @@ mod tests {
     fn all(bytes: &[u8]) -> io::Result<Vec<Member>> {
         let mut r = TarReader::new(bytes);
         let mut v = Vec::new();
-        while let Some(m) = r.next_member()? {
+        while let Some(m) = r.next_member(&|_| false)? {
             v.push(m);
         }
         Ok(v)
@@ -226,8 +284,8 @@ mod tests {
         let tar = write_tar(&[("a/0.jpg", b"xyz"), ("a/0.txt", b"")]);
         let m = all(&tar).unwrap();
         assert_eq!(m.len(), 2);
-        assert_eq!((m[0].name.as_str(), m[0].data.as_deref()), ("a/0.jpg", Some(&b"xyz"[..])));
-        assert_eq!(m[1].data.as_deref(), Some(&b""[..]));
+        assert_eq!((m[0].name.as_str(), m[0].payload.bytes()), ("a/0.jpg", Some(&b"xyz"[..])));
+        assert_eq!(m[1].payload.bytes(), Some(&b""[..]));
     }
 
     #[test]

@@ -162,3 +162,35 @@ fn batches_do_not_depend_on_thread_timing_or_worker_count() {
     assert_eq!(a, run(3));
     assert_eq!(a, run(3));
 }
+
+#[test]
+fn resume_seeks_over_skipped_images_of_local_shards() {
+    let dir = tempdir("resume-seek");
+    let samples: Vec<_> = (0..30)
+        .map(|i| {
+            let key = format!("s0_{i:02}");
+            let mut image = format!("IMG:{key}:").into_bytes();
+            image.resize(400_000, i as u8);
+            vec![(format!("{key}.jpg"), image), (format!("{key}.txt"), format!("caption {key}").into_bytes())]
+        })
+        .collect();
+    std::fs::write(dir.join("0.tar"), tar_of(&samples)).unwrap();
+    let pattern = format!("{}/0.tar", dir.display());
+    let size = std::fs::metadata(dir.join("0.tar")).unwrap().len();
+    // Eval: a single pass, so no read-ahead into a next epoch blurs the byte count.
+    let cfg = DataConfig { readers: 1, ..cfg() };
+    let t = || Arc::new(FakeTransform::default());
+    let all = |l: &mut Loader| std::iter::from_fn(|| l.next_batch()).collect::<Vec<_>>();
+
+    let reference = all(&mut Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Eval, t(), None)).unwrap());
+    assert_eq!(reference.len(), 8);
+    let mut resumed = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Eval, t(), Some(reference[5].cursor.clone()))).unwrap();
+    let rest = all(&mut resumed);
+    assert_eq!(keys(&rest), keys(&reference[6..]));
+    for (a, b) in rest.iter().zip(&reference[6..]) {
+        assert_eq!(a.images, b.images, "deferred images read back wrong");
+    }
+    // 6 of 30 images are needed; reading the 24 skipped ones would be 80% of the file.
+    let read = resumed.stats().bytes_read;
+    assert!(read < size * 7 / 20, "resume read {read} of {size} bytes: skipped images were read");
+}

@@ -148,3 +148,31 @@ fn a_panicking_transform_ends_the_stream_with_an_error() {
     assert!(none);
     assert!(err.unwrap().contains("transform bug"));
 }
+
+#[test]
+fn eval_splits_shards_across_ranks_and_stats_serialize() {
+    let dir = tempdir("robust-eval-ranks");
+    let pattern = dataset(&dir, 3, 3);
+    let mut all = Vec::new();
+    for rank in 0..2 {
+        let mut l = Loader::new(&cfg(), &pattern, opts(rank, 2, 2, Mode::Eval, Arc::new(FakeTransform::default()), None)).unwrap();
+        let mut ks = Vec::new();
+        while let Some(b) = l.next_batch() {
+            assert_eq!(b.captions, b.keys.iter().map(|k| format!("a photo of {k}")).collect::<Vec<_>>());
+            ks.extend(b.keys);
+        }
+        // Eval reads in shard order: rank 0 gets shards 0 and 2, rank 1 shard 1.
+        let want: Vec<String> = if rank == 0 {
+            (0..3).map(|i| format!("s0_{i:02}")).chain((0..3).map(|i| format!("s2_{i:02}"))).collect()
+        } else {
+            (0..3).map(|i| format!("s1_{i:02}")).collect()
+        };
+        assert_eq!(ks, want);
+        let stats = l.stats();
+        assert_eq!(stats.samples_yielded, ks.len() as u64);
+        let json = serde_json::to_value(&stats).unwrap();
+        assert!(json["wait_seconds"].as_f64().unwrap() >= 0.0 && json["bytes_read"].as_u64().unwrap() > 0, "{json}");
+        all.extend(ks);
+    }
+    assert_eq!(all.len(), 9);
+}
