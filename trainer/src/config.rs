@@ -302,7 +302,7 @@ impl Config {
         if self.name.is_empty() || self.name.contains('/') {
             return Err("key `name`: must be a non-empty name without `/`".into());
         }
-        self.data.validate().map_err(|e| format!("key `{e}`"))?;
+        self.data.validate().map_err(|e| format!("key `data.{}`: {}", e.key, e.message))?;
         if self.data.train.trim().is_empty() {
             return Err("key `data.train`: no training shards given".into());
         }

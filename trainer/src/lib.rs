@@ -5,6 +5,7 @@
 //! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] → [`log`] / [`eval`].
 //! [`train`] is the one loop that strings them together; [`commands`] the other subcommands.
 pub mod checkpoint;
+pub mod commands;
 pub mod config;
 pub mod device;
 pub mod dist;
@@ -15,4 +16,6 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod session;
 pub mod step;
+pub mod train;

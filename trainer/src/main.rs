@@ -73,6 +73,31 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Time full training steps on synthetic inputs (one JSON line; see scripts/bench-vs-openclip).
+    BenchTrain {
+        /// Architecture (OpenCLIP name).
+        #[arg(long)]
+        arch: String,
+        #[arg(long)]
+        image_size: i64,
+        #[arg(long)]
+        batch: i64,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// fp32 or amp_bf16 (CUDA only).
+        #[arg(long, default_value = "fp32")]
+        precision: String,
+        /// libtorch threads (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Print the token ids of each stdin line as a JSON array.
     Tokenize {
         /// Run config (for the tokenizer choice); default: the CLIP BPE, context 77.
@@ -120,6 +145,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::DataCheck(args)) => commands::data_check(&load(&args)?),
         Some(Command::BenchData { cfg, threads, seconds }) => commands::bench_data(&load(&cfg)?, threads, seconds),
+        Some(Command::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device }) => {
+            let precision = match precision.as_str() {
+                "fp32" => ferroclip::config::Precision::Fp32,
+                "amp_bf16" => ferroclip::config::Precision::AmpBf16,
+                other => {
+                    return Err(ConfigError { file: "<command line>".into(), message: format!("--precision {other}: expected fp32 or amp_bf16") }.into())
+                }
+            };
+            commands::bench_train(&commands::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device })
+        }
         Some(Command::Tokenize { config, set }) => {
             let cfg = match config {
                 Some(path) => Some(Config::load(&path, &set)?),
@@ -135,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    ferroclip::dist::fail_fast::install_abort_on_panic();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -145,12 +181,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            // Under MPI the other ranks would wait forever in their next collective: take the job down.
+            #[cfg(feature = "mpi")]
+            ferroclip::dist::mpi::abort_world_if_initialized(code);
+            ExitCode::from(code as u8)
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod report;
 pub mod retrieval;
+pub mod run;
 
 pub mod zeroshot;
 

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::clip::{ClipConfig, VisionConfig};
 use super::vit::resize_pos_embed;
@@ -129,31 +129,9 @@ pub fn save_safetensors(
     path: &Path,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), WeightsError> {
-    let werr = |message: String| WeightsError::Write {
-        path: path.to_path_buf(),
-        message,
-    };
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(vars.len());
-    for (k, v) in &vars {
-        let t = tch::no_grad(|| v.to_kind(Kind::Float).to_device(Device::Cpu).contiguous());
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let numel = t.numel();
-        let mut data = vec![0f32; numel];
-        t.f_copy_data(&mut data, numel)
-            .map_err(|e| werr(format!("{k}: {e}")))?;
-        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        buffers.push((k.clone(), shape, bytes));
-    }
-    let views = buffers
-        .iter()
-        .map(|(k, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| werr(format!("{k}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let meta = if meta.is_empty() { None } else { Some(meta) };
-    safetensors::tensor::serialize_to_file(views, &meta, path).map_err(|e| werr(e.to_string()))
+    let werr = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = crate::checkpoint::serialize(&named, metadata).map_err(|e| werr(format!("{e:#}")))?;
+    std::fs::write(path, bytes).map_err(|e| werr(e.to_string()))
 }

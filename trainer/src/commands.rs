@@ -1,0 +1,256 @@
+//! The subcommands other than training: each sets up what it needs and reports on stdout.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use ferroclip_data::augment::{EvalTransform, TrainTransform};
+use ferroclip_data::tokenize::{ClipTokenizer, Tokenizer};
+
+use crate::config::Config;
+use crate::model::clip::Clip;
+use crate::model::ContrastiveModel;
+use crate::loss::l2_normalize;
+use crate::session;
+
+/// A model with weights from `checkpoint`, in eval mode semantics (callers pass `train = false`).
+pub fn load_model(cfg: &Config, checkpoint: &Path, device: Device) -> Result<(VarStore, Clip)> {
+    let mcfg = session::model_config(cfg);
+    let mut vs = VarStore::new(device);
+    let model = Clip::new(&vs.root(), &mcfg);
+    session::load_weights(&mut vs, checkpoint, &mcfg)?;
+    Ok((vs, model))
+}
+
+fn eval_device(cfg: &Config) -> Device {
+    crate::device::select(0, cfg.train.device == "cpu")
+}
+
+/// `trainer eval`
+pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
+    if !cfg.eval.any() {
+        bail!(crate::config::ConfigError {
+            file: "<config>".into(),
+            message: "key `eval`: set at least one of eval.zeroshot_data, eval.retrieval_data, eval.val_data".into(),
+        });
+    }
+    let device = eval_device(cfg);
+    let (_vs, model) = load_model(cfg, checkpoint, device)?;
+    let results = crate::eval::run::evaluate(cfg, &model, device)?;
+    println!("{results}");
+    if let Some(line) = crate::eval::run::zero_shot_summary(&results) {
+        println!("{line}");
+    }
+    if let Some(out) = out {
+        std::fs::write(out, results.to_json()).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// `trainer embed`
+pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Option<&Path>, out: &Path) -> Result<()> {
+    if images.is_none() && texts.is_none() {
+        bail!(crate::config::ConfigError { file: "<command line>".into(), message: "embed needs --images DIR and/or --texts FILE".into() });
+    }
+    let device = eval_device(cfg);
+    let size = session::model_config(cfg).image_size() as usize;
+    let (_vs, model) = load_model(cfg, checkpoint, device)?;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        if let Some(dir) = images {
+            let transform = EvalTransform::new(size, cfg.data.max_image_pixels);
+            let files = crate::eval::run::image_files(dir)?;
+            let mut feats = Vec::new();
+            for chunk in files.chunks(cfg.eval.batch_size) {
+                let batch = crate::eval::run::load_images(chunk, &transform)?;
+                feats.push(l2_normalize(&model.encode_image(&batch.to_device(device), false)));
+            }
+            named.push(("image_features".into(), Tensor::cat(&feats, 0).to_device(Device::Cpu)));
+            let list = files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>();
+            eprintln!("ferroclip: embedded {} images", list.len());
+        }
+        if let Some(file) = texts {
+            let tok = session::tokenizer(cfg)?;
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let lines: Vec<&str> = text.lines().collect();
+            let mut feats = Vec::new();
+            for chunk in lines.chunks(cfg.eval.batch_size) {
+                let ids = tokens(tok.as_ref(), chunk);
+                feats.push(l2_normalize(&model.encode_text(&ids.to_device(device), false)));
+            }
+            named.push(("text_features".into(), Tensor::cat(&feats, 0).to_device(Device::Cpu)));
+        }
+        named.push(("logit_scale".into(), model.logit_scale().exp().to_device(Device::Cpu).view([1])));
+        Ok(())
+    })?;
+    let bytes = crate::checkpoint::serialize(&named, &BTreeMap::new())?;
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("ferroclip: wrote {}", out.display());
+    Ok(())
+}
+
+/// Token ids of `texts`, `[n, context]`.
+pub fn tokens(tok: &dyn Tokenizer, texts: &[impl AsRef<str>]) -> Tensor {
+    let c = tok.context_length();
+    let mut ids = vec![0i64; texts.len() * c];
+    for (row, t) in ids.chunks_mut(c).zip(texts) {
+        tok.encode_into(t.as_ref(), row);
+    }
+    Tensor::from_slice(&ids).view([texts.len() as i64, c as i64])
+}
+
+/// `trainer data-check`
+pub fn data_check(cfg: &Config) -> Result<()> {
+    let max_pixels = cfg.data.max_image_pixels;
+    let validate = move |bytes: &[u8], ext: &str| -> Result<(), String> {
+        ferroclip_data::decode::decode_rgb(bytes, ext, max_pixels).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let report = ferroclip_data::check::check_shards(&cfg.data, &cfg.data.train, &validate)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// `trainer bench-data`: decode + augreg at the model's image size over LAION-like JPEGs
+/// (or the first samples of `data.train` when it is set and readable).
+pub fn bench_data(cfg: &Config, threads: Option<usize>, seconds: f64) -> Result<()> {
+    let size = session::model_config(cfg).image_size() as usize;
+    let threads = threads.unwrap_or(cfg.data.workers);
+    let transform = TrainTransform::new(size, &cfg.data.augment, cfg.data.max_image_pixels);
+    let samples = ferroclip_data::bench::laion_like_jpegs(256, cfg.seed);
+    let report = ferroclip_data::bench::bench_transform(&samples, &transform, threads, seconds);
+    println!("{report}");
+    Ok(())
+}
+
+/// `trainer tokenize`
+pub fn tokenize(cfg: Option<&Config>) -> Result<()> {
+    let tok: Arc<dyn Tokenizer> = match cfg {
+        Some(cfg) => session::tokenizer(cfg)?,
+        None => Arc::new(ClipTokenizer::new()),
+    };
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for line in stdin.lock().lines() {
+        let line = line.context("reading stdin")?;
+        let ids = tok.encode(&line);
+        writeln!(out, "{}", serde_json::to_string(&ids)?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `trainer make-demo-data`: training shards, held-out labelled shards and the class names.
+pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) -> Result<()> {
+    use ferroclip_data::synth;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let train = synth::write_shards(&out.join("train"), "", shards, per_shard, seed, false)?;
+    let eval = synth::write_shards(&out.join("eval"), "", 2, 200, seed.wrapping_add(1_000_003), true)?;
+    std::fs::write(out.join("classnames.txt"), synth::class_names().join("\n") + "\n")?;
+    std::fs::write(out.join("templates.txt"), "a photo of a {}.\na {}.\n")?;
+    eprintln!("ferroclip: wrote {} training and {} evaluation shards under {}", train.len(), eval.len(), out.display());
+    Ok(())
+}
+
+/// `trainer dist-selftest`
+pub fn dist_selftest() -> Result<()> {
+    let env = crate::dist::env::detect()?;
+    let collective = crate::dist::connect(&env, Device::Cpu)?;
+    crate::dist::selftest::run(collective.as_ref())?;
+    if collective.rank() == 0 {
+        println!("dist-selftest ok: {} ranks", collective.world_size());
+    }
+    Ok(())
+}
+
+
+/// What `trainer bench-train` measures.
+pub struct BenchTrain {
+    pub arch: String,
+    pub image_size: i64,
+    pub batch: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    pub precision: crate::config::Precision,
+    pub threads: usize,
+    pub device: String,
+}
+
+/// `trainer bench-train`: full training steps (forward, InfoNCE, backward, AdamW) on synthetic
+/// inputs, timed after warm-up; one JSON line on stdout, the same as `scripts/bench-openclip-train.py`.
+pub fn bench_train(b: &BenchTrain) -> Result<()> {
+    use crate::config::{OptimConfig, Precision};
+    use crate::optim::adamw::{AdamW, AdamWConfig};
+    if b.threads > 0 {
+        tch::set_num_threads(b.threads as i32);
+    }
+    let device = match b.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+        other => bail!("--device {other}: expected cpu, or cuda on a machine where libtorch sees a GPU"),
+    };
+    let mcfg = crate::model::ClipConfig::from_arch(&b.arch)
+        .with_context(|| format!("--arch {}: unknown (known: {})", b.arch, crate::model::ClipConfig::ARCHS.join(", ")))?
+        .with_image_size(b.image_size);
+    tch::manual_seed(0);
+    let vs = VarStore::new(device);
+    let model = Clip::new(&vs.root(), &mcfg);
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|x, y| x.0.cmp(&y.0));
+    let (beta2, eps) = OptimConfig::default().resolved_beta2_eps(&b.arch);
+    let mut opt = AdamW::new(&named, AdamWConfig { lr: 5e-4, betas: (0.9, beta2), eps, weight_decay: 0.2 }, &[])?;
+    let images = Tensor::randn([b.batch, 3, b.image_size, b.image_size], (Kind::Float, device));
+    let ctx = mcfg.text.context_length;
+    let tokens = Tensor::randint_low(1, mcfg.text.vocab_size, [b.batch, ctx], (Kind::Int64, device));
+    let micro = [(images, tokens)];
+    let loss = crate::loss::ClipLoss::default();
+    let single = crate::dist::single::Single;
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut start = std::time::Instant::now();
+    for i in 0..b.warmup + b.steps {
+        if i == b.warmup {
+            sync();
+            start = std::time::Instant::now();
+        }
+        opt.zero_grad();
+        let _autocast = session::autocast(if device == Device::Cpu { Precision::Fp32 } else { b.precision }, device);
+        crate::step::contrastive_step(&model, &micro, &single, &loss, i as i64);
+        opt.step();
+        crate::step::clamp_logit_scale(&model, 100f64.ln());
+    }
+    sync();
+    let secs = start.elapsed().as_secs_f64() / b.steps.max(1) as f64;
+    let line = serde_json::json!({
+        "impl": "ferroclip",
+        "arch": b.arch,
+        "image_size": b.image_size,
+        "batch": b.batch,
+        "precision": b.precision,
+        "threads": tch::get_num_threads(),
+        "device": b.device,
+        "steps": b.steps,
+        "step_time_s": secs,
+        "samples_per_s": b.batch as f64 / secs,
+        "peak_rss_mb": peak_rss_mb(),
+        // libtorch's CUDA allocator statistics are not reachable through tch; nvidia-smi shows them.
+        "peak_gpu_mb": serde_json::Value::Null,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Peak resident set size of this process, in MiB.
+pub fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as f64 / 1024.0
+}

@@ -1,0 +1,129 @@
+//! What every command that runs a model sets up the same way: ranks and collectives, the device,
+//! threads, the model config resolved from `[model]`, weights, the tokenizer and precision.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tch::{nn::VarStore, Device, Tensor};
+
+use ferroclip_data::tokenize::Tokenizer;
+
+use crate::config::{Config, Precision};
+use crate::dist::{self, env::RankEnv, Collective};
+use crate::lock::{self, LockSpec, TowerDepths};
+use crate::model::{ClipConfig, VisionConfig};
+
+pub struct Session {
+    pub rank_env: RankEnv,
+    pub collective: Box<dyn Collective>,
+    pub device: Device,
+}
+
+impl Session {
+    /// Join the job's ranks (MPI under mpirun/srun, else a single process), pick this rank's
+    /// device and thread count, and say so once.
+    pub fn start(cfg: &Config) -> Result<Session> {
+        let rank_env = dist::env::detect().context("reading the launcher's rank environment")?;
+        let device = device(cfg, rank_env.local_rank)?;
+        if cfg.train.threads > 0 {
+            tch::set_num_threads(cfg.train.threads as i32);
+        }
+        let collective = dist::connect(&rank_env, device)?;
+        if collective.rank() == 0 {
+            eprintln!(
+                "ferroclip: {} rank(s) via {:?}; rank 0 on {device:?}, {} libtorch threads",
+                collective.world_size(),
+                rank_env.launcher,
+                tch::get_num_threads()
+            );
+            if cfg.train.precision == Precision::AmpBf16 && device == Device::Cpu {
+                eprintln!("ferroclip: precision amp_bf16 applies on CUDA only; running fp32 on the CPU");
+            }
+        }
+        Ok(Session { rank_env, collective, device })
+    }
+}
+
+/// `train.device`: `cpu`, `cuda` (an error without a usable GPU) or `auto` (this rank's GPU if any).
+pub fn device(cfg: &Config, local_rank: usize) -> Result<Device> {
+    match cfg.train.device.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if !tch::Cuda::is_available() => anyhow::bail!(
+            "train.device = \"cuda\", but libtorch sees no CUDA device (a CPU-only torch wheel, no driver, \
+             or CUDA_VISIBLE_DEVICES empty)"
+        ),
+        _ => Ok(crate::device::select(local_rank, false)),
+    }
+}
+
+/// The architecture named by `model.arch`, with `[model]` overrides applied.
+pub fn model_config(cfg: &Config) -> ClipConfig {
+    // `Config::validate` has checked the name.
+    let mut m = ClipConfig::from_arch(&cfg.model.arch).expect("model.arch validated");
+    if cfg.model.image_size > 0 {
+        m = m.with_image_size(cfg.model.image_size as i64);
+    }
+    if cfg.model.drop_path >= 0.0 {
+        m = m.with_drop_path(cfg.model.drop_path);
+    }
+    m
+}
+
+/// Load an OpenCLIP-compatible model file into `vs`.
+pub fn load_weights(vs: &mut VarStore, path: &Path, mcfg: &ClipConfig) -> Result<()> {
+    crate::model::load_safetensors(vs, path, mcfg).with_context(|| format!("loading weights from {}", path.display()))?;
+    Ok(())
+}
+
+/// The parameters the optimizer updates, sorted by name; frozen ones (`train.lock_*`) are set to
+/// `requires_grad(false)` and left out.
+pub fn trainable_parameters(vs: &VarStore, cfg: &Config, mcfg: &ClipConfig) -> Vec<(String, Tensor)> {
+    let spec = LockSpec {
+        lock_image: cfg.train.lock_image,
+        image_unlocked_groups: cfg.train.lock_image_unlocked_groups,
+        lock_text: cfg.train.lock_text,
+        text_unlocked_layers: cfg.train.lock_text_unlocked_layers,
+    };
+    let depths = TowerDepths {
+        text_layers: mcfg.text.layers as usize,
+        vit_layers: match &mcfg.vision {
+            VisionConfig::Vit(v) => v.layers as usize,
+            VisionConfig::ConvNext(_) => 0,
+        },
+        trunk_stages: match &mcfg.vision {
+            VisionConfig::ConvNext(c) => c.depths.len(),
+            VisionConfig::Vit(_) => 0,
+        },
+    };
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in vs.variables() {
+        if lock::is_trainable(&name, &spec, &depths) {
+            out.push((name, t));
+        } else {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The tokenizer named by `model.tokenizer`, with the text tower's context length.
+pub fn tokenizer(cfg: &Config) -> Result<Arc<dyn Tokenizer>> {
+    let context = model_config(cfg).text.context_length as usize;
+    let spec = cfg.model.tokenizer.as_str();
+    let t: Arc<dyn Tokenizer> = if spec == "clip" {
+        Arc::new(ferroclip_data::tokenize::ClipTokenizer::with_context_length(context))
+    } else {
+        Arc::new(
+            ferroclip_data::tokenize::HfTokenizer::from_file(Path::new(spec), context)
+                .with_context(|| format!("model.tokenizer: loading `{spec}`"))?,
+        )
+    };
+    Ok(t)
+}
+
+/// Mixed precision for a forward pass; a no-op for fp32 and on the CPU.
+pub fn autocast(precision: Precision, device: Device) -> crate::precision::AutocastGuard {
+    crate::precision::AutocastGuard::new(precision == Precision::AmpBf16 && device != Device::Cpu)
+}

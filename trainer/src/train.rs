@@ -1,0 +1,307 @@
+//! The training loop, top to bottom: set-up, then one optimizer step after another until
+//! `train.max_steps`, with logging, checkpoints, evaluation and preemption in between.
+//! OpenCLIP's `open_clip_train/main.py` + `train.py`, without their callback maze.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use ferroclip_data::augment::TrainTransform;
+use ferroclip_data::loader::{Loader, LoaderOptions, Mode};
+use ferroclip_data::{Batch, StreamCursor};
+
+use crate::checkpoint::{self, CheckpointDir};
+use crate::config::Config;
+use crate::dist::{self, preempt, Collective};
+use crate::log::{RunLogger, StepStats};
+use crate::loss::ClipLoss;
+use crate::model::{Clip, ContrastiveModel};
+use crate::optim::adamw::{AdamW, AdamWConfig};
+use crate::{eval, session, step};
+
+/// Counters that, with the model, the optimizer and every rank's data cursor, make up the state.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub step: u64,
+    pub samples_seen: u64,
+    pub skipped_steps: u64,
+}
+
+pub fn run(cfg: &Config) -> Result<()> {
+    // First thing: a preemption signal during set-up must not kill the process unsaved.
+    let stop = preempt::install_signal_flag().context("installing the SIGTERM/SIGUSR1 handler")?;
+    let s = session::Session::start(cfg)?;
+    let collective = s.collective.as_ref();
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let is_main = rank == 0;
+    let device = s.device;
+
+    let run_dir = cfg.run_dir();
+    let ckpt = CheckpointDir::new(run_dir.join("checkpoints"));
+    if is_main {
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let resolved = toml::to_string_pretty(cfg).context("serializing the resolved config")?;
+        std::fs::write(run_dir.join("config.toml"), resolved).context("writing the resolved config")?;
+    }
+
+    // Model: same seed everywhere, then rank 0's values broadcast so every rank starts identical.
+    let mcfg = session::model_config(cfg);
+    tch::manual_seed(cfg.seed as i64);
+    let mut vs = VarStore::new(device);
+    let model = Clip::new(&vs.root(), &mcfg);
+    let resume = checkpoint::resolve_resume(&cfg.checkpoint.resume, &ckpt)?;
+    if let Some((model_path, _)) = &resume {
+        session::load_weights(&mut vs, model_path, &mcfg)?;
+    } else if !cfg.model.init.is_empty() {
+        // Fine-tune: weights only, a fresh optimizer, schedule and data stream (any image size).
+        session::load_weights(&mut vs, Path::new(&cfg.model.init), &mcfg)?;
+        if is_main {
+            eprintln!("ferroclip: initialized weights from {}", cfg.model.init);
+        }
+    }
+    broadcast_parameters(&vs, collective);
+
+    let trainable = session::trainable_parameters(&vs, cfg, &mcfg);
+    let (beta2, eps) = cfg.optim.resolved_beta2_eps(&cfg.model.arch);
+    let adamw = AdamWConfig { lr: cfg.optim.lr, betas: (cfg.optim.beta1, beta2), eps, weight_decay: cfg.optim.weight_decay };
+    let mut opt = AdamW::new(&trainable, adamw, &[])?;
+    if is_main {
+        eprintln!("ferroclip: {} ({} parameters)", opt.describe(), crate::model::num_params(&vs));
+    }
+    let schedule = cfg.schedule.build(cfg.optim.lr, cfg.train.max_steps);
+    let loss_fn = ClipLoss { local_loss: cfg.train.local_loss };
+
+    let mut counters = Counters::default();
+    let mut cursor: Option<StreamCursor> = None;
+    if let Some((_, state_path)) = &resume {
+        let (c, cursors) = restore_state(state_path, &mut opt)?;
+        if cursors.len() != world {
+            bail!(
+                "{} was written by {} rank(s), this job has {world}: each rank resumes its own data stream, \
+                 so resume with the same number of ranks (or start a new run with model.init = the model file)",
+                state_path.display(),
+                cursors.len()
+            );
+        }
+        counters = c;
+        cursor = Some(cursors[rank].clone());
+        if is_main {
+            eprintln!("ferroclip: resumed from {} at step {}", state_path.display(), counters.step);
+        }
+    }
+
+    let transform = Arc::new(TrainTransform::new(mcfg.image_size() as usize, &cfg.data.augment, cfg.data.max_image_pixels));
+    let mut loader = Loader::new(
+        &cfg.data,
+        &cfg.data.train,
+        LoaderOptions {
+            rank,
+            world_size: world,
+            seed: cfg.seed,
+            batch_size: cfg.data.batch_size,
+            mode: Mode::Train,
+            transform,
+            tokenizer: session::tokenizer(cfg)?,
+            label_key: None,
+            resume: cursor.clone(),
+        },
+    )
+    .with_context(|| format!("opening data.train `{}`", cfg.data.train))?;
+
+    let mut logger = RunLogger::create(&run_dir, cfg.train.max_steps, is_main).context("creating the run logs")?;
+    let global_batch = (cfg.data.batch_size * cfg.train.accum_freq * world) as u64;
+    let mut window = Window::new();
+    let mut pending_loss: Vec<Tensor> = Vec::new();
+    let mut bad_in_row = 0u64;
+
+    while counters.step < cfg.train.max_steps {
+        let t_wait = Instant::now();
+        let mut micro = Vec::with_capacity(cfg.train.accum_freq);
+        for _ in 0..cfg.train.accum_freq {
+            let batch = loader.next_batch().context("the training data stream ended unexpectedly")?;
+            cursor = Some(batch.cursor.clone());
+            micro.push(to_device(&batch, device));
+        }
+        window.data_wait += t_wait.elapsed().as_secs_f64();
+
+        let lr = schedule.lr_at(counters.step);
+        opt.set_lr(lr);
+        opt.zero_grad();
+        // Stochastic depth masks: a function of (seed, step, rank, micro-batch), so a resumed run
+        // draws what the uninterrupted one would have.
+        let rng_seed = step_seed(cfg.seed, counters.step, rank, world, cfg.train.accum_freq);
+        let out = {
+            let _autocast = session::autocast(cfg.train.precision, device);
+            step::contrastive_step(&model, &micro, collective, &loss_fn, rng_seed)
+        };
+        opt.all_reduce_grads(collective);
+
+        // Read back once per step: the step has to decide here whether to apply the update.
+        let finite = opt.grads_finite().logical_and(&out.loss.isfinite()).int64_value(&[]) != 0;
+        if !finite {
+            counters.skipped_steps += 1;
+            bad_in_row += 1;
+            if is_main {
+                eprintln!("ferroclip: step {} skipped: non-finite loss or gradient ({bad_in_row} in a row)", counters.step + 1);
+            }
+            if bad_in_row >= cfg.train.max_bad_steps {
+                bail!("{bad_in_row} consecutive steps with a non-finite loss or gradient (train.max_bad_steps): stopping");
+            }
+            continue;
+        }
+        bad_in_row = 0;
+        let grad_norm = (cfg.train.grad_clip_norm > 0.0).then(|| opt.clip_grad_norm(cfg.train.grad_clip_norm));
+        opt.step();
+        step::clamp_logit_scale(&model, 100f64.ln());
+        counters.step += 1;
+        counters.samples_seen += global_batch;
+        window.steps += 1;
+        pending_loss.push(out.loss.detach());
+
+        let last = counters.step == cfg.train.max_steps;
+        let mut stats = StepStats {
+            step: counters.step,
+            total_steps: cfg.train.max_steps,
+            samples_seen: counters.samples_seen,
+            lr,
+            ..Default::default()
+        };
+        if counters.step % cfg.log.every_steps == 0 || last {
+            stats.loss = Tensor::stack(&pending_loss, 0).mean(Kind::Float).double_value(&[]);
+            pending_loss.clear();
+            let elapsed = window.start.elapsed().as_secs_f64().max(1e-9);
+            stats.samples_per_s = (window.steps * global_batch) as f64 / elapsed;
+            stats.logit_scale = model.logit_scale().exp().double_value(&[]);
+            let data = loader.stats();
+            let mut extra: Vec<(String, f64)> = vec![
+                ("samples_per_s_per_device".into(), stats.samples_per_s / world as f64),
+                ("step_time".into(), elapsed / window.steps as f64),
+                ("data_wait_fraction".into(), window.data_wait / elapsed),
+                ("skipped_steps".into(), counters.skipped_steps as f64),
+            ];
+            if let Some(n) = &grad_norm {
+                extra.push(("grad_norm".into(), n.double_value(&[])));
+            }
+            for (reason, n) in &data.skipped {
+                extra.push((format!("data/skipped_{reason}"), *n as f64));
+            }
+            let extra: Vec<(&str, f64)> = extra.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            logger.log_train(&stats, &extra).context("writing the run logs")?;
+            window = Window::new();
+        } else {
+            logger.tick(&stats);
+        }
+
+        let preempted = preempt::any_rank(stop.load(Ordering::Relaxed), collective);
+        let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
+        if due || last || preempted {
+            let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
+            let cursors = dist::all_gather_bytes(collective, &cursor_json, device);
+            if is_main {
+                let saved = save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?;
+                logger.println(&format!("ferroclip: saved {}", saved.model.display()));
+            }
+            collective.barrier();
+        }
+        let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
+        if cfg.eval.any() && (eval_due || last) {
+            if is_main {
+                let results = eval::run::evaluate(cfg, &model, device)?;
+                logger.println(&results.to_string());
+                if let Some(line) = eval::run::zero_shot_summary(&results) {
+                    logger.println(&line);
+                }
+                logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
+            }
+            collective.barrier();
+        }
+        if preempted && !last {
+            logger.println(&format!(
+                "ferroclip: stopping at step {} on a preemption signal; the next start resumes with checkpoint.resume = \"latest\"",
+                counters.step
+            ));
+            break;
+        }
+    }
+    logger.finish().context("writing the run logs")?;
+    Ok(())
+}
+
+/// Seed of torch's RNG for the stochastic-depth masks of one step on one rank; micro-batch `i`
+/// uses `seed + i`, so consecutive (step, rank) pairs are `accum` apart.
+fn step_seed(seed: u64, step: u64, rank: usize, world: usize, accum: usize) -> i64 {
+    let index = (step * world as u64 + rank as u64) * accum as u64;
+    ((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1) as i64 & 0x3FFF_FFFF_FFFF_FFFF).wrapping_add(index as i64) & i64::MAX
+}
+
+/// Throughput over one logging interval.
+struct Window {
+    start: Instant,
+    steps: u64,
+    data_wait: f64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self { start: Instant::now(), steps: 0, data_wait: 0.0 }
+    }
+}
+
+/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`.
+pub fn to_device(batch: &Batch, device: Device) -> (Tensor, Tensor) {
+    let s = batch.image_size as i64;
+    let images = Tensor::from_slice(&batch.images).view([batch.len as i64, 3, s, s]);
+    let tokens = Tensor::from_slice(&batch.tokens).view([batch.len as i64, batch.context_length as i64]);
+    if device == Device::Cpu {
+        (images, tokens)
+    } else {
+        // Pinned host memory lets the copies overlap with compute.
+        (images.pin_memory(device).to_device_(device, Kind::Float, true, false), tokens.pin_memory(device).to_device_(device, Kind::Int64, true, false))
+    }
+}
+
+fn broadcast_parameters(vs: &VarStore, collective: &dyn Collective) {
+    if collective.world_size() == 1 {
+        return;
+    }
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (_, v) in vars.iter_mut() {
+            collective.broadcast(v, 0);
+        }
+    });
+}
+
+fn save(ckpt: &CheckpointDir, cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[Vec<u8>]) -> Result<checkpoint::Saved> {
+    let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    model.sort_by(|a, b| a.0.cmp(&b.0));
+    let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let cursors: Vec<serde_json::Value> =
+        cursors.iter().map(|b| serde_json::from_slice(b)).collect::<Result<_, _>>().context("a rank sent a malformed data cursor")?;
+    let state_meta = BTreeMap::from([
+        ("counters".to_string(), serde_json::to_string(c)?),
+        ("optimizer_step".to_string(), opt.step_count().to_string()),
+        ("data_cursors".to_string(), serde_json::to_string(&cursors)?),
+        // No RNG state to store: every random draw is a function of (seed, step, rank, sample).
+        ("rng".to_string(), format!("derived from seed {} and the step", cfg.seed)),
+        ("config".to_string(), toml::to_string(cfg)?),
+    ]);
+    ckpt.save(c.step, &model, &model_meta, &opt.state(), &state_meta, cfg.checkpoint.keep)
+}
+
+fn restore_state(path: &Path, opt: &mut AdamW) -> Result<(Counters, Vec<StreamCursor>)> {
+    let (tensors, meta) = checkpoint::read(path)?;
+    let field = |k: &str| meta.get(k).with_context(|| format!("{}: the state file lacks `{k}`", path.display()));
+    let counters: Counters = serde_json::from_str(field("counters")?).with_context(|| format!("{}: bad `counters`", path.display()))?;
+    let cursors: Vec<StreamCursor> =
+        serde_json::from_str(field("data_cursors")?).with_context(|| format!("{}: bad `data_cursors`", path.display()))?;
+    let opt_step: i64 = field("optimizer_step")?.parse().with_context(|| format!("{}: bad `optimizer_step`", path.display()))?;
+    opt.restore(&tensors, opt_step).with_context(|| format!("restoring the optimizer from {}", path.display()))?;
+    Ok((counters, cursors))
+}
