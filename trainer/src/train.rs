@@ -36,6 +36,15 @@ pub fn run(cfg: &Config) -> Result<()> {
     // First thing: a preemption signal during set-up must not kill the process unsaved.
     let stop = preempt::install_signal_flag().context("installing the SIGTERM/SIGUSR1 handler")?;
     let s = session::Session::start(cfg)?;
+    let result = train(cfg, &s, &stop);
+    if s.collective.world_size() > 1 {
+        // The other ranks would wait forever for this one in their next collective: end the job.
+        dist::fail_fast::exit_on_error(s.collective.as_ref(), result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+    }
+    result
+}
+
+fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     let collective = s.collective.as_ref();
     let (rank, world) = (collective.rank(), collective.world_size());
     let is_main = rank == 0;
@@ -123,7 +132,12 @@ pub fn run(cfg: &Config) -> Result<()> {
         let t_wait = Instant::now();
         let mut micro = Vec::with_capacity(cfg.train.accum_freq);
         for _ in 0..cfg.train.accum_freq {
-            let batch = loader.next_batch().context("the training data stream ended unexpectedly")?;
+            let Some(batch) = loader.next_batch() else {
+                match loader.error() {
+                    Some(e) => bail!("rank {rank}: the training data stream stopped: {e}"),
+                    None => bail!("rank {rank}: the training data stream ended unexpectedly"),
+                }
+            };
             cursor = Some(batch.cursor.clone());
             micro.push(to_device(&batch, device));
         }
