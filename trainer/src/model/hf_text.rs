@@ -312,10 +312,14 @@ mod tests {
         let (a, b) = tch::no_grad(|| (m.forward(&short, false), m.forward(&long, false)));
         assert_eq!(a.size(), [1, 8]);
         assert!((&a - &b).abs().max().double_value(&[]) < 1e-5);
-        // A pad token in the middle is not a word: features differ from the unpadded sequence.
+        // A pad id anywhere is ignored: masked as a key, skipped by the position count and the mean.
         let mid = Tensor::from_slice(&[0i64, 7, 1, 9, 30, 2, 1, 1]).unsqueeze(0);
         let c = tch::no_grad(|| m.forward(&mid, false));
-        assert!((&a - &c).abs().max().double_value(&[]) > 1e-4);
+        assert!((&a - &c).abs().max().double_value(&[]) < 1e-5);
+        // ... while a real token changes the features.
+        let other = Tensor::from_slice(&[0i64, 7, 9, 31, 2, 1, 1, 1]).unsqueeze(0);
+        let d = tch::no_grad(|| m.forward(&other, false));
+        assert!((&a - &d).abs().max().double_value(&[]) > 1e-4);
         let t = tch::no_grad(|| m.forward(&short, true));
         assert!((&a - &t).abs().max().double_value(&[]) > 1e-4);
     }
