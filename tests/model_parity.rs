@@ -5,13 +5,16 @@
 //! Small archs use committed fixtures (`tests/fixtures/models/`, made by
 //! `scripts/gen-model-fixtures.py --vocab-size 512 --half-weights`); full-size archs and the
 //! round trips call that script with `$REPO/.venv/bin/python`, which must exist.
+//! The XLM-RoBERTa text tower (`xlm-roberta-base-ViT-B-32`) uses `scripts/gen-xlmr-fixtures.py`
+//! the same way (`tests/fixtures/models/xlmr_vit_test`: `--vocab-size 512 --half-weights`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ferroclip::model::{
-    load_safetensors, num_params, save_safetensors, Clip, ClipConfig, ContrastiveModel,
+    load_hf_text_encoder, load_safetensors, num_params, save_safetensors, Clip, ClipConfig,
+    ContrastiveModel, WeightsError,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -39,14 +42,18 @@ fn python() -> PathBuf {
 }
 
 fn script(args: &[&str]) -> std::process::Output {
+    run_script("gen-model-fixtures.py", args)
+}
+
+fn run_script(name: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(python())
-        .arg(repo().join("scripts/gen-model-fixtures.py"))
+        .arg(repo().join("scripts").join(name))
         .args(args)
         .output()
-        .expect("running gen-model-fixtures.py");
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
     assert!(
         out.status.success(),
-        "gen-model-fixtures.py {args:?} failed:\n{}\n{}",
+        "{name} {args:?} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -75,7 +82,7 @@ fn config(arch: &str, image_size: i64, vocab: i64) -> ClipConfig {
     let mut cfg = ClipConfig::from_arch(arch)
         .unwrap()
         .with_image_size(image_size);
-    cfg.text.vocab_size = vocab;
+    cfg.text.set_vocab_size(vocab);
     cfg
 }
 
@@ -192,6 +199,10 @@ fn load_reports_missing_unexpected_and_misshaped_keys() {
 
 /// A freshly initialised Rust model, saved, loads in OpenCLIP and gives the same features.
 fn round_trip(arch: &str, image_size: i64, vocab: i64) {
+    round_trip_with("gen-model-fixtures.py", arch, image_size, vocab)
+}
+
+fn round_trip_with(script_name: &str, arch: &str, image_size: i64, vocab: i64) {
     let dir = temp_dir(&format!("roundtrip-{arch}"));
     let cfg = config(arch, image_size, vocab);
     tch::manual_seed(7);
@@ -199,6 +210,13 @@ fn round_trip(arch: &str, image_size: i64, vocab: i64) {
     let images = Tensor::randn([2, 3, image_size, image_size], (Kind::Float, Device::Cpu));
     let tokens = Tensor::randint_low(1, vocab - 2, [2, 77], (Kind::Int64, Device::Cpu));
     let _ = tokens.narrow(1, 10, 1).fill_(vocab - 1);
+    if cfg.text.pad_token_id() != 0 {
+        // XLM-R: pad the first row after its 11 tokens.
+        let _ = tokens
+            .get(0)
+            .narrow(0, 11, 66)
+            .fill_(cfg.text.pad_token_id());
+    }
     let (img, txt) = tch::no_grad(|| {
         (
             model.encode_image(&images, false),
@@ -221,13 +239,16 @@ fn round_trip(arch: &str, image_size: i64, vocab: i64) {
     .unwrap();
     let size = image_size.to_string();
     let vocab = vocab.to_string();
-    let mut args = vec!["--arch", arch, "--image-size", &size, "--check-load"];
+    let mut args = vec!["--arch", arch];
+    if script_name == "gen-model-fixtures.py" {
+        args.extend(["--image-size", &size]);
+    }
     let (w, i) = (weights.to_str().unwrap(), inputs.to_str().unwrap());
-    args.extend([w, "--inputs", i]);
-    if vocab != "49408" {
+    args.extend(["--check-load", w, "--inputs", i]);
+    if vocab != "49408" && vocab != "250002" {
         args.extend(["--vocab-size", &vocab]);
     }
-    script(&args);
+    run_script(script_name, &args);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -335,4 +356,120 @@ fn convnext_large_d_matches_open_clip() {
 #[test]
 fn vit_b_32_matches_open_clip() {
     full_size("ViT-B-32", 224, 151.3);
+}
+
+#[test]
+fn xlmr_vit_test_matches_open_clip() {
+    check_fixture(
+        &fixture("xlmr_vit_test"),
+        &config("xlmr_vit_test", 32, FIXTURE_VOCAB),
+    );
+}
+
+#[test]
+fn xlmr_saved_by_rust_loads_in_open_clip() {
+    round_trip_with("gen-xlmr-fixtures.py", "xlmr_vit_test", 32, FIXTURE_VOCAB);
+}
+
+/// A Hugging Face `XLMRobertaForMaskedLM`-style checkpoint (`roberta.` keys, an `lm_head`)
+/// initializes exactly the `text.transformer.` variables, and nothing else.
+#[test]
+fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
+    let cfg = config("xlmr_vit_test", 32, FIXTURE_VOCAB);
+    let (mut reference, _m) = build(&cfg);
+    load_safetensors(
+        &mut reference,
+        &fixture("xlmr_vit_test").join("model.safetensors"),
+        &cfg,
+    )
+    .unwrap();
+    let reference = reference.variables();
+    let (mut vs, _model) = build(&cfg);
+    let before = vs.variables();
+    let before: HashMap<String, Tensor> =
+        before.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+    let report = load_hf_text_encoder(
+        &mut vs,
+        &fixture("xlmr_vit_test").join("hf_text.safetensors"),
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(report.skipped, vec!["lm_head.bias".to_string()]);
+    let mut in_tower = 0;
+    for (k, v) in vs.variables() {
+        if k.starts_with("text.transformer.") {
+            in_tower += 1;
+            assert!(v.equal(&reference[&k]), "{k} not loaded");
+        } else {
+            assert!(v.equal(&before[&k]), "{k} changed");
+        }
+    }
+    assert_eq!(report.loaded, in_tower);
+    assert!(in_tower > 0 && in_tower < before.len());
+
+    // A vocabulary mismatch is named; a model without an HF text tower is refused.
+    let (mut vs, _m) = build(&config("xlmr_vit_test", 32, 1000));
+    let msg = load_hf_text_encoder(
+        &mut vs,
+        &fixture("xlmr_vit_test").join("hf_text.safetensors"),
+        &config("xlmr_vit_test", 32, 1000),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("text.transformer.embeddings.word_embeddings.weight: [512, 32] vs [1000, 32]"),
+        "{msg}"
+    );
+    let vit = config("vit_test", 32, FIXTURE_VOCAB);
+    let (mut vs, _m) = build(&vit);
+    let err = load_hf_text_encoder(
+        &mut vs,
+        &fixture("xlmr_vit_test").join("hf_text.safetensors"),
+        &vit,
+    )
+    .unwrap_err();
+    assert!(matches!(err, WeightsError::NoHfTextTower { .. }), "{err}");
+}
+
+/// OpenCLIP checkpoints written with transformers < 4.31 carry the `position_ids` buffer;
+/// OpenCLIP drops it on load, and so do we.
+#[test]
+fn xlmr_checkpoint_with_stale_position_ids_loads() {
+    let dir = temp_dir("xlmr-position-ids");
+    let mut file = read(&fixture("xlmr_vit_test").join("model.safetensors"));
+    file.insert(
+        "text.transformer.embeddings.position_ids".into(),
+        Tensor::arange(80, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+    );
+    let path = dir.join("old.safetensors");
+    let named: Vec<(&str, &Tensor)> = file.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&named, &path).unwrap();
+    let cfg = config("xlmr_vit_test", 32, FIXTURE_VOCAB);
+    let (mut vs, _m) = build(&cfg);
+    let report = load_safetensors(&mut vs, &path, &cfg).unwrap();
+    assert_eq!(
+        report.skipped,
+        vec!["text.transformer.embeddings.position_ids".to_string()]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Full size, generated on the fly: ViT-B/32 + XLM-RoBERTa-base (vocab 250002), 366.12 M parameters.
+#[test]
+fn xlm_roberta_base_vit_b_32_matches_open_clip() {
+    let arch = "xlm-roberta-base-ViT-B-32";
+    let dir = temp_dir(arch);
+    run_script(
+        "gen-xlmr-fixtures.py",
+        &["--arch", arch, "--out", dir.to_str().unwrap()],
+    );
+    let cfg = ClipConfig::from_arch(arch).unwrap();
+    check_fixture(&dir, &cfg);
+    let (vs, _m) = build(&cfg);
+    let millions = num_params(&vs) as f64 / 1e6;
+    assert!(
+        (millions - 366.12).abs() < 0.01,
+        "{arch}: {millions:.2} M parameters"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

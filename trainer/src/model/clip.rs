@@ -1,12 +1,14 @@
 //! The two-tower CLIP model (`open_clip/model.py`: `CLIP`) with presets named like OpenCLIP's
 //! model configs (`open_clip/model_configs/*.json`).
 //!
-//! State-dict layout: image tower under `visual.`, text tower at the root, `logit_scale` 0-dim.
+//! State-dict layout: image tower under `visual.`, the CLIP text tower at the root (`CLIP`) or a
+//! Hugging Face text tower under `text.` (`CustomTextCLIP`), `logit_scale` 0-dim.
 
 use tch::nn::{self, Init};
 use tch::Tensor;
 
 use super::convnext::{ConvNext, ConvNextConfig, ConvNextProj};
+use super::hf_text::{XlmRobertaText, XlmrConfig};
 use super::text::{TextConfig, TextTransformer};
 use super::vit::{VisionTransformer, VitConfig};
 use super::ContrastiveModel;
@@ -20,6 +22,57 @@ pub enum VisionConfig {
     Vit(VitConfig),
 }
 
+/// Which text tower and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TextTower {
+    /// OpenCLIP's own `TextTransformer` (parameters at the state-dict root).
+    Clip(TextConfig),
+    /// Hugging Face XLM-RoBERTa wrapped by OpenCLIP's `HFTextEncoder` (parameters under `text.`).
+    XlmRoberta(XlmrConfig),
+}
+
+impl TextTower {
+    /// Token sequence length (77 for every preset).
+    pub fn context_length(&self) -> i64 {
+        match self {
+            TextTower::Clip(c) => c.context_length,
+            TextTower::XlmRoberta(c) => c.context_length,
+        }
+    }
+
+    /// Residual blocks / encoder layers.
+    pub fn layers(&self) -> i64 {
+        match self {
+            TextTower::Clip(c) => c.layers,
+            TextTower::XlmRoberta(c) => c.layers,
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            TextTower::Clip(c) => c.vocab_size,
+            TextTower::XlmRoberta(c) => c.vocab_size,
+        }
+    }
+
+    /// Sets the vocabulary size (small test vocabularies).
+    pub fn set_vocab_size(&mut self, vocab_size: i64) {
+        match self {
+            TextTower::Clip(c) => c.vocab_size = vocab_size,
+            TextTower::XlmRoberta(c) => c.vocab_size = vocab_size,
+        }
+    }
+
+    /// Id of the padding token the model expects after the text (0 for CLIP BPE, 1 for XLM-R).
+    pub fn pad_token_id(&self) -> i64 {
+        match self {
+            TextTower::Clip(_) => 0,
+            TextTower::XlmRoberta(c) => c.pad_token_id,
+        }
+    }
+}
+
 /// A full CLIP model configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
@@ -30,17 +83,37 @@ pub struct ClipConfig {
     /// Image tower.
     pub vision: VisionConfig,
     /// Text tower.
-    pub text: TextConfig,
+    pub text: TextTower,
 }
 
-fn text(width: i64, heads: i64, layers: i64) -> TextConfig {
-    TextConfig {
+fn text(width: i64, heads: i64, layers: i64) -> TextTower {
+    TextTower::Clip(TextConfig {
         context_length: 77,
         vocab_size: 49408,
         width,
         heads,
         layers,
-    }
+    })
+}
+
+fn vit_b_32() -> VisionConfig {
+    VisionConfig::Vit(VitConfig {
+        image_size: 224,
+        patch_size: 32,
+        width: 768,
+        layers: 12,
+        heads: 12,
+    })
+}
+
+fn vit_tiny() -> VisionConfig {
+    VisionConfig::Vit(VitConfig {
+        image_size: 32,
+        patch_size: 8,
+        width: 64,
+        layers: 2,
+        heads: 2,
+    })
 }
 
 fn convnext(dims: [i64; 4], depths: [i64; 4], proj: ConvNextProj, image_size: i64) -> VisionConfig {
@@ -65,11 +138,14 @@ impl ClipConfig {
         "convnext_test_mlp",
         "convnext_demo",
         "vit_test",
+        "xlm-roberta-base-ViT-B-32",
+        "xlmr_vit_test",
     ];
 
     /// Preset by OpenCLIP model-config name. Small archs: `convnext_test` (tiny, for parity tests),
     /// `convnext_test_mlp` (same with the mlp head), `convnext_demo` (trains on 2 CPU cores at 64 px),
-    /// `vit_test` (tiny ViT).
+    /// `vit_test` (tiny ViT), `xlmr_vit_test` (tiny ViT + tiny XLM-RoBERTa: width 32, 2 layers,
+    /// 2 heads, ffn 64, 80 positions, vocab 250002, embed 16).
     pub fn from_arch(name: &str) -> Option<ClipConfig> {
         use ConvNextProj::{Linear, Mlp};
         let base = [128, 256, 512, 1024];
@@ -82,16 +158,21 @@ impl ClipConfig {
             "convnext_base_w_320" => (640, convnext(base, deep, Linear, 320), text(640, 10, 12)),
             "convnext_large_d" => (768, convnext(large, deep, Mlp, 256), text(768, 12, 16)),
             "convnext_large_d_320" => (768, convnext(large, deep, Mlp, 320), text(768, 12, 16)),
-            "ViT-B-32" => (
-                512,
-                VisionConfig::Vit(VitConfig {
-                    image_size: 224,
-                    patch_size: 32,
-                    width: 768,
-                    layers: 12,
-                    heads: 12,
+            "ViT-B-32" => (512, vit_b_32(), text(512, 8, 12)),
+            "xlm-roberta-base-ViT-B-32" => {
+                (512, vit_b_32(), TextTower::XlmRoberta(XlmrConfig::base()))
+            }
+            "xlmr_vit_test" => (
+                16,
+                vit_tiny(),
+                TextTower::XlmRoberta(XlmrConfig {
+                    hidden_size: 32,
+                    layers: 2,
+                    heads: 2,
+                    intermediate_size: 64,
+                    max_position_embeddings: 80,
+                    ..XlmrConfig::base()
                 }),
-                text(512, 8, 12),
             ),
             "convnext_test" => (32, convnext(tiny, tiny_depths, Linear, 64), text(32, 2, 2)),
             "convnext_test_mlp" => (32, convnext(tiny, tiny_depths, Mlp, 64), text(32, 2, 2)),
@@ -100,17 +181,7 @@ impl ClipConfig {
                 convnext([24, 48, 96, 192], tiny_depths, Linear, 64),
                 text(64, 4, 2),
             ),
-            "vit_test" => (
-                32,
-                VisionConfig::Vit(VitConfig {
-                    image_size: 32,
-                    patch_size: 8,
-                    width: 64,
-                    layers: 2,
-                    heads: 2,
-                }),
-                text(32, 2, 2),
-            ),
+            "vit_test" => (32, vit_tiny(), text(32, 2, 2)),
             _ => return None,
         };
         Some(ClipConfig {
@@ -119,6 +190,16 @@ impl ClipConfig {
             vision,
             text,
         })
+    }
+
+    /// Token sequence length of the text tower (77 for every preset).
+    pub fn context_length(&self) -> i64 {
+        self.text.context_length()
+    }
+
+    /// Number of text-tower blocks (residual blocks or encoder layers).
+    pub fn text_layers(&self) -> i64 {
+        self.text.layers()
     }
 
     /// Training/eval resolution of the image tower.
@@ -149,6 +230,12 @@ impl ClipConfig {
 }
 
 #[derive(Debug)]
+enum Text {
+    Clip(TextTransformer),
+    XlmRoberta(XlmRobertaText),
+}
+
+#[derive(Debug)]
 enum Visual {
     ConvNext(ConvNext),
     Vit(VisionTransformer),
@@ -158,7 +245,7 @@ enum Visual {
 #[derive(Debug)]
 pub struct Clip {
     visual: Visual,
-    text: TextTransformer,
+    text: Text,
     logit_scale: Tensor,
     cfg: ClipConfig,
 }
@@ -171,7 +258,12 @@ impl Clip {
             VisionConfig::ConvNext(c) => Visual::ConvNext(ConvNext::new(&vp, c, cfg.embed_dim)),
             VisionConfig::Vit(c) => Visual::Vit(VisionTransformer::new(&vp, c, cfg.embed_dim)),
         };
-        let text = TextTransformer::new(root, &cfg.text, cfg.embed_dim);
+        let text = match &cfg.text {
+            TextTower::Clip(c) => Text::Clip(TextTransformer::new(root, c, cfg.embed_dim)),
+            TextTower::XlmRoberta(c) => {
+                Text::XlmRoberta(XlmRobertaText::new(&(root / "text"), c, cfg.embed_dim))
+            }
+        };
         let logit_scale = root.var("logit_scale", &[], Init::Const((1.0f64 / 0.07).ln()));
         Self {
             visual,
@@ -195,8 +287,11 @@ impl ContrastiveModel for Clip {
         }
     }
 
-    fn encode_text(&self, tokens: &Tensor, _train: bool) -> Tensor {
-        self.text.forward(tokens)
+    fn encode_text(&self, tokens: &Tensor, train: bool) -> Tensor {
+        match &self.text {
+            Text::Clip(m) => m.forward(tokens),
+            Text::XlmRoberta(m) => m.forward(tokens, train),
+        }
     }
 
     fn logit_scale(&self) -> Tensor {

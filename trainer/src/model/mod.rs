@@ -2,15 +2,19 @@
 
 pub mod clip;
 pub mod convnext;
+pub mod hf_text;
 pub mod text;
 pub mod vit;
 pub mod weights;
 
-pub use clip::{num_params, Clip, ClipConfig, VisionConfig};
+pub use clip::{num_params, Clip, ClipConfig, TextTower, VisionConfig};
 pub use convnext::{ConvNextConfig, ConvNextProj};
+pub use hf_text::{XlmRobertaText, XlmrConfig};
 pub use text::TextConfig;
 pub use vit::VitConfig;
-pub use weights::{load_safetensors, save_safetensors, LoadReport, WeightsError};
+pub use weights::{
+    load_hf_text_encoder, load_safetensors, save_safetensors, LoadReport, WeightsError,
+};
 
 use tch::Tensor;
 

@@ -4,13 +4,17 @@
 //! Files written by [`save_safetensors`] load with
 //! `open_clip.create_model(ARCH, pretrained="model.safetensors")`: OpenCLIP reads any path ending
 //! in `.safetensors` with `safetensors.torch.load_file` and loads it strictly.
+//!
+//! [`load_hf_text_encoder`] initializes an XLM-RoBERTa text tower from a Hugging Face checkpoint
+//! (`XLMRobertaModel` / `XLMRobertaForMaskedLM` key names), as OpenCLIP's `HFTextEncoder` does
+//! with `AutoModel.from_pretrained`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
 
-use super::clip::{ClipConfig, VisionConfig};
+use super::clip::{ClipConfig, TextTower, VisionConfig};
 use super::vit::resize_pos_embed;
 
 /// What went wrong loading or saving weights.
@@ -35,6 +39,8 @@ pub enum WeightsError {
         /// `key: file shape vs model shape`.
         mismatched: Vec<String>,
     },
+    #[error("{arch} has no Hugging Face text tower to initialize from {path}")]
+    NoHfTextTower { path: PathBuf, arch: String },
 }
 
 /// What [`load_safetensors`] did besides plain copies.
@@ -44,6 +50,22 @@ pub struct LoadReport {
     pub loaded: usize,
     /// Keys whose tensors were resized (ViT `visual.positional_embedding` from another image size).
     pub resized: Vec<String>,
+    /// File keys deliberately not loaded (stale buffers such as `embeddings.position_ids`; heads
+    /// outside the text tower such as `lm_head.*` or `pooler.*` in Hugging Face checkpoints).
+    pub skipped: Vec<String>,
+}
+
+/// Buffers older `transformers` versions saved in state dicts; OpenCLIP drops them on load
+/// (`open_clip/factory.py`: `load_checkpoint`, "no longer expect position_ids after transformers==4.31").
+fn is_stale_hf_buffer(key: &str) -> bool {
+    key.ends_with("embeddings.position_ids") || key.ends_with("embeddings.token_type_ids")
+}
+
+fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+    Tensor::read_safetensors(path).map_err(|source| WeightsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Loads an OpenCLIP state dict into `vs` (built by `Clip::new(&vs.root(), cfg)`), strictly:
@@ -55,10 +77,7 @@ pub fn load_safetensors(
     path: &Path,
     cfg: &ClipConfig,
 ) -> Result<LoadReport, WeightsError> {
-    let read = Tensor::read_safetensors(path).map_err(|source| WeightsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let read = read_file(path)?;
     let mut file: HashMap<String, Tensor> = read
         .into_iter()
         .map(|(k, v)| {
@@ -70,6 +89,15 @@ pub fn load_safetensors(
         .collect();
     let vars = vs.variables();
     let mut report = LoadReport::default();
+    let stale: Vec<String> = file
+        .keys()
+        .filter(|k| is_stale_hf_buffer(k) && !vars.contains_key(*k))
+        .cloned()
+        .collect();
+    for k in stale {
+        file.remove(&k);
+        report.skipped.push(k);
+    }
     if let (VisionConfig::Vit(vit), Some(pos)) =
         (&cfg.vision, file.get("visual.positional_embedding"))
     {
@@ -119,6 +147,80 @@ pub fn load_safetensors(
         }
     });
     report.loaded = vars.len();
+    Ok(report)
+}
+
+/// Initializes the text tower of an XLM-RoBERTa model (`cfg.text` is [`TextTower::XlmRoberta`])
+/// from a Hugging Face checkpoint converted to safetensors: keys `embeddings.*` / `encoder.*`,
+/// optionally under `roberta.` (`XLMRobertaForMaskedLM`) or `module.`, map onto
+/// `text.transformer.*` by prefix. Every `text.transformer.*` variable must be present with its
+/// shape; `lm_head.*`, `pooler.*` and stale buffers are skipped; anything else is unexpected.
+/// The projection `text.proj.*`, the image tower and `logit_scale` are left as they are.
+pub fn load_hf_text_encoder(
+    vs: &mut tch::nn::VarStore,
+    path: &Path,
+    cfg: &ClipConfig,
+) -> Result<LoadReport, WeightsError> {
+    const PREFIX: &str = "text.transformer.";
+    if !matches!(cfg.text, TextTower::XlmRoberta(_)) {
+        return Err(WeightsError::NoHfTextTower {
+            path: path.to_path_buf(),
+            arch: cfg.arch.clone(),
+        });
+    }
+    let mut report = LoadReport::default();
+    let mut file: HashMap<String, Tensor> = HashMap::new();
+    for (key, t) in read_file(path)? {
+        let bare = key.strip_prefix("module.").unwrap_or(&key);
+        let bare = bare.strip_prefix("roberta.").unwrap_or(bare);
+        if is_stale_hf_buffer(bare)
+            || !(bare.starts_with("embeddings.") || bare.starts_with("encoder."))
+        {
+            report.skipped.push(key);
+        } else {
+            file.insert(format!("{PREFIX}{bare}"), t);
+        }
+    }
+    let vars: BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .collect();
+    let missing: Vec<String> = vars
+        .keys()
+        .filter(|k| !file.contains_key(*k))
+        .cloned()
+        .collect();
+    let mismatched: Vec<String> = vars
+        .iter()
+        .filter_map(|(k, v)| {
+            let t = file.get(k)?;
+            (t.size() != v.size()).then(|| format!("{k}: {:?} vs {:?}", t.size(), v.size()))
+        })
+        .collect();
+    let mut unexpected: Vec<String> = file
+        .keys()
+        .filter(|k| !vars.contains_key(*k))
+        .cloned()
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        unexpected.sort();
+        return Err(WeightsError::Mismatch {
+            path: path.to_path_buf(),
+            arch: cfg.arch.clone(),
+            missing,
+            unexpected,
+            mismatched,
+        });
+    }
+    tch::no_grad(|| {
+        for (k, var) in &vars {
+            let mut var = var.shallow_clone();
+            var.copy_(&file[k].to_kind(var.kind()).to_device(var.device()));
+        }
+    });
+    report.loaded = vars.len();
+    report.skipped.sort();
     Ok(report)
 }
 
