@@ -344,3 +344,34 @@ fn eval_standalone_agrees_between_shards_and_folders_and_writes_flat_json() {
     assert!(shards["val_loss"].as_f64().unwrap().is_finite());
     assert!(folders.get("val_loss").is_none(), "val_loss reported without val_data");
 }
+
+#[test]
+fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
+    let f = Fixture::new();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let tokenizer = root.join("data/tests/fixtures/tokenizer/xlmr_tiny_tokenizer.json");
+    let cfg = f.config("xlmr", "");
+    let args = |extra: &[String]| -> Output {
+        let mut a: Vec<String> = vec!["--config".into(), cfg.display().to_string()];
+        for s in ["model.arch=xlmr_vit_test".to_string(), format!("model.tokenizer={}", tokenizer.display()), "train.max_steps=3".into()]
+            .iter()
+            .chain(extra)
+        {
+            a.extend(["--set".into(), s.clone()]);
+        }
+        run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = args(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let saved = tensors(&f.run_dir("xlmr").join("checkpoints").join("step_00000003.safetensors"));
+    assert!(saved.iter().any(|(n, _)| n.starts_with("text.transformer.encoder.layer.")), "no XLM-R keys in the saved model");
+    assert!(metrics(&f.run_dir("xlmr")).iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+
+    // A text-encoder file of another vocabulary size is refused, naming the key and the tensor.
+    let hf_text = root.join("tests/fixtures/models/xlmr_vit_test/hf_text.safetensors");
+    let out = args(&[format!("model.text_init={}", hf_text.display()), "name=xlmr2".into()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("model.text_init") && err.contains("word_embeddings"), "{err}");
+}

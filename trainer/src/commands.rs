@@ -204,8 +204,8 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
     let (beta2, eps) = OptimConfig::default().resolved_beta2_eps(&b.arch);
     let mut opt = AdamW::new(&named, AdamWConfig { lr: 5e-4, betas: (0.9, beta2), eps, weight_decay: 0.2 }, &[])?;
     let images = Tensor::randn([b.batch, 3, b.image_size, b.image_size], (Kind::Float, device));
-    let ctx = mcfg.text.context_length;
-    let tokens = Tensor::randint_low(1, mcfg.text.vocab_size, [b.batch, ctx], (Kind::Int64, device));
+    let ctx = mcfg.context_length();
+    let tokens = Tensor::randint_low(1, mcfg.text.vocab_size(), [b.batch, ctx], (Kind::Int64, device));
     let micro = [(images, tokens)];
     let loss = crate::loss::ClipLoss::default();
     let single = crate::dist::single::Single;

@@ -63,6 +63,10 @@ pub struct ModelConfig {
     pub image_size: usize,
     /// Weights to start from (an OpenCLIP-compatible `.safetensors`); a fresh optimizer and schedule. Default `""`.
     pub init: String,
+    /// Hugging Face text-encoder weights (e.g. `xlm-roberta-base` as safetensors, `roberta.*` or bare
+    /// `embeddings.*`/`encoder.*` keys) to start the text tower of an HF-text architecture from;
+    /// applied after `init`, ignored on resume. Default `""`.
+    pub text_init: String,
     /// Stochastic depth rate of the image tower; negative keeps the architecture's (0.1 for the ConvNeXts). Default -1.
     pub drop_path: f64,
     /// Text tokenizer: `"clip"` (OpenAI CLIP BPE) or the path of a Hugging Face `tokenizer.json`. Default `"clip"`.
@@ -71,7 +75,14 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { arch: "convnext_base_w".into(), image_size: 0, init: String::new(), drop_path: -1.0, tokenizer: "clip".into() }
+        Self {
+            arch: "convnext_base_w".into(),
+            image_size: 0,
+            init: String::new(),
+            text_init: String::new(),
+            drop_path: -1.0,
+            tokenizer: "clip".into(),
+        }
     }
 }
 

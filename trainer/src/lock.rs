@@ -29,6 +29,18 @@ fn group_of(name: &str, text_layers: usize, vit_layers: usize, trunk_stages: usi
     if name == "logit_scale" || name == "logit_bias" {
         return None;
     }
+    // Hugging Face text encoder (OpenCLIP `HFTextEncoder.lock`): groups are the embeddings, then
+    // each encoder layer; the projection `text.proj` always stays trainable.
+    if let Some(rest) = name.strip_prefix("text.transformer.") {
+        let group = match rest.strip_prefix("encoder.layer.") {
+            Some(b) => b.split('.').next()?.parse::<usize>().ok()? + 1,
+            None => 0,
+        };
+        return Some((Tower::Text, group, text_layers + 1));
+    }
+    if name.starts_with("text.proj.") {
+        return None;
+    }
     let rest = name.strip_prefix("text.").unwrap_or(name);
     Some((Tower::Text, transformer_group(rest, "transformer.resblocks.", &["ln_final"], &["text_projection"], text_layers)?, text_layers + 2))
 }
@@ -115,6 +127,18 @@ mod tests {
         let spec = LockSpec { lock_image: true, image_unlocked_groups: 1, ..Default::default() };
         assert!(is_trainable("visual.trunk.stages.3.blocks.0.conv_dw.weight", &spec, &D));
         assert!(!is_trainable("visual.trunk.stages.2.blocks.0.conv_dw.weight", &spec, &D));
+    }
+
+    #[test]
+    fn lock_text_on_a_hugging_face_encoder_keeps_the_last_layers_and_the_projection() {
+        let spec = LockSpec { lock_text: true, text_unlocked_layers: 1, ..Default::default() };
+        assert!(!is_trainable("text.transformer.embeddings.word_embeddings.weight", &spec, &D));
+        assert!(!is_trainable("text.transformer.encoder.layer.1.output.dense.weight", &spec, &D));
+        assert!(is_trainable("text.transformer.encoder.layer.2.output.dense.weight", &spec, &D));
+        assert!(is_trainable("text.proj.0.weight", &spec, &D));
+        let spec = LockSpec { lock_text: true, text_unlocked_layers: 0, ..Default::default() };
+        assert!(!is_trainable("text.transformer.encoder.layer.2.output.dense.weight", &spec, &D));
+        assert!(is_trainable("text.proj.2.weight", &spec, &D));
     }
 
     #[test]

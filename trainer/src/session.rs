@@ -86,7 +86,7 @@ pub fn trainable_parameters(vs: &VarStore, cfg: &Config, mcfg: &ClipConfig) -> V
         text_unlocked_layers: cfg.train.lock_text_unlocked_layers,
     };
     let depths = TowerDepths {
-        text_layers: mcfg.text.layers as usize,
+        text_layers: mcfg.text_layers() as usize,
         vit_layers: match &mcfg.vision {
             VisionConfig::Vit(v) => v.layers as usize,
             VisionConfig::ConvNext(_) => 0,
@@ -110,7 +110,7 @@ pub fn trainable_parameters(vs: &VarStore, cfg: &Config, mcfg: &ClipConfig) -> V
 
 /// The tokenizer named by `model.tokenizer`, with the text tower's context length.
 pub fn tokenizer(cfg: &Config) -> Result<Arc<dyn Tokenizer>> {
-    let context = model_config(cfg).text.context_length as usize;
+    let context = model_config(cfg).context_length() as usize;
     let spec = cfg.model.tokenizer.as_str();
     let t: Arc<dyn Tokenizer> = if spec == "clip" {
         Arc::new(ferroclip_data::tokenize::ClipTokenizer::with_context_length(context))

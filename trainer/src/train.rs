@@ -73,6 +73,13 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             eprintln!("ferroclip: initialized weights from {}", cfg.model.init);
         }
     }
+    if resume.is_none() && !cfg.model.text_init.is_empty() {
+        crate::model::load_hf_text_encoder(&mut vs, Path::new(&cfg.model.text_init), &mcfg)
+            .with_context(|| format!("model.text_init: loading {}", cfg.model.text_init))?;
+        if is_main {
+            eprintln!("ferroclip: initialized the text tower from {}", cfg.model.text_init);
+        }
+    }
     broadcast_parameters(&vs, collective);
 
     let trainable = session::trainable_parameters(&vs, cfg, &mcfg);
