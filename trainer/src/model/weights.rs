@@ -123,30 +123,7 @@ pub fn load_safetensors(
             }
         }
     }
-    let mut unexpected: Vec<String> = file
-        .keys()
-        .filter(|k| !vars.contains_key(*k))
-        .cloned()
-        .collect();
-    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-        missing.sort();
-        unexpected.sort();
-        mismatched.sort();
-        return Err(WeightsError::Mismatch {
-            path: path.to_path_buf(),
-            arch: cfg.arch.clone(),
-            missing,
-            unexpected,
-            mismatched,
-        });
-    }
-    tch::no_grad(|| {
-        for (k, var) in vars.iter() {
-            let mut var = var.shallow_clone();
-            var.copy_(&file[k].to_kind(var.kind()).to_device(var.device()));
-        }
-    });
-    report.loaded = vars.len();
+    report.loaded = copy_checked(path, cfg, vars.iter(), &file, missing, mismatched)?;
     Ok(report)
 }
 
@@ -198,28 +175,7 @@ pub fn load_hf_text_encoder(
             (t.size() != v.size()).then(|| format!("{k}: {:?} vs {:?}", t.size(), v.size()))
         })
         .collect();
-    let mut unexpected: Vec<String> = file
-        .keys()
-        .filter(|k| !vars.contains_key(*k))
-        .cloned()
-        .collect();
-    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-        unexpected.sort();
-        return Err(WeightsError::Mismatch {
-            path: path.to_path_buf(),
-            arch: cfg.arch.clone(),
-            missing,
-            unexpected,
-            mismatched,
-        });
-    }
-    tch::no_grad(|| {
-        for (k, var) in &vars {
-            let mut var = var.shallow_clone();
-            var.copy_(&file[k].to_kind(var.kind()).to_device(var.device()));
-        }
-    });
-    report.loaded = vars.len();
+    report.loaded = copy_checked(path, cfg, vars.iter(), &file, missing, mismatched)?;
     report.skipped.sort();
     Ok(report)
 }
@@ -236,4 +192,33 @@ pub fn save_safetensors(
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let bytes = crate::checkpoint::serialize(&named, metadata).map_err(|e| werr(format!("{e:#}")))?;
     std::fs::write(path, bytes).map_err(|e| werr(e.to_string()))
+}
+
+/// Refuses a file whose keys do not match `vars` exactly (listing what is missing, unexpected and
+/// mis-shaped), else copies every tensor into its variable; returns how many were loaded.
+fn copy_checked<'a>(
+    path: &Path,
+    cfg: &ClipConfig,
+    vars: impl Iterator<Item = (&'a String, &'a Tensor)> + Clone,
+    file: &HashMap<String, Tensor>,
+    mut missing: Vec<String>,
+    mut mismatched: Vec<String>,
+) -> Result<usize, WeightsError> {
+    let known: std::collections::HashSet<&String> = vars.clone().map(|(k, _)| k).collect();
+    let mut unexpected: Vec<String> = file.keys().filter(|k| !known.contains(k)).cloned().collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        missing.sort();
+        unexpected.sort();
+        mismatched.sort();
+        return Err(WeightsError::Mismatch { path: path.to_path_buf(), arch: cfg.arch.clone(), missing, unexpected, mismatched });
+    }
+    let mut n = 0;
+    tch::no_grad(|| {
+        for (k, var) in vars {
+            let mut var = var.shallow_clone();
+            var.copy_(&file[k].to_kind(var.kind()).to_device(var.device()));
+            n += 1;
+        }
+    });
+    Ok(n)
 }
