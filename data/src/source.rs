@@ -274,6 +274,13 @@ pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>, activity: Arc<Activity>)
             .process_group(0)
             .spawn()?;
         *activity.pipe_group.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id() as i32);
+        if let Some(out) = &child.stdout {
+            use std::os::fd::AsRawFd;
+            // A 1 MiB pipe (Linux's default limit for unprivileged processes) instead of 64 KiB:
+            // 16x fewer reads and context switches per shard. Failure only costs that.
+            // SAFETY: plain fcntl on a descriptor we own.
+            unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        }
         let pipe = PipeReader { child, cmd: cmd.to_string(), done: false, activity: activity.clone() };
         return decompress(&shard.url, BufReader::with_capacity(1 << 20, Counting { inner: pipe, bytes, activity }));
     }
