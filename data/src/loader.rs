@@ -70,6 +70,7 @@ pub struct LoaderOptions {
 /// Streams batches for one rank; see the module docs.
 pub struct Loader {
     rx: Receiver<Result<Batch, String>>,
+    assembler: Option<std::thread::JoinHandle<()>>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     error: Option<String>,
@@ -185,7 +186,7 @@ impl Loader {
             .build()
             .map_err(|e| DataError::Options(format!("cannot start {} workers: {e}", cfg.workers)))?;
         let (tx, rx) = bounded(cfg.prefetch);
-        std::thread::Builder::new()
+        let assembler = std::thread::Builder::new()
             .name("data-assembler".into())
             .spawn(move || {
                 // Samples and shards are guarded where they are handled; a panic here is a bug in
@@ -197,7 +198,7 @@ impl Loader {
                 }
             })
             .map_err(|e| DataError::Options(format!("cannot start the loader thread: {e}")))?;
-        Ok(Loader { rx, stats, stop, error: None, done: false, resumed })
+        Ok(Loader { rx, assembler: Some(assembler), stats, stop, error: None, done: false, resumed })
     }
 
     /// The next batch; `None` at the end of an eval pass, or after a fatal stall
@@ -251,7 +252,14 @@ impl Iterator for Loader {
 }
 
 impl Drop for Loader {
+    /// Stop, and wait for the assembler: when this returns, every reader has been told to end and
+    /// every `pipe:` command it ran has been ended.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Closing the batch channel frees an assembler waiting to hand over a batch.
+        drop(std::mem::replace(&mut self.rx, crossbeam_channel::never()));
+        if let Some(assembler) = self.assembler.take() {
+            let _ = assembler.join();
+        }
     }
 }

@@ -137,6 +137,9 @@ impl Merge {
     /// Take every refill sample into `buffer`, until each reader says it has sent them all.
     pub fn refill_into(&mut self, buffer: &mut ShuffleBuffer) {
         while let Some(i) = (0..self.slots.len()).find(|&i| !self.slots[i].refilled && !self.slots[i].finished) {
+            if self.stopped() {
+                return;
+            }
             match self.slots[i].handle.rx.recv_timeout(self.tick()) {
                 Ok(Msg::Refill(item)) => {
                     self.slots[i].handle.budget.release(item.bytes);
@@ -150,9 +153,16 @@ impl Merge {
         }
     }
 
-    /// The next sample in merge order; `None` once every reader has finished.
+    fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed)
+    }
+
+    /// The next sample in merge order; `None` once every reader has finished (or the loader stops).
     pub fn pull(&mut self) -> Option<Item> {
         loop {
+            if self.stopped() {
+                return None;
+            }
             let n = self.slots.len();
             let i = (0..n).map(|k| (self.next + k) % n).find(|&i| !self.slots[i].finished)?;
             if self.rules.by_shard {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use rand::distributions::{Distribution, WeightedIndex};
 
 use crate::cursor::{PendingGroup, Unit};
@@ -77,8 +77,8 @@ impl ByteBudget {
         ByteBudget { used: AtomicU64::new(0), cap, lock: Mutex::new(()), freed: Condvar::new() }
     }
 
-    /// Take `n` bytes, waiting for room; `false` if `give_up` turned true meanwhile.
-    pub fn acquire(&self, n: u64, give_up: impl Fn() -> bool) -> bool {
+    /// Take `n` bytes, waiting for room; `false` if `keep_waiting` (asked now and then) says no.
+    pub fn acquire(&self, n: u64, keep_waiting: impl Fn() -> bool) -> bool {
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let used = self.used.load(Ordering::Relaxed);
@@ -86,7 +86,7 @@ impl ByteBudget {
                 self.used.fetch_add(n, Ordering::Relaxed);
                 return true;
             }
-            if give_up() {
+            if !keep_waiting() {
                 return false;
             }
             guard = self.freed.wait_timeout(guard, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
@@ -191,17 +191,29 @@ impl Reader {
         self.shared.stop.load(Ordering::Relaxed) || self.activity.is_abandoned()
     }
 
-    /// Send `msg` once its bytes fit the budget; `false` when the reader must end.
+    /// Send `msg` once its bytes fit the budget and the channel has room; `false` when the reader
+    /// must end. Waiting for the merge to take samples is not a stall: it counts as activity.
     fn send(&self, msg: Msg, bytes: u64) -> bool {
-        if !self.budget.acquire(bytes, || self.stopped()) {
+        let waiting = || {
+            self.activity.touch();
+            !self.stopped()
+        };
+        if !self.budget.acquire(bytes, waiting) {
             return false;
         }
-        self.activity.touch();
-        if self.stopped() || self.tx.send(msg).is_err() {
-            self.budget.release(bytes);
-            return false;
+        let mut msg = msg;
+        loop {
+            if !waiting() {
+                break;
+            }
+            match self.tx.send_timeout(msg, Duration::from_millis(100)) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(m)) => msg = m,
+                Err(SendTimeoutError::Disconnected(_)) => break,
+            }
         }
-        true
+        self.budget.release(bytes);
+        false
     }
 
     fn run(self, plan: Plan) {
@@ -252,6 +264,9 @@ impl Reader {
 
     /// Open a shard at a recorded sample boundary; `None` (counted, warned) when it cannot be read.
     fn open_at(&self, shard: u32, ordinal: u64, offset: u64) -> Option<SampleGrouper<Box<dyn ShardStream>>> {
+        if self.stopped() {
+            return None;
+        }
         let s = &self.shared;
         let url = &s.urls[shard as usize];
         let opened = open_shard(&s.shards[shard as usize], s.stats.bytes_read.clone(), self.activity.clone())

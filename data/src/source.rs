@@ -274,6 +274,10 @@ pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>, activity: Arc<Activity>)
             .process_group(0)
             .spawn()?;
         *activity.pipe_group.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id() as i32);
+        // Abandoned while the command started (before its group was known): end it now.
+        if activity.is_abandoned() {
+            kill_group(child.id() as i32);
+        }
         if let Some(out) = &child.stdout {
             use std::os::fd::AsRawFd;
             // A 1 MiB pipe (Linux's default limit for unprivileged processes) instead of 64 KiB:

@@ -168,13 +168,23 @@ fn a_sample_that_panics_is_skipped_and_counted_and_every_other_arrives() {
             let mut l = Loader::new(&cfg, &pattern, o).unwrap();
             // Eval: one pass; Train: one epoch of 16 samples. Both are all 18 but the two that panic.
             let keys: Vec<String> = take(&mut l, 8).into_iter().flat_map(|b| b.keys).collect();
+            if mode == Mode::Eval {
+                assert!(l.next_batch().is_none(), "one pass holds 8 batches");
+            }
             (keys, l.stats())
         });
         let mut want: Vec<String> = (0..3).flat_map(|s| (0..6).map(move |i| format!("s{s}_{i:02}"))).collect();
         want.retain(|k| k != "s1_03" && k != "s2_05");
         assert_eq!(sorted(keys), want, "{mode:?}");
-        assert_eq!(stats.skipped.get("panic"), Some(&2), "{mode:?}: {:?}", stats.skipped);
-        assert_eq!(stats.skipped_total(), 2);
+        if mode == Mode::Eval {
+            // The whole pass was read: both panics are counted, and nothing else.
+            assert_eq!(stats.skipped.get("panic"), Some(&2), "{mode:?}: {:?}", stats.skipped);
+            assert_eq!(stats.skipped_total(), 2);
+        } else {
+            // Training goes on into the next epochs (where the two panic again).
+            assert!(stats.skipped.get("panic").is_some_and(|&n| n >= 1), "{mode:?}: {:?}", stats.skipped);
+            assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
+        }
     }
 }
 
@@ -250,12 +260,26 @@ fn a_stalled_pipe_is_abandoned_after_the_read_timeout_and_the_stream_goes_on() {
             let cfg = DataConfig { read_timeout_s: 1.0, ..cfg() };
             let mut l = Loader::new(&cfg, &sources, opts(0, 1, 4, mode, Arc::new(FakeTransform::default()), None)).unwrap();
             let keys: Vec<String> = take(&mut l, 6).into_iter().flat_map(|b| b.keys).collect();
-            let lingering = processes_with(&marker2);
-            (keys, l.stats(), lingering)
+            // Train may hand out every good sample before the stalled shard's time is up: wait for
+            // the timeout to strike.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while l.stats().shards_failed == 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let stats = l.stats();
+            // Eval reads one pass: the abandoned command must be gone by itself. Training goes on
+            // (a later epoch meets the shard again): stopping the loader must end that one too.
+            if mode == Mode::Train {
+                drop(l);
+            }
+            while !processes_with(&marker2).is_empty() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (keys, stats, processes_with(&marker2))
         });
         let want: Vec<String> = (0..4).flat_map(|s| (0..6).map(move |i| format!("s{s}_{i:02}"))).collect();
         assert_eq!(sorted(keys), want, "{mode:?}");
-        assert_eq!(stats.shards_failed, 1, "{mode:?}: {stats:?}");
+        assert!(stats.shards_failed == 1 || (mode == Mode::Train && stats.shards_failed > 1), "{mode:?}: {stats:?}");
         assert!(lingering.is_empty(), "{mode:?}: the stalled command still runs: {lingering:?}");
     }
 }
@@ -280,4 +304,24 @@ fn the_merge_serves_the_other_readers_while_one_waits() {
     assert!(keys.0.iter().all(|k| k.starts_with("s1_") || k.starts_with("s3_")), "{:?}", keys.0);
     let want: Vec<String> = (0..4).flat_map(|s| (0..6).map(move |i| format!("s{s}_{i:02}"))).collect();
     assert_eq!(sorted(keys.0.into_iter().chain(keys.1).collect()), want);
+}
+
+#[test]
+fn a_reader_waiting_for_a_slow_consumer_is_not_taken_for_stalled() {
+    let dir = tempdir("robust-slow-consumer");
+    let pattern = dataset(&dir, 4, 40);
+    // Readers fill their read-ahead (64 samples) and wait for the merge far longer than the
+    // timeout while the consumer sleeps; then the merge empties their channels at once.
+    let cfg = DataConfig { read_timeout_s: 0.3, prefetch: 1, shuffle_buffer: 4, ..cfg() };
+    let (keys, stats) = within(60, move || {
+        let mut l = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+        let mut keys: Vec<String> = take(&mut l, 1).into_iter().flat_map(|b| b.keys).collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        keys.extend(take(&mut l, 39).into_iter().flat_map(|b| b.keys));
+        (keys, l.stats())
+    });
+    assert_eq!(stats.shards_failed, 0, "a waiting reader was abandoned: {stats:?}");
+    let mut distinct = sorted(keys);
+    distinct.dedup();
+    assert_eq!(distinct.len(), 160, "every sample of the epoch, once");
 }
