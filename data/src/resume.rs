@@ -46,7 +46,14 @@ fn bad(msg: String) -> DataError {
 pub fn start_cursor(layout: &Layout, from: &ResumeFrom) -> Result<(StreamCursor, ResumeKind, String), DataError> {
     let cursors = &from.cursors;
     let first = cursors.first().ok_or_else(|| bad("there are none".into()))?;
-    let own_only = cursors.len() == 1 && first.rank == layout.rank && first.world_size == layout.world_size;
+    // One cursor of a multi-rank stream: a rank resuming from its own position only.
+    let own_only = cursors.len() == 1 && first.world_size > 1;
+    if own_only && (first.rank, first.world_size) != (layout.rank, layout.world_size) {
+        return Err(bad(format!(
+            "only the cursor of rank {} of {} was given, to resume rank {} of {}",
+            first.rank, first.world_size, layout.rank, layout.world_size
+        )));
+    }
     if !own_only {
         for (i, c) in cursors.iter().enumerate() {
             if c.rank != i || c.world_size != cursors.len() {
@@ -59,6 +66,13 @@ pub fn start_cursor(layout: &Layout, from: &ResumeFrom) -> Result<(StreamCursor,
                 )));
             }
         }
+    }
+    if first.fingerprint == Fingerprint::default() && !from.allow_data_change {
+        return Err(bad(
+            "they carry no fingerprint (written before cursors had one); set checkpoint.allow_data_change = true \
+             to resume the model and optimizer and start the next epoch"
+                .into(),
+        ));
     }
     let changes = first.fingerprint.differences(&layout.fingerprint);
     if let Some((key, was, now)) = changes.first().filter(|_| !from.allow_data_change) {
@@ -115,5 +129,66 @@ pub(crate) fn fingerprint(urls: &[String], cfg: &crate::config::DataConfig, seed
         shuffle_shards: cfg.shuffle_shards,
         seed,
         resampled: cfg.resampled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(rank: usize, world_size: usize, train_num_samples: u64) -> Layout {
+        Layout {
+            shards: 4,
+            rank,
+            world_size,
+            readers: 1,
+            batch_size: 4,
+            seed: 0,
+            shuffle_shards: true,
+            resampled: false,
+            train_num_samples,
+            fingerprint: Fingerprint { shards: Fingerprint::of_shards(["a", "b", "c", "d"]), readers: 1, ..Fingerprint::default() },
+        }
+    }
+
+    fn cursor(rank: usize, world_size: usize, epoch_samples: u64) -> StreamCursor {
+        StreamCursor { fingerprint: layout(0, 1, 0).fingerprint, rank, world_size, epoch_samples, ..StreamCursor::default() }
+    }
+
+    #[test]
+    fn same_world_resumes_exactly_and_the_epoch_keeps_its_sample_count() {
+        let own = StreamCursor { batches_in_segment: 3, ..cursor(1, 2, 24) };
+        let from = ResumeFrom { cursors: vec![StreamCursor { batches_in_segment: 3, ..cursor(0, 2, 24) }, own.clone()], ..Default::default() };
+        let (c, kind, _) = start_cursor(&layout(1, 2, 100), &from).unwrap();
+        assert_eq!(kind, ResumeKind::Exact);
+        assert_eq!(c.readers, own.readers);
+        // 76 samples left at 8 per batch: 10 more batches after the 3 done.
+        assert_eq!(c.segment.length, Some(13));
+        // A smaller train_num_samples (48) leaves 24: 3 more.
+        assert_eq!(start_cursor(&layout(1, 2, 48), &from).unwrap().0.segment.length, Some(6));
+        assert_eq!(start_cursor(&layout(1, 2, 48), &ResumeFrom::own(own)).unwrap().1, ResumeKind::Exact);
+    }
+
+    #[test]
+    fn inconsistent_or_unmarked_cursors_are_refused_with_the_reason() {
+        let err = |l: &Layout, cursors: Vec<StreamCursor>| start_cursor(l, &ResumeFrom { cursors, ..Default::default() }).unwrap_err().to_string();
+        let e = err(&layout(0, 2, 48), vec![cursor(0, 2, 16), cursor(1, 2, 24)]);
+        assert!(e.contains("rank 1 stood at epoch 0 after 24 samples"), "{e}");
+        let e = err(&layout(0, 2, 48), vec![cursor(1, 2, 16), cursor(0, 2, 16)]);
+        assert!(e.contains("entry 0 is rank 1 of 2"), "{e}");
+        let e = err(&layout(0, 3, 48), vec![cursor(1, 2, 16)]);
+        assert!(e.contains("only the cursor of rank 1 of 2 was given, to resume rank 0 of 3"), "{e}");
+        // A rank's own cursor can continue its stream, but not re-split a changed one.
+        let mut more_readers = layout(1, 2, 48);
+        more_readers.fingerprint.readers = 2;
+        let own = ResumeFrom { cursors: vec![cursor(1, 2, 16)], allow_data_change: true };
+        let e = start_cursor(&more_readers, &own).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("own cursor alone"), "{e}");
+        let unmarked = StreamCursor { rank: 0, world_size: 1, ..StreamCursor::default() };
+        let e = err(&layout(0, 1, 48), vec![unmarked.clone()]);
+        assert!(e.contains("no fingerprint") && e.contains("allow_data_change"), "{e}");
+        let allowed = ResumeFrom { cursors: vec![unmarked], allow_data_change: true };
+        let (c, kind, _) = start_cursor(&layout(0, 1, 48), &allowed).unwrap();
+        assert_eq!((kind, c.epoch, c.epoch_samples), (ResumeKind::NextEpoch, 1, 0));
     }
 }
