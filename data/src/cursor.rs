@@ -1,7 +1,7 @@
 //! Where a rank's sample stream stands, as plain data: every batch carries one, the trainer
 //! stores one per rank in each checkpoint (JSON), and a resume starts from them
 //! ([`crate::resume`]): the same stream exactly, or the epoch's remainder re-split over another
-//! number of ranks ([`crate::plan::elastic_share`]).
+//! number of ranks ([`crate::plan::Layout::elastic_share`]).
 //!
 //! A cursor records, at a batch boundary, what each reader thread has handed to the merge (the
 //! unit it is in, anchored at the next sample's tar offset, and the units still to read), which

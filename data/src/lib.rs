@@ -8,8 +8,8 @@
 //! → token ids ([`tokenize`]) → batches ([`batch`]).
 //!
 //! The [`loader`] runs that path for one rank: the split [`plan`] says which shards each reader
-//! thread reads, [`reader`] threads read them, [`merge`] merges them through the shuffle buffer,
-//! [`assemble`] transforms and batches; every batch carries a [`cursor`] from which [`resume`]
+//! thread reads, `reader` threads read them, `merge` merges them through the shuffle buffer,
+//! `assemble` transforms and batches; every batch carries a [`cursor`] from which [`resume`]
 //! continues, on the same or another number of ranks.
 //!
 //! [`config`] holds the typed `[data]` section, [`rng`] the per-sample random streams that

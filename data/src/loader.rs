@@ -4,9 +4,9 @@
 //! Follows OpenCLIP's `get_wds_dataset` (`open_clip_train/data.py`); the parts, top-down:
 //! [`crate::plan`] says which shards each reader thread of each rank reads (per-epoch seeded
 //! shard shuffle, `split_by_node`, `split_by_worker`, `with_epoch`, `ResampledShards`),
-//! [`crate::reader`] reads them, [`crate::merge`] merges the readers through a seeded shuffle
-//! buffer, [`crate::assemble`] transforms and batches, [`crate::resume`] picks a stream up from a
-//! checkpoint. Each batch carries the [`StreamCursor`] that resumes right after it.
+//! `reader` threads read them, `merge` merges the readers through a seeded shuffle
+//! buffer, `assemble` transforms and batches, [`crate::resume`] picks a stream up from a
+//! checkpoint. Each batch carries the [`crate::cursor::StreamCursor`] that resumes right after it.
 //!
 //! Bad data: a bad sample or shard is skipped with a (rate-limited) warning naming the shard
 //! and counted in [`StatsSnapshot`]; a panic while reading a shard, or probing, decoding,
