@@ -13,7 +13,10 @@
 #   tests/dist_elastic.sh          (needs scripts/install-system-deps)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dist_common.sh"
-(cd "$REPO" && cargo build -q -p trainer --bin trainer --features "$FEATURES") || { echo "FAIL: cannot build trainer" >&2; exit 1; }
+(cd "$REPO" && cargo build -q -p trainer --bin trainer --features "$FEATURES") || {
+    echo "FAIL: cannot build trainer" >&2
+    exit 1
+}
 TRAINER=$TARGET/debug/trainer
 
 WORK=$(mktemp -d)
@@ -86,7 +89,8 @@ with open(f"{run}/checkpoints/step_{total:08d}.state.safetensors", "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     meta = json.loads(f.read(n))["__metadata__"]
 counters = json.loads(meta["counters"])
-if (int(meta["optimizer_step"]), counters["step"], counters["samples_seen"]) != (total, total, want_seen + (total - cut - 1) * batch * w2):
+final_seen = want_seen + (total - cut - 1) * batch * w2
+if (int(meta["optimizer_step"]), counters["step"], counters["samples_seen"]) != (total, total, final_seen):
     problems.append(f"final state: optimizer_step {meta['optimizer_step']}, counters {counters}")
 lines = []
 for f in sorted(os.listdir(f"{run}/sample_keys")):
@@ -112,7 +116,8 @@ if mode == "seq":
             counts[key] = counts.get(key, 0) + 1
     wrong = {k: n for k, n in counts.items() if n != 1}
     if len(counts) != epoch or wrong:
-        problems.append(f"epoch 0 saw {len(counts)} distinct samples of {epoch}; not exactly once: {dict(list(wrong.items())[:5])}")
+        some = dict(list(wrong.items())[:5])
+        problems.append(f"epoch 0 saw {len(counts)} distinct samples of {epoch}; not exactly once: {some}")
 print("; ".join(problems))
 sys.exit(1 if problems else 0)
 EOF
@@ -133,7 +138,8 @@ elastic() {
     local args=(--config elastic.toml --set "name=$name")
     [[ $mode == res ]] && args+=(--set data.resampled=true)
     launch "$w"
-    run_case "$name: $w rank(s) train $cut steps" ok 240 "step $cut/$cut" -- "${LAUNCH[@]}" "${args[@]}" --set "train.max_steps=$cut"
+    run_case "$name: $w rank(s) train $cut steps" ok 240 "step $cut/$cut" -- \
+        "${LAUNCH[@]}" "${args[@]}" --set "train.max_steps=$cut"
     launch "$w2"
     run_case "$name: resumed on $w2 rank(s)" ok 240 "written by $w ranks, now $w2" -- \
         "${LAUNCH[@]}" "${args[@]}" --set "train.max_steps=$total"

@@ -67,7 +67,14 @@ impl Context {
             refill[i % n].push(group.clone());
         }
         let key = self.draw_key(cur);
-        let mut merge = Merge::start(self.shared.clone(), &cur.readers, refill, cur.next_reader, key.as_deref(), self.rules(cur.pass));
+        let mut merge = Merge::start(
+            self.shared.clone(),
+            &cur.readers,
+            refill,
+            cur.next_reader,
+            key.as_deref(),
+            self.rules(cur.pass),
+        );
         merge.shards_done = cur.shards_done;
         merge.samples_done = cur.samples_done;
         let mut buffer = ShuffleBuffer::new(self.shuffle_buffer, self.shuffle_buffer_bytes);
@@ -141,7 +148,11 @@ pub(crate) fn run(ctx: Context, pool: rayon::ThreadPool, start: StreamCursor, tx
 
 /// The start of the epoch after `cur`'s; the shard-size tally carries over (it describes the data).
 fn next_epoch(ctx: &Context, cur: &StreamCursor) -> StreamCursor {
-    StreamCursor { shards_done: cur.shards_done, samples_done: cur.samples_done, ..ctx.layout.epoch_start(cur.epoch + 1) }
+    StreamCursor {
+        shards_done: cur.shards_done,
+        samples_done: cur.samples_done,
+        ..ctx.layout.epoch_start(cur.epoch + 1)
+    }
 }
 
 fn stream_error(ctx: &Context, cur: &StreamCursor, sent_any: bool, why: &str) -> String {
@@ -150,7 +161,8 @@ fn stream_error(ctx: &Context, cur: &StreamCursor, sent_any: bool, why: &str) ->
         format!("rank {rank}, epoch {}: {why}", cur.epoch)
     } else {
         format!(
-            "epoch {} of rank {rank} produced not a single full batch of {} from {shards} shards: {why}; see the warnings above",
+            "epoch {} of rank {rank} produced not a single full batch of {} from {shards} shards: {why}; \
+             see the warnings above",
             cur.epoch, ctx.layout.batch_size
         )
     }
@@ -158,7 +170,12 @@ fn stream_error(ctx: &Context, cur: &StreamCursor, sent_any: bool, why: &str) ->
 
 /// The next candidate, starting another pass over the rank's shards when a fixed-length segment
 /// needs more; `Ok(None)` when a one-pass epoch has run out.
-fn next_candidate(ctx: &Context, cands: &mut Candidates, cur: &mut StreamCursor, empty_passes: &mut u32) -> Result<Option<Item>, String> {
+fn next_candidate(
+    ctx: &Context,
+    cands: &mut Candidates,
+    cur: &mut StreamCursor,
+    empty_passes: &mut u32,
+) -> Result<Option<Item>, String> {
     loop {
         if let Some(item) = cands.next() {
             return Ok(Some(item));
@@ -252,7 +269,9 @@ fn fill_batch(
                     }
                     kept.push(item);
                 }
-                Err((reason, e)) => ctx.stats.warn_skip(reason, || format!("`{}` key `{}`: {e}", item.url, item.sample.key)),
+                Err((reason, e)) => {
+                    ctx.stats.warn_skip(reason, || format!("`{}` key `{}`: {e}", item.url, item.sample.key))
+                }
             }
         }
     }

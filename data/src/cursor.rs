@@ -166,7 +166,9 @@ impl From<UnitRepr> for Unit {
     fn from(r: UnitRepr) -> Unit {
         match r {
             UnitRepr::Whole(shard) => Unit::whole(shard, 0),
-            UnitRepr::Part { shard, draw, ordinal, offset, begin, end } => Unit { shard, draw, ordinal, offset, begin, end },
+            UnitRepr::Part { shard, draw, ordinal, offset, begin, end } => {
+                Unit { shard, draw, ordinal, offset, begin, end }
+            }
         }
     }
 }
@@ -176,7 +178,14 @@ impl From<Unit> for UnitRepr {
         if u == Unit::whole(u.shard, 0) {
             UnitRepr::Whole(u.shard)
         } else {
-            UnitRepr::Part { shard: u.shard, draw: u.draw, ordinal: u.ordinal, offset: u.offset, begin: u.begin, end: u.end }
+            UnitRepr::Part {
+                shard: u.shard,
+                draw: u.draw,
+                ordinal: u.ordinal,
+                offset: u.offset,
+                begin: u.begin,
+                end: u.end,
+            }
         }
     }
 }
@@ -243,7 +252,8 @@ mod tests {
         assert_eq!(decode_bits(&hex), set);
         assert_eq!(decode_bits(""), Vec::<u64>::new());
 
-        let units = vec![Unit::whole(7, 0), Unit { shard: 2, draw: 1, ordinal: 5, offset: 5120, begin: 6, end: Some(9) }];
+        let units =
+            vec![Unit::whole(7, 0), Unit { shard: 2, draw: 1, ordinal: 5, offset: 5120, begin: 6, end: Some(9) }];
         let json = serde_json::to_string(&units).unwrap();
         assert_eq!(json, r#"[7,{"shard":2,"draw":1,"ordinal":5,"offset":5120,"begin":6,"end":9}]"#);
         assert_eq!(serde_json::from_str::<Vec<Unit>>(&json).unwrap(), units);
@@ -251,7 +261,12 @@ mod tests {
 
     #[test]
     fn fingerprint_names_every_changed_key() {
-        let a = Fingerprint { shards: Fingerprint::of_shards(["a.tar", "b.tar"]), readers: 2, seed: 1, ..Default::default() };
+        let a = Fingerprint {
+            shards: Fingerprint::of_shards(["a.tar", "b.tar"]),
+            readers: 2,
+            seed: 1,
+            ..Default::default()
+        };
         assert_eq!(a.shards, Fingerprint { shards: Fingerprint::of_shards(["a.tar", "b.tar"]), ..a.clone() }.shards);
         let b = Fingerprint { shards: Fingerprint::of_shards(["a.tar", "c.tar"]), readers: 4, ..a.clone() };
         let keys: Vec<&str> = a.differences(&b).into_iter().map(|d| d.0).collect();

@@ -17,7 +17,10 @@ pub enum DataError {
     Config(#[from] ConfigError),
     #[error("invalid loader options: {0}")]
     Options(String),
-    #[error("only {shards} shards for {world_size} ranks: every rank needs at least one shard (use more shards, fewer ranks, or `resampled = true`)")]
+    #[error(
+        "only {shards} shards for {world_size} ranks: every rank needs at least one shard (use more shards, \
+         fewer ranks, or `resampled = true`)"
+    )]
     TooFewShards { shards: usize, world_size: usize },
     #[error("shard `{shard}`: {source}")]
     Io { shard: String, source: io::Error },

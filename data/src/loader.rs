@@ -107,7 +107,8 @@ impl Loader {
                 eprintln!("warning: `{shards}`: {n} shards for {world_size} ranks; rank {rank} reads nothing");
             } else if n < world_size * cfg.readers && rank == 0 {
                 eprintln!(
-                    "warning: `{shards}`: {n} shards for {world_size} ranks x {} readers; some reader threads stay idle (less read-ahead)",
+                    "warning: `{shards}`: {n} shards for {world_size} ranks x {} readers; some reader threads \
+                     stay idle (less read-ahead)",
                     cfg.readers
                 );
             }
@@ -116,9 +117,9 @@ impl Loader {
             return Err(ConfigError {
                 key: "train_num_samples".into(),
                 message: format!(
-                    "must be set (> 0) to train on {world_size} ranks without `resampled`: it fixes the batches of an epoch \
-                     for every rank, so all ranks end it at the same step (OpenCLIP's --train-num-samples; \
-                     `trainer data-check` counts the samples)"
+                    "must be set (> 0) to train on {world_size} ranks without `resampled`: it fixes the batches \
+                     of an epoch for every rank, so all ranks end it at the same step (OpenCLIP's \
+                     --train-num-samples; `trainer data-check` counts the samples)"
                 ),
             }
             .into());
@@ -194,7 +195,8 @@ impl Loader {
                 let tx_panic = tx.clone();
                 let run = std::panic::AssertUnwindSafe(|| assemble::run(ctx, pool, start, tx));
                 if let Err(panic) = std::panic::catch_unwind(run) {
-                    let _ = tx_panic.send(Err(format!("the loader thread panicked: {}", panic_message(panic.as_ref()))));
+                    let _ =
+                        tx_panic.send(Err(format!("the loader thread panicked: {}", panic_message(panic.as_ref()))));
                 }
             })
             .map_err(|e| DataError::Options(format!("cannot start the loader thread: {e}")))?;

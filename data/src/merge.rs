@@ -60,9 +60,11 @@ impl Slot {
     fn cursor(&self) -> ReaderCursor {
         let next = self.next_unit();
         match &self.source {
-            Source::List { units, .. } => {
-                ReaderCursor { at: self.at.clone(), todo: units.get(next as usize..).unwrap_or_default().to_vec(), draws: 0 }
-            }
+            Source::List { units, .. } => ReaderCursor {
+                at: self.at.clone(),
+                todo: units.get(next as usize..).unwrap_or_default().to_vec(),
+                draws: 0,
+            },
             Source::Draws { .. } => ReaderCursor { at: self.at.clone(), todo: Vec::new(), draws: next },
         }
     }
@@ -178,7 +180,10 @@ impl Merge {
                 continue;
             }
             let slot = &mut self.slots[i];
-            if slot.lagging && (slot.handle.rx.len() >= READ_AHEAD_SAMPLES / 2 || slot.handle.budget.used() * 2 >= slot.handle.budget.cap()) {
+            if slot.lagging
+                && (slot.handle.rx.len() >= READ_AHEAD_SAMPLES / 2
+                    || slot.handle.budget.used() * 2 >= slot.handle.budget.cap())
+            {
                 slot.lagging = false;
             }
             if !slot.lagging {
@@ -301,7 +306,9 @@ impl Merge {
         let current = slot.handle.current.load(Ordering::Relaxed);
         let stalled = if current == u64::MAX { slot.next_unit() } else { current };
         let what = match &slot.source {
-            Source::List { units, .. } => units.get(stalled as usize).map(|u| self.shared.urls[u.shard as usize].to_string()),
+            Source::List { units, .. } => {
+                units.get(stalled as usize).map(|u| self.shared.urls[u.shard as usize].to_string())
+            }
             Source::Draws { .. } => slot.at.as_ref().map(|u| self.shared.urls[u.shard as usize].to_string()),
         }
         .unwrap_or_else(|| "(opening a shard)".into());
@@ -390,7 +397,13 @@ impl ShuffleBuffer {
             let same = out.last().is_some_and(|g| (g.shard, g.draw) == (item.shard, item.draw));
             if !same {
                 flush(&mut out, &mut members);
-                out.push(PendingGroup { shard: item.shard, draw: item.draw, ordinal: item.ordinal, offset: item.offset, pending: String::new() });
+                out.push(PendingGroup {
+                    shard: item.shard,
+                    draw: item.draw,
+                    ordinal: item.ordinal,
+                    offset: item.offset,
+                    pending: String::new(),
+                });
             }
             members.push(item.ordinal);
         }

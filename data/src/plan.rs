@@ -16,9 +16,9 @@
 //! into `W′` contiguous stretches of equal size, splitting a shard between two ranks at a sample
 //! ordinal where needed. Streaming knows every shard's sample count from its index; tar shards
 //! have none, so an unread shard counts as the mean size of the shards read to the end so far
-//! (this epoch and earlier ones; early in the first epoch, the furthest ordinal seen). When that estimate is exact (equal shards, the usual img2dataset layout) and the rest of
-//! the epoch divides into whole batches, every sample of the epoch is seen exactly once across
-//! the change.
+//! (this epoch and earlier ones; early in the first epoch, the furthest ordinal seen). When that
+//! estimate is exact (equal shards, the usual img2dataset layout) and the rest of the epoch
+//! divides into whole batches, every sample of the epoch is seen exactly once across the change.
 
 use rand::seq::SliceRandom;
 
@@ -85,7 +85,13 @@ impl Layout {
 
     /// The cursor that starts a segment of `epoch` at `start` samples, with these readers and
     /// samples to put back into the shuffle buffer.
-    pub fn segment_cursor(&self, epoch: u64, start: u64, readers: Vec<ReaderCursor>, buffer: Vec<PendingGroup>) -> StreamCursor {
+    pub fn segment_cursor(
+        &self,
+        epoch: u64,
+        start: u64,
+        readers: Vec<ReaderCursor>,
+        buffer: Vec<PendingGroup>,
+    ) -> StreamCursor {
         StreamCursor {
             fingerprint: self.fingerprint.clone(),
             rank: self.rank,
@@ -259,7 +265,11 @@ mod tests {
         let c1 = StreamCursor {
             rank: 1,
             world_size: 2,
-            readers: vec![ReaderCursor { at: Some(unit(5, 3)), todo: vec![Unit::whole(9, 0), Unit::whole(1, 1)], draws: 0 }],
+            readers: vec![ReaderCursor {
+                at: Some(unit(5, 3)),
+                todo: vec![Unit::whole(9, 0), Unit::whole(1, 1)],
+                draws: 0,
+            }],
             ..StreamCursor::default()
         };
         vec![c0, c1]
@@ -267,7 +277,8 @@ mod tests {
 
     /// Every (shard, ordinal) a share covers, with the mean size 10 for open-ended units.
     fn samples_of(readers: &[ReaderCursor], buffer: &[PendingGroup]) -> Vec<(u32, u64)> {
-        let mut out: Vec<(u32, u64)> = buffer.iter().flat_map(|g| g.ordinals().into_iter().map(move |o| (g.shard, o))).collect();
+        let mut out: Vec<(u32, u64)> =
+            buffer.iter().flat_map(|g| g.ordinals().into_iter().map(move |o| (g.shard, o))).collect();
         for u in readers.iter().flat_map(|r| &r.todo) {
             out.extend((u.begin..u.end.unwrap_or(10)).map(|o| (u.shard, o)));
         }
@@ -280,7 +291,13 @@ mod tests {
         // Left: 3 buffered + shard 4 from 6 (4) + shard 8 (10) + shard 5 from 3 (7) + shard 9 (10);
         // shard 1 is a second pass (filler) and does not count.
         let mut want: Vec<(u32, u64)> = vec![(4, 2), (4, 5), (0, 9)];
-        want.extend((6..10).map(|o| (4, o)).chain((0..10).map(|o| (8, o))).chain((3..10).map(|o| (5, o))).chain((0..10).map(|o| (9, o))));
+        want.extend(
+            (6..10)
+                .map(|o| (4, o))
+                .chain((0..10).map(|o| (8, o)))
+                .chain((3..10).map(|o| (5, o)))
+                .chain((0..10).map(|o| (9, o))),
+        );
         want.sort();
         for world in [1, 2, 3, 5] {
             let mut all = Vec::new();
@@ -288,7 +305,10 @@ mod tests {
                 let (readers, buffer) = layout(rank, world, 2).elastic_share(&old);
                 let mine = samples_of(&readers, &buffer);
                 // 34 samples: parts of floor or ceil of 34 / world.
-                assert!(mine.len() as u64 >= 34 / world as u64 && mine.len() as u64 <= 34u64.div_ceil(world as u64), "{world}: {mine:?}");
+                assert!(
+                    mine.len() as u64 >= 34 / world as u64 && mine.len() as u64 <= 34u64.div_ceil(world as u64),
+                    "{world}: {mine:?}"
+                );
                 all.extend(mine);
             }
             all.sort();

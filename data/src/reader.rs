@@ -246,7 +246,11 @@ impl Reader {
                 let mut barren = 0;
                 for d in next.. {
                     if barren > limit {
-                        eprintln!("error: rank {}: {barren} consecutive resampled shards had no usable sample; a reader stops", self.shared.rank);
+                        let rank = self.shared.rank;
+                        eprintln!(
+                            "error: rank {rank}: {barren} consecutive resampled shards had no usable sample; \
+                             a reader stops"
+                        );
                         return;
                     }
                     let mut parts = key.clone();
@@ -292,7 +296,17 @@ impl Reader {
         match self.shared.spec.select(raw) {
             Ok(sample) => {
                 let bytes = (sample.image.len() + sample.caption.len()) as u64;
-                Some(Item { shard: unit.shard, url: url.clone(), draw: unit.draw, unit: index, ordinal, offset, end, sample, bytes })
+                Some(Item {
+                    shard: unit.shard,
+                    url: url.clone(),
+                    draw: unit.draw,
+                    unit: index,
+                    ordinal,
+                    offset,
+                    end,
+                    sample,
+                    bytes,
+                })
             }
             Err(reason) => {
                 self.shared.stats.warn_skip(reason.name(), || format!("`{url}` key `{key}`"));

@@ -57,7 +57,12 @@ pub fn start_cursor(layout: &Layout, from: &ResumeFrom) -> Result<(StreamCursor,
     if !own_only {
         for (i, c) in cursors.iter().enumerate() {
             if c.rank != i || c.world_size != cursors.len() {
-                return Err(bad(format!("entry {i} is rank {} of {}, expected rank {i} of {}", c.rank, c.world_size, cursors.len())));
+                return Err(bad(format!(
+                    "entry {i} is rank {} of {}, expected rank {i} of {}",
+                    c.rank,
+                    c.world_size,
+                    cursors.len()
+                )));
             }
             if (c.epoch, c.epoch_samples) != (first.epoch, first.epoch_samples) {
                 return Err(bad(format!(
@@ -86,7 +91,11 @@ pub fn start_cursor(layout: &Layout, from: &ResumeFrom) -> Result<(StreamCursor,
         // `train_num_samples` or `batch_size` may have changed: the epoch still ends after the
         // samples it has left.
         c.segment.length = layout.segment_length(c.epoch_samples).map(|rest| c.batches_in_segment + rest);
-        return Ok((c, ResumeKind::Exact, format!("resuming the data stream exactly (epoch {epoch}, {taken} samples in)")));
+        return Ok((
+            c,
+            ResumeKind::Exact,
+            format!("resuming the data stream exactly (epoch {epoch}, {taken} samples in)"),
+        ));
     }
     if own_only {
         return Err(bad(format!(
@@ -120,7 +129,12 @@ pub fn start_cursor(layout: &Layout, from: &ResumeFrom) -> Result<(StreamCursor,
 }
 
 /// The fingerprint of what a loader reads.
-pub(crate) fn fingerprint(urls: &[String], cfg: &crate::config::DataConfig, seed: u64, train_weights: &[f64]) -> Fingerprint {
+pub(crate) fn fingerprint(
+    urls: &[String],
+    cfg: &crate::config::DataConfig,
+    seed: u64,
+    train_weights: &[f64],
+) -> Fingerprint {
     Fingerprint {
         shards: Fingerprint::of_shards(urls.iter().map(String::as_str)),
         train_weights: train_weights.to_vec(),
@@ -147,18 +161,31 @@ mod tests {
             shuffle_shards: true,
             resampled: false,
             train_num_samples,
-            fingerprint: Fingerprint { shards: Fingerprint::of_shards(["a", "b", "c", "d"]), readers: 1, ..Fingerprint::default() },
+            fingerprint: Fingerprint {
+                shards: Fingerprint::of_shards(["a", "b", "c", "d"]),
+                readers: 1,
+                ..Fingerprint::default()
+            },
         }
     }
 
     fn cursor(rank: usize, world_size: usize, epoch_samples: u64) -> StreamCursor {
-        StreamCursor { fingerprint: layout(0, 1, 0).fingerprint, rank, world_size, epoch_samples, ..StreamCursor::default() }
+        StreamCursor {
+            fingerprint: layout(0, 1, 0).fingerprint,
+            rank,
+            world_size,
+            epoch_samples,
+            ..StreamCursor::default()
+        }
     }
 
     #[test]
     fn same_world_resumes_exactly_and_the_epoch_keeps_its_sample_count() {
         let own = StreamCursor { batches_in_segment: 3, ..cursor(1, 2, 24) };
-        let from = ResumeFrom { cursors: vec![StreamCursor { batches_in_segment: 3, ..cursor(0, 2, 24) }, own.clone()], ..Default::default() };
+        let from = ResumeFrom {
+            cursors: vec![StreamCursor { batches_in_segment: 3, ..cursor(0, 2, 24) }, own.clone()],
+            ..Default::default()
+        };
         let (c, kind, _) = start_cursor(&layout(1, 2, 100), &from).unwrap();
         assert_eq!(kind, ResumeKind::Exact);
         assert_eq!(c.readers, own.readers);
@@ -171,7 +198,9 @@ mod tests {
 
     #[test]
     fn inconsistent_or_unmarked_cursors_are_refused_with_the_reason() {
-        let err = |l: &Layout, cursors: Vec<StreamCursor>| start_cursor(l, &ResumeFrom { cursors, ..Default::default() }).unwrap_err().to_string();
+        let err = |l: &Layout, cursors: Vec<StreamCursor>| {
+            start_cursor(l, &ResumeFrom { cursors, ..Default::default() }).unwrap_err().to_string()
+        };
         let e = err(&layout(0, 2, 48), vec![cursor(0, 2, 16), cursor(1, 2, 24)]);
         assert!(e.contains("rank 1 stood at epoch 0 after 24 samples"), "{e}");
         let e = err(&layout(0, 2, 48), vec![cursor(1, 2, 16), cursor(0, 2, 16)]);

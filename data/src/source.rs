@@ -34,7 +34,12 @@ pub struct Activity {
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity { origin: Instant::now(), last_ms: AtomicU64::new(0), abandoned: AtomicBool::new(false), pipe_group: Mutex::new(None) }
+        Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            abandoned: AtomicBool::new(false),
+            pipe_group: Mutex::new(None),
+        }
     }
 }
 
@@ -204,7 +209,8 @@ impl Read for PipeReader {
             self.done = true;
             let status = self.child.wait()?;
             if self.activity.is_abandoned() {
-                return Err(io::Error::other(format!("`{}` was ended: no progress within data.read_timeout_s", self.cmd)));
+                let why = format!("`{}` was ended: no progress within data.read_timeout_s", self.cmd);
+                return Err(io::Error::other(why));
             }
             if !status.success() {
                 return Err(io::Error::other(format!("`{}` exited with {status}", self.cmd)));

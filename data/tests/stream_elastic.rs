@@ -18,14 +18,26 @@ use stream_support::*;
 
 const BS: usize = 4;
 
-fn loader(cfg: &DataConfig, pattern: &str, rank: usize, world: usize, resume: Option<ResumeFrom>) -> Result<Loader, DataError> {
+fn loader(
+    cfg: &DataConfig,
+    pattern: &str,
+    rank: usize,
+    world: usize,
+    resume: Option<ResumeFrom>,
+) -> Result<Loader, DataError> {
     let mut o = opts(rank, world, BS, Mode::Train, Arc::new(FakeTransform::default()), None);
     o.resume = resume;
     Loader::new(cfg, pattern, o)
 }
 
 /// `batches` batches from each of `world` ranks (resuming from `resume`), and every rank's last cursor.
-fn run_ranks(cfg: &DataConfig, pattern: &str, world: usize, batches: usize, resume: Option<ResumeFrom>) -> (Vec<Vec<Batch>>, Vec<StreamCursor>) {
+fn run_ranks(
+    cfg: &DataConfig,
+    pattern: &str,
+    world: usize,
+    batches: usize,
+    resume: Option<ResumeFrom>,
+) -> (Vec<Vec<Batch>>, Vec<StreamCursor>) {
     let mut out = Vec::new();
     for rank in 0..world {
         let mut l = loader(cfg, pattern, rank, world, resume.clone()).unwrap();
@@ -58,7 +70,10 @@ fn sequential_epochs_are_seen_exactly_once_across_a_change_of_world_size() {
     // batches on W′ ranks.
     for (world, cut, new_world) in [(2, 3, 1), (1, 6, 3), (2, 3, 3), (3, 4, 2), (2, 6, 4)] {
         let (before, cursors) = run_ranks(&cfg, &pattern, world, cut, None);
-        assert!(cursors.iter().map(|c| c.shards_done).sum::<u64>() > 0, "no shard finished: the size estimate is a guess");
+        assert!(
+            cursors.iter().map(|c| c.shards_done).sum::<u64>() > 0,
+            "no shard finished: the size estimate is a guess"
+        );
         let taken = (world * cut * BS) as u64;
         assert!(cursors.iter().all(|c| c.epoch == 0 && c.epoch_samples == taken));
         let rest = (96 - taken as usize) / (BS * new_world);
@@ -66,7 +81,8 @@ fn sequential_epochs_are_seen_exactly_once_across_a_change_of_world_size() {
         let mut seen = BTreeMap::new();
         counts(&before, 0, &mut seen);
         counts(&after, 0, &mut seen);
-        let want: BTreeMap<String, u32> = (0..12).flat_map(|s| (0..8).map(move |i| (format!("s{s}_{i:02}"), 1))).collect();
+        let want: BTreeMap<String, u32> =
+            (0..12).flat_map(|s| (0..8).map(move |i| (format!("s{s}_{i:02}"), 1))).collect();
         assert_eq!(seen, want, "{world} -> {new_world} ranks after {cut} batches");
         // Every new rank ends the epoch at the same batch: `rest` batches of epoch 0, then epoch 1.
         for (rank, batches) in after.iter().enumerate() {
@@ -148,7 +164,10 @@ fn a_changed_stream_is_refused_naming_the_key_unless_allowed() {
     assert_eq!(refused(&cfg, &pattern, 18), "seed");
     let fewer = format!("{}/{{000..004}}.tar", dir.display());
     assert_eq!(refused(&cfg, &fewer, 17), "data.train");
-    let message = loader(&DataConfig { readers: 3, ..cfg.clone() }, &pattern, 0, 2, Some(full(cursors.clone()))).err().unwrap().to_string();
+    let message = loader(&DataConfig { readers: 3, ..cfg.clone() }, &pattern, 0, 2, Some(full(cursors.clone())))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(message.contains("data.readers") && message.contains("checkpoint.allow_data_change"), "{message}");
 
     // Allowed: more readers per rank, and the epoch still sees each sample once.
@@ -221,7 +240,9 @@ fn every_occurrence_of_a_sample_gets_its_own_augmentation() {
     let pattern = dataset(&dir, 2, 3);
     // Resampled: 6 samples drawn over and over by 2 ranks x 2 readers, within and across epochs;
     // sequential with an epoch longer than the data: passes 0, 1, 2, … of the same shards.
-    for cfg in [DataConfig { resampled: true, train_num_samples: 40, ..cfg() }, DataConfig { train_num_samples: 40, ..cfg() }] {
+    for cfg in
+        [DataConfig { resampled: true, train_num_samples: 40, ..cfg() }, DataConfig { train_num_samples: 40, ..cfg() }]
+    {
         let mut all = Vec::new();
         for rank in 0..2 {
             let mut o = opts(rank, 2, BS, Mode::Train, Arc::new(FakeTransform::default()), None);
@@ -236,7 +257,12 @@ fn every_occurrence_of_a_sample_gets_its_own_augmentation() {
             let mut distinct = images.clone();
             distinct.sort_by(|a, b| a.partial_cmp(b).unwrap());
             distinct.dedup();
-            assert_eq!(distinct.len(), images.len(), "resampled={}: {key} got the same augmentation twice", cfg.resampled);
+            assert_eq!(
+                distinct.len(),
+                images.len(),
+                "resampled={}: {key} got the same augmentation twice",
+                cfg.resampled
+            );
         }
     }
 }

@@ -7,6 +7,8 @@ mod stream_support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferroclip_data::decode::DecodeError;
+use ferroclip_data::rng::SampleRng;
 use ferroclip_data::{DataConfig, DataError, Loader, Mode};
 use stream_support::*;
 
@@ -133,7 +135,7 @@ impl ferroclip_data::augment::ImageTransform for PanicsOn {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, e: &[u8], x: &str, r: &mut ferroclip_data::rng::SampleRng, o: &mut [f32]) -> Result<(), ferroclip_data::decode::DecodeError> {
+    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [f32]) -> Result<(), DecodeError> {
         if e == format!("IMG:{}", self.0).as_bytes() {
             panic!("transform bug on {}", self.0);
         }
@@ -258,7 +260,8 @@ fn a_stalled_pipe_is_abandoned_after_the_read_timeout_and_the_stream_goes_on() {
         let (sources, marker2) = (sources.clone(), marker.clone());
         let (keys, stats, lingering) = within(60, move || {
             let cfg = DataConfig { read_timeout_s: 1.0, ..cfg() };
-            let mut l = Loader::new(&cfg, &sources, opts(0, 1, 4, mode, Arc::new(FakeTransform::default()), None)).unwrap();
+            let o = opts(0, 1, 4, mode, Arc::new(FakeTransform::default()), None);
+            let mut l = Loader::new(&cfg, &sources, o).unwrap();
             let keys: Vec<String> = take(&mut l, 6).into_iter().flat_map(|b| b.keys).collect();
             // Train may hand out every good sample before the stalled shard's time is up: wait for
             // the timeout to strike.
@@ -294,7 +297,8 @@ fn the_merge_serves_the_other_readers_while_one_waits() {
     let sources = format!("{wait}::{}/{{001..003}}.tar", dir.display());
     let keys = within(60, move || {
         let cfg = DataConfig { shuffle_shards: false, ..cfg() };
-        let mut l = Loader::new(&cfg, &sources, opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+        let o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
+        let mut l = Loader::new(&cfg, &sources, o).unwrap();
         // Reader 1's 12 samples minus what the shuffle buffer (5) keeps: 4 batches can come now.
         let early: Vec<String> = take(&mut l, 3).into_iter().flat_map(|b| b.keys).collect();
         std::fs::write(&flag, b"").unwrap();
@@ -314,7 +318,8 @@ fn a_reader_waiting_for_a_slow_consumer_is_not_taken_for_stalled() {
     // timeout while the consumer sleeps; then the merge empties their channels at once.
     let cfg = DataConfig { read_timeout_s: 0.3, prefetch: 1, shuffle_buffer: 4, ..cfg() };
     let (keys, stats) = within(60, move || {
-        let mut l = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+        let o = opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None);
+        let mut l = Loader::new(&cfg, &pattern, o).unwrap();
         let mut keys: Vec<String> = take(&mut l, 1).into_iter().flat_map(|b| b.keys).collect();
         std::thread::sleep(Duration::from_millis(1500));
         keys.extend(take(&mut l, 39).into_iter().flat_map(|b| b.keys));

@@ -101,7 +101,10 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
         let (c, cursors) = restore_state(state_path, &mut opt)?;
         counters = c;
         if is_main {
-            let ranks = if cursors.len() == world { String::new() } else { format!(" (written by {} ranks, now {world})", cursors.len()) };
+            let ranks = match cursors.len() {
+                n if n == world => String::new(),
+                n => format!(" (written by {n} ranks, now {world})"),
+            };
             eprintln!("ferroclip: resumed from {} at step {}{ranks}", state_path.display(), counters.step);
         }
         data_resume = Some(ResumeFrom { cursors, allow_data_change: cfg.checkpoint.allow_data_change });

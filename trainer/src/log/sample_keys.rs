@@ -29,7 +29,11 @@ impl SampleKeyLog {
         std::fs::create_dir_all(path.parent().expect("a parent"))?;
         if let Ok(text) = std::fs::read_to_string(&path) {
             let step_of = |line: &str| line.split('\t').next().and_then(|s| s.parse::<u64>().ok());
-            let kept: String = text.lines().filter(|l| step_of(l).is_some_and(|s| s <= resumed_step)).map(|l| format!("{l}\n")).collect();
+            let kept: String = text
+                .lines()
+                .filter(|l| step_of(l).is_some_and(|s| s <= resumed_step))
+                .map(|l| format!("{l}\n"))
+                .collect();
             std::fs::write(&path, kept)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
