@@ -153,6 +153,31 @@ elastic seq 1 12 3 21
 elastic res 2 6 1 31
 elastic res 1 12 3 21
 
+# Unequal shards (3 of 16 samples, 3 of 40): each rank yields ceil(168 / (8 x 2)) = 11 batches per
+# epoch whatever its shards hold, so at every step both ranks are in the same epoch.
+"$TRAINER" make-demo-data --out data40 --shards 3 --per-shard 40 2>/dev/null
+launch 2
+run_case "unequal shards: 2 ranks train 25 steps" ok 240 "step 25/25" -- "${LAUNCH[@]}" --config elastic.toml \
+    --set name=unequal --set train.max_steps=25 --set data.train_num_samples=168 \
+    --set "data.train=data/train/{00000..00002}.tar::data40/train/{00000..00002}.tar"
+if out=$(python3 - <<'EOF'
+import os
+epochs = {}
+for f in os.listdir("runs/unequal/sample_keys"):
+    for l in open(f"runs/unequal/sample_keys/{f}"):
+        step, ep, _ = l.split()
+        epochs.setdefault(int(step), set()).add(int(ep))
+wrong = {s: sorted(e) for s, e in sorted(epochs.items()) if e != {(s - 1) // 11}}
+if wrong or len(epochs) != 25:
+    print(f"{len(epochs)} steps logged; steps whose ranks are not all in epoch (step - 1) // 11: {wrong}")
+EOF
+) && [[ -z $out ]]; then
+    echo "ok   unequal shards: at every step both ranks are in the same epoch, epochs of 11 steps"
+else
+    echo "FAIL unequal shards: $out"
+    FAILURES=$((FAILURES + 1))
+fi
+
 run_case "a changed data stream is refused, naming the key" fail 120 "data.readers" -- \
     "$TRAINER" --config elastic.toml --set name=seq-1-to-3 --set train.max_steps=30 --set data.readers=3
 

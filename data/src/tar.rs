@@ -323,6 +323,21 @@ mod tests {
     }
 
     #[test]
+    fn members_over_the_limit_are_passed_over_unread_and_positions_stay_right() {
+        let tar = write_tar(&[("0.jpg", &[7u8; 3000]), ("0.txt", b"cap"), ("1.jpg", b"small")]);
+        let mut r = TarReader::new(&tar[..], 2999);
+        let big = r.next_member(&mut |_| false).unwrap().unwrap();
+        assert_eq!((big.payload, big.size, big.offset), (Payload::TooLarge, 3000, 0));
+        // 512 header + 3072 padded payload.
+        let cap = r.next_member(&mut |_| false).unwrap().unwrap();
+        assert_eq!((cap.payload.bytes(), cap.offset), (Some(&b"cap"[..]), 3584));
+        let skipped = r.next_member(&mut |name| name == "1.jpg").unwrap().unwrap();
+        assert_eq!((skipped.payload, skipped.offset), (Payload::Skipped, 4608));
+        assert!(r.next_member(&mut |_| false).unwrap().is_none());
+        assert_eq!(r.position(), 5632, "the end-of-archive marker");
+    }
+
+    #[test]
     fn truncation_and_garbage_are_errors_not_panics() {
         let tar = write_tar(&[("0.jpg", &[7u8; 1000]), ("0.txt", b"cap")]);
         for cut in [100, 512, 700, 1535, 1600] {

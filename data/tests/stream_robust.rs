@@ -54,6 +54,19 @@ fn bad_images_and_captions_are_skipped_and_counted() {
 }
 
 #[test]
+fn members_over_max_member_bytes_are_skipped_and_counted() {
+    let dir = tempdir("robust-member-limit");
+    let mut s: Vec<_> = (0..4).map(|i| good(&format!("k{i}"))).collect();
+    s[1][0].1 = [b"IMG:".as_slice(), &[0u8; 5000]].concat(); // image over the limit
+    s[2][1].1 = vec![b'x'; 5000]; // caption over the limit
+    std::fs::write(dir.join("0.tar"), tar_of(&s)).unwrap();
+    let cfg = DataConfig { max_member_bytes: 4096, ..cfg() };
+    let (keys, stats) = eval_all(&cfg, &format!("{}/0.tar", dir.display()), 2);
+    assert_eq!(keys, ["k0", "k3"]);
+    assert_eq!(stats.skipped.get("member_too_large"), Some(&2), "{:?}", stats.skipped);
+}
+
+#[test]
 fn missing_unreadable_and_garbage_shards_are_skipped() {
     let dir = tempdir("robust-shards");
     let pattern = dataset(&dir, 5, 2);
