@@ -164,6 +164,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
     let mut bad_in_row = 0u64;
 
     let mut stopped_at = None;
+    let mut buckets_reported = false;
     watchdog::step_done(counters.step);
     while counters.step < cfg.train.max_steps {
         let t_wait = Instant::now();
@@ -194,6 +195,16 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             step::contrastive_step(&model, &micro, collective, &loss_fn, rng_seed, Some(&grad_sync))
         };
         grad_sync.finish(collective);
+        if is_main && world > 1 && !buckets_reported {
+            buckets_reported = true;
+            eprintln!(
+                "ferroclip: gradient all-reduce in {} bucket(s) of at most {} MB, {} of them started during backward{}",
+                grad_sync.len(),
+                cfg.dist.bucket_mb,
+                grad_sync.started_during_backward(),
+                if cfg.dist.overlap { "" } else { " (dist.overlap = false)" }
+            );
+        }
 
         // Read back once per step: the step has to decide here whether to apply the update.
         let finite = opt.grads_finite().logical_and(&out.loss.isfinite()).int64_value(&[]) != 0;
