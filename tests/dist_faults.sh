@@ -44,23 +44,26 @@ start_job() {
 }
 
 wait_for_step() { # wait_for_step NAME STEP: until the log shows that step (at most 120 s)
-    for _ in $(seq 1 600); do grep -q "step $2/" "$1.log" && return 0; sleep 0.2; done
+    for _ in $(seq 1 600); do grep -q "step $2/" "$1.log" 2>/dev/null && return 0; sleep 0.2; done
     echo "FAIL $1: never reached step $2; output:"; sed 's/^/     | /' "$1.log"
     FAILURES=$((FAILURES + 1))
     return 1
 }
 
-# expect_end NAME MAX_SECONDS MUST_CONTAIN START: the job of NAME ends non-zero within MAX_SECONDS of
-# START (date +%s.%N) and its output names the rank.
+# expect_end CASE MAX_SECONDS MUST_CONTAIN START JOB: the job started as JOB ends non-zero within
+# MAX_SECONDS of START (date +%s.%N) and its output names the rank.
 expect_end() {
-    local name=$1 max=$2 needle=$3 start=$4 pid rc=0
+    local case=$1 max=$2 needle=$3 start=$4 name=$5 pid rc=0 hung=0
     pid=$(cat "$name.job")
     timeout $((max * 2)) tail --pid="$pid" -f /dev/null || true
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+    if kill -0 "$pid" 2>/dev/null; then
+        hung=1
+        kill -KILL "$pid"
+    fi
     wait "$pid" && rc=0 || rc=$?
     local secs
     secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-    check_case "$name" fail "$max" "$needle" "$rc" "$secs" "$name.log"
+    check_case "$case" fail "$max" "$needle" "$rc" "$secs" "$name.log" "$hung"
 }
 
 # SIGSTOP first, in the background: each takes the heartbeat timeout.
@@ -80,7 +83,7 @@ for launcher in srun mpirun; do
         t=$(date +%s.%N)
         kill -KILL "$(cat "sigkill_$launcher.pid.1")"
         case $launcher in srun) needle="task 1" ;; mpirun) needle="rank 1" ;; esac
-        expect_end "sigkill_$launcher" 10 "$needle" "$t"
+        expect_end "SIGKILL of rank 1 under $launcher -> the job ends" 10 "$needle" "$t" "sigkill_$launcher"
     fi
 
     # Rank 1 alone asks for a GPU it does not have.
@@ -90,14 +93,15 @@ for launcher in srun mpirun; do
         mpirun) cmd=("${MPIRUN[@]}" -np 3) rank_var=OMPI_COMM_WORLD_RANK ;;
     esac
     MASTER_PORT=$(free_port) run_case "$launcher: rank 1 fails during set-up -> the job ends" fail 30 \
-        "rank 1 of 3: rank 1: train.device = \"cuda\"" -- "${cmd[@]}" bash -c \
+        "ending the job: rank 1 of 3 failed: train.device = \"cuda\"" -- "${cmd[@]}" bash -c \
         "if [ \$$rank_var = 1 ]; then set -- \"\$@\" --set train.device=cuda; fi; exec $TRAINER \"\$@\"" trainer \
         "${LONG[@]}" --set name="setup_$launcher"
 done
 
 for launcher in srun mpirun; do
     [[ -n ${STOPPED_AT[$launcher]:-} ]] || continue
-    expect_end "sigstop_$launcher" 90 "rank 1 stopped responding: no heartbeat for" "${STOPPED_AT[$launcher]}"
+    expect_end "SIGSTOP of rank 1 under $launcher -> the job ends" 90 "rank 1 stopped responding: no heartbeat for" \
+        "${STOPPED_AT[$launcher]}" "sigstop_$launcher"
     kill -CONT "$(cat "sigstop_$launcher.pid.1")" 2>/dev/null || true
 done
 finish

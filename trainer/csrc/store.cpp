@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -23,6 +24,9 @@ using ferroclip::guarded;
 extern "C" {
 
 const char* ferroclip_last_error() { return ferroclip::last_error.c_str(); }
+
+// c10's log level, as TORCH_CPP_LOG_LEVEL sets it (0 info, 1 warning, 2 error).
+void ferroclip_set_cpp_log_level(int level) { FLAGS_caffe2_log_level = level; }
 
 // Rank 0 passes is_server = true and serves on `port` (0: any free port, see ferroclip_store_port);
 // the others connect, retrying until `timeout_ms`, which also bounds every later blocking get.

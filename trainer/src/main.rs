@@ -211,10 +211,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };
-            eprintln!("error: {e:#}");
             // The other ranks would wait forever in their next collective: tell them, through the
             // job's store (their watchdogs exit with this message), or MPI_Abort under MPI.
-            ferroclip::dist::fail_fast::notify_job_of_failure(&format!("{e:#}"));
+            ferroclip::dist::fail_fast::report_failure(&format!("{e:#}"));
             #[cfg(feature = "mpi")]
             ferroclip::dist::mpi::abort_world_if_initialized(code);
             ExitCode::from(code as u8)

@@ -32,7 +32,7 @@ impl Session {
     pub fn start(cfg: &Config) -> Result<Session> {
         let rank_env = dist::env::detect().context("reading the launcher's rank environment")?;
         let joined = dist::join(&rank_env, &cfg.dist)?;
-        let device = device(cfg, rank_env.local_rank).with_context(|| format!("rank {}", rank_env.rank))?;
+        let device = device(cfg, rank_env.local_rank)?;
         if cfg.train.threads > 0 {
             tch::set_num_threads(cfg.train.threads as i32);
         }

@@ -32,6 +32,7 @@ type RawTensor = *mut torch_sys::C_tensor;
 
 extern "C" {
     fn ferroclip_last_error() -> *const c_char;
+    fn ferroclip_set_cpp_log_level(level: c_int);
 
     fn ferroclip_store_tcp(host: *const c_char, port: u16, is_server: bool, world: i64, timeout_ms: i64) -> *mut RawStore;
     fn ferroclip_store_hash() -> *mut RawStore;
@@ -199,6 +200,16 @@ impl Drop for Store {
     fn drop(&mut self) {
         // SAFETY: owned handle, freed once.
         unsafe { ferroclip_store_free(self.0.as_ptr()) }
+    }
+}
+
+/// Unless `TORCH_CPP_LOG_LEVEL` says otherwise, libtorch logs errors only: when a peer dies, c10d
+/// would print a warning with a C++ backtrace for every store call that fails on the way down, next to
+/// the one error message that names the rank and the operation.
+pub fn quiet_cpp_warnings() {
+    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+        // SAFETY: sets an int flag; c10 reads it when logging.
+        unsafe { ferroclip_set_cpp_log_level(2) }
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::c10d::Store;
 use super::Collective;
 
-/// The store key of the abort notice: `"rank R of W: message"`.
+/// The store key of the abort notice: why the job ends (`"rank 1 of 3 failed: ..."`).
 pub const ABORT_KEY: &str = "abort";
 
 struct Job {
@@ -45,16 +45,23 @@ pub fn die(message: &str) -> ! {
     unsafe { libc::_exit(1) }
 }
 
-/// Posts `message` as the job's abort notice (when this process is part of a job; waits at most three
-/// seconds for the store), then [`die`]s.
+/// This rank failed: posts `rank R of W failed: {message}` as the job's abort notice (when this process
+/// is part of a job; waiting at most three seconds for the store), then [`die`]s.
 pub fn abort_job(message: &str) -> ! {
-    post_abort(message);
+    post_abort(&format!("{} failed: {message}", who()));
     die(message)
 }
 
-fn post_abort(message: &str) {
+/// This rank saw that the job cannot go on (`reason` names the rank at fault): posts `reason` as the
+/// abort notice, then [`die`]s.
+pub fn end_job(reason: &str) -> ! {
+    post_abort(reason);
+    die(reason)
+}
+
+fn post_abort(notice: &str) {
     let Some(job) = JOB.get() else { return };
-    let notice = format!("rank {} of {}: {message}", job.rank, job.world);
+    let notice = notice.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new().name("ferroclip-abort".into()).spawn(move || {
         if let Ok(guard) = job.store.lock() {
@@ -87,10 +94,16 @@ pub fn exit_on_error<T, E: Display>(collective: &dyn Collective, result: Result<
     }
 }
 
-/// For `main`'s error path: when this process is part of a multi-rank job, post `message` as the
-/// abort notice so that the other ranks stop now (the caller then exits with its own status).
-pub fn notify_job_of_failure(message: &str) {
-    post_abort(message);
+/// For `main`'s error path: prints `error on rank R of W: {message}` (`error: ...` outside a job) and,
+/// in a multi-rank job, posts the abort notice so that the other ranks stop now (the caller then exits
+/// with its own status).
+pub fn report_failure(message: &str) {
+    if JOB.get().is_some() {
+        eprintln!("error on {}: {message}", who());
+        post_abort(&format!("{} failed: {message}", who()));
+    } else {
+        eprintln!("error: {message}");
+    }
 }
 
 /// Makes a panic on any thread end the whole job: the default hook prints the panic message, then
@@ -105,7 +118,7 @@ pub fn install_abort_on_panic() {
         if JOB.get().is_some() {
             let what = info.payload().downcast_ref::<&str>().map(|s| s.to_string());
             let what = what.or_else(|| info.payload().downcast_ref::<String>().cloned()).unwrap_or_default();
-            post_abort(&format!("panicked: {what}"));
+            post_abort(&format!("{} panicked: {what}", who()));
             // SAFETY: ends the process; other threads may be inside collectives that would never return.
             unsafe { libc::_exit(101) }
         }

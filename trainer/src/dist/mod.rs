@@ -111,6 +111,7 @@ pub fn join(rank_env: &env::RankEnv, cfg: &DistConfig) -> Result<Joined> {
     if rank_env.world_size == 1 {
         return Ok(joined);
     }
+    c10d::quiet_cpp_warnings();
     let timeout = seconds(cfg.timeout_s);
     let master = match cfg.backend {
         #[cfg(feature = "mpi")]

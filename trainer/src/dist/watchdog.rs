@@ -157,7 +157,7 @@ pub fn start(store: &Store, rank: usize, world: usize, limits: Limits) -> anyhow
                             return;
                         }
                         let why = hb_store.get(fail_fast::ABORT_KEY).map(|v| String::from_utf8_lossy(&v).into_owned());
-                        fail_fast::die(&format!("ending with the job: {}", why.unwrap_or_else(|e| e.0)));
+                        fail_fast::die(&format!("ending the job: {}", why.unwrap_or_else(|e| e.0)));
                     }
                 }
                 if now >= next_beat {
@@ -234,7 +234,7 @@ fn check_peers(store: &Store, seen: &mut [(Vec<u8>, Instant)], limits: &Limits, 
             let mut f = text.split(' ').skip(1);
             let (step, phase) = (f.next().unwrap_or("?"), f.next().and_then(|p| p.parse::<u8>().ok()));
             let doing = phase.map(|p| Phase::from_u8(p).describe()).unwrap_or("not started");
-            fail_fast::abort_job(&format!(
+            fail_fast::end_job(&format!(
                 "rank {r} stopped responding: no heartbeat for {} s (dist.heartbeat_timeout_s); its last one said \
                  it was {doing} after step {step}",
                 silent.as_secs()
