@@ -46,10 +46,35 @@ pub fn die(message: &str) -> ! {
 }
 
 /// This rank failed: posts `rank R of W failed: {message}` as the job's abort notice (when this process
-/// is part of a job; waiting at most three seconds for the store), then [`die`]s.
+/// is part of a job; waiting at most three seconds for the store), then [`die`]s. When another rank
+/// has posted a notice already, this failure is most likely its consequence (a collective that lost
+/// that rank): the notice is what this rank reports.
 pub fn abort_job(message: &str) -> ! {
+    if let Some(notice) = posted_notice() {
+        die(&format!("ending the job: {notice} (here: {message})"));
+    }
     post_abort(&format!("{} failed: {message}", who()));
     die(message)
+}
+
+/// The abort notice another rank posted, if any (asking the store for at most two seconds).
+fn posted_notice() -> Option<String> {
+    let job = JOB.get()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("ferroclip-abort".into())
+        .spawn(move || {
+            let notice = job.store.lock().ok().and_then(|guard| {
+                let store = guard.as_ref()?;
+                match store.contains(ABORT_KEY) {
+                    Ok(true) => store.get(ABORT_KEY).ok().map(|v| String::from_utf8_lossy(&v).into_owned()),
+                    _ => None,
+                }
+            });
+            let _ = tx.send(notice);
+        })
+        .ok()?;
+    rx.recv_timeout(Duration::from_secs(2)).ok().flatten()
 }
 
 /// This rank saw that the job cannot go on (`reason` names the rank at fault): posts `reason` as the
