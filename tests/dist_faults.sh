@@ -4,7 +4,9 @@
 #  - SIGKILL of rank 1 mid-training: the job ends within 10 s;
 #  - SIGSTOP of rank 1 (what a stuck filesystem read or a wedged GPU looks like) with
 #    dist.heartbeat_timeout_s at its default of 60: the job ends within 90 s, rank 0 naming rank 1;
-#  - rank 1 fails during set-up (train.device = "cuda" on a rank without a GPU): the job ends within 30 s.
+#  - rank 1 fails during set-up (train.device = "cuda" on a rank without a GPU): the job ends within 30 s;
+#  - rank 1 waits for data that never comes (`pipe:sleep`) with dist.step_timeout_s = 8: the progress
+#    watchdog ends the job, saying that rank 1 is waiting for data.
 # srun runs with --kill-on-bad-exit=0 where the ranks themselves must end the job (the killed rank's
 # peers see its sockets close; a failed set-up posts the job's abort notice), and with
 # --kill-on-bad-exit=1, as the sbatch scripts do, for the stopped rank, which only the launcher can end.
@@ -97,6 +99,11 @@ for launcher in srun mpirun; do
         "if [ \$$rank_var = 1 ]; then set -- \"\$@\" --set train.device=cuda; fi; exec $TRAINER \"\$@\"" trainer \
         "${LONG[@]}" --set name="setup_$launcher"
 done
+
+MASTER_PORT=$(free_port) run_case "mpirun: rank 1 gets no data -> the progress watchdog names it" fail 40 \
+    "rank 1 is waiting for data after step 0" -- "${MPIRUN[@]}" -np 2 bash -c \
+    "if [ \$OMPI_COMM_WORLD_RANK = 1 ]; then set -- \"\$@\" --set 'data.train=pipe:sleep 3600 {0..1}'; fi; exec $TRAINER \"\$@\"" \
+    trainer "${LONG[@]}" --set name=stall --set dist.step_timeout_s=8
 
 for launcher in srun mpirun; do
     [[ -n ${STOPPED_AT[$launcher]:-} ]] || continue

@@ -23,6 +23,9 @@ run_case "mpirun: rank 1 errors -> job aborts" fail 20 "ending the job: rank 1 o
     $(m) -np 2 "$TRAINER" dist-selftest --fail-rank 1
 run_case "mpirun: rank 0 panics -> job aborts" fail 20 "injected panic on rank 0" -- \
     $(m) -np 2 "$TRAINER" dist-selftest --panic-rank 0
+# Every collective has a timeout (dist.timeout_s): a live rank that never joins the collective.
+run_case "mpirun: a rank that stalls -> the others' collective times out" fail 20 \
+    "all_reduce_sum on the gloo group failed" -- $(m) -np 2 "$TRAINER" dist-selftest --stall-rank 1 --timeout-s 3
 run_case "mpirun: a flag on the device path goes unnoticed without strict mode" ok 60 "rank 1 of 2: dist selftest passed" -- \
     $(m) -np 2 "$TRAINER" dist-selftest --misroute
 run_case "mpirun: strict device mode refuses a flag on the device path" fail 30 \

@@ -166,6 +166,9 @@ pub struct DistSelftest {
     pub fail_rank: Option<usize>,
     /// This rank panics before its first collective.
     pub panic_rank: Option<usize>,
+    /// This rank sleeps for an hour before its first collective (alive: its heartbeat goes on), so
+    /// the others' first collective must time out after `dist.timeout_s`.
+    pub stall_rank: Option<usize>,
     /// Sends a stop flag through the device collective, as `any_rank` once did (with
     /// `dist.strict_device` the job must end naming the operation).
     pub misroute: bool,
@@ -188,6 +191,9 @@ pub fn dist_selftest(t: &DistSelftest) -> Result<()> {
         }
         if t.panic_rank == Some(rank) {
             panic!("injected panic on rank {rank}");
+        }
+        if t.stall_rank == Some(rank) {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
         }
         if t.misroute {
             let mut flag = Tensor::from_slice(&[(rank == 0) as i64]);

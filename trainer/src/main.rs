@@ -141,6 +141,12 @@ enum Command {
         /// Rank that panics before its first collective.
         #[arg(long)]
         panic_rank: Option<usize>,
+        /// Rank that stalls (alive) before its first collective.
+        #[arg(long)]
+        stall_rank: Option<usize>,
+        /// dist.timeout_s.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
         /// Send a stop flag through the device collective (refused with --strict).
         #[arg(long)]
         misroute: bool,
@@ -187,13 +193,24 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::MakeDemoData { out, shards, per_shard, seed }) => {
             commands::make_demo_data(&out, shards, per_shard, seed)
         }
-        Some(Command::DistSelftest { backend, device, strict, heartbeat_timeout_s, fail_rank, panic_rank, misroute }) => {
+        Some(Command::DistSelftest {
+            backend,
+            device,
+            strict,
+            heartbeat_timeout_s,
+            fail_rank,
+            panic_rank,
+            stall_rank,
+            timeout_s,
+            misroute,
+        }) => {
             let backend = toml::Value::String(backend.clone()).try_into().map_err(|_| ConfigError {
                 file: "<command line>".into(),
                 message: format!("--backend {backend}: expected auto, gloo, nccl or mpi"),
             })?;
-            let dist = ferroclip::config::DistConfig { backend, strict_device: strict, heartbeat_timeout_s, ..Default::default() };
-            commands::dist_selftest(&commands::DistSelftest { dist, device, fail_rank, panic_rank, misroute })
+            let dist =
+                ferroclip::config::DistConfig { backend, strict_device: strict, heartbeat_timeout_s, timeout_s, ..Default::default() };
+            commands::dist_selftest(&commands::DistSelftest { dist, device, fail_rank, panic_rank, stall_rank, misroute })
         }
     }
 }

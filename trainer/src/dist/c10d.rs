@@ -399,6 +399,27 @@ mod tests {
     }
 
     #[test]
+    fn nccl_is_compiled_in_and_reports_a_missing_gpu_clearly() {
+        // Every build against the CUDA wheel has ProcessGroupNCCL; without a GPU, creating one is an
+        // error with c10d's message, not a crash; with one, a one-rank group all-reduces on it.
+        assert!(nccl_compiled(), "this build has no ProcessGroupNCCL");
+        let store = Store::hash().unwrap();
+        match ProcessGroup::nccl(&store, 0, 1, Duration::from_secs(30), 0) {
+            Ok(g) => {
+                assert!(tch::Cuda::is_available());
+                assert_eq!(g.name(), "nccl");
+                let t = Tensor::ones([4], (Kind::Float, Device::Cuda(0)));
+                g.all_reduce_sum(&t).unwrap().wait().unwrap();
+                assert_eq!(t.sum(Kind::Float).double_value(&[]), 4.0);
+            }
+            Err(e) => {
+                assert!(!tch::Cuda::is_available(), "a GPU is visible, yet: {e}");
+                assert!(!e.0.is_empty());
+            }
+        }
+    }
+
+    #[test]
     fn one_rank_gloo_group_runs_every_collective() {
         let store = Store::hash().unwrap();
         let g = ProcessGroup::gloo(&store, 0, 1, Duration::from_secs(10), None).unwrap();

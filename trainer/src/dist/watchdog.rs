@@ -139,6 +139,8 @@ pub fn start(store: &Store, rank: usize, world: usize, limits: Limits) -> anyhow
     step_done(0);
     let hb_store = store.clone_client()?;
     hb_store.set_timeout(limits.heartbeat_timeout)?;
+    let mon_store = store.clone_client()?;
+    mon_store.set_timeout(Duration::from_secs(5))?;
     hb_store.set(&format!("hb/{rank}"), &heartbeat_value(0))?;
     let tick = Duration::from_millis(200);
     let beat_every = (limits.heartbeat_timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
@@ -197,9 +199,10 @@ pub fn start(store: &Store, rank: usize, world: usize, limits: Limits) -> anyhow
                     let idle = Duration::from_millis(now.saturating_sub(PROGRESS_AT.load(Ordering::Relaxed)));
                     if idle > limit {
                         fail_fast::abort_job(&format!(
-                            "no step finished for {} s (dist.step_timeout_s): this rank is {}",
+                            "no step finished for {} s (dist.step_timeout_s): this rank is {}{}",
                             idle.as_secs(),
-                            what_now()
+                            what_now(),
+                            others_not_in_collectives(&mon_store, rank, world)
                         ));
                     }
                 }
@@ -212,6 +215,32 @@ pub fn start(store: &Store, rank: usize, world: usize, limits: Limits) -> anyhow
 /// `"{beat} {step} {phase}"`: changes with every beat; says where the rank is.
 fn heartbeat_value(beat: u64) -> Vec<u8> {
     format!("{beat} {} {}", STEP.load(Ordering::Relaxed), PHASE.load(Ordering::Relaxed)).into_bytes()
+}
+
+/// `"; rank 1 is waiting for data after step 12"`: the other ranks that are not waiting in a collective
+/// (the likely culprits when this rank is), from their last heartbeats; at most eight.
+fn others_not_in_collectives(store: &Store, rank: usize, world: usize) -> String {
+    let mut out = String::new();
+    let mut named = 0;
+    for r in (0..world).filter(|&r| r != rank) {
+        let key = format!("hb/{r}");
+        let Ok(Some(v)) = store.contains(&key).and_then(|p| if p { store.get(&key).map(Some) } else { Ok(None) }) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&v).into_owned();
+        let mut f = text.split(' ').skip(1);
+        let (step, phase) = (f.next().unwrap_or("?"), f.next().and_then(|p| p.parse::<u8>().ok()).map(Phase::from_u8));
+        if let Some(p) = phase.filter(|p| *p != Phase::InCollective) {
+            if named < 8 {
+                out.push_str(&format!("; rank {r} is {} after step {step}", p.describe()));
+            }
+            named += 1;
+        }
+    }
+    if named > 8 {
+        out.push_str(&format!("; and {} more ranks not in a collective", named - 8));
+    }
+    out
 }
 
 /// Rank 0: end the job when a rank's heartbeat has not changed for the limit.
