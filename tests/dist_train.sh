@@ -53,7 +53,7 @@ expect_file "srun run left a final checkpoint" runs/slurm/checkpoints/step_00000
 ARGS=(--config debug.toml --set name=preempt --set train.max_steps=30 --set log.every_steps=1 --set checkpoint.every_steps=1000)
 MASTER_PORT=$(free_port) "${SRUN[@]}" --job-name=ferroclip-preempt "$TRAINER" "${ARGS[@]}" >preempt.log 2>&1 &
 srun_pid=$!
-for _ in $(seq 1 600); do grep -q "step 3/30" preempt.log && break; sleep 0.2; done
+for _ in $(seq 1 600); do grep -q "step 3/30" preempt.log 2>/dev/null && break; sleep 0.2; done
 scancel --signal=USR1 --name=ferroclip-preempt
 rc=0
 timeout 120 tail --pid=$srun_pid -f /dev/null || rc=$?

@@ -164,6 +164,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
     let mut bad_in_row = 0u64;
 
     let mut stopped_at = None;
+    let mut stop_vote = preempt::StopVote::new(s.job.store_client()?);
     let mut buckets_reported = false;
     watchdog::step_done(counters.step);
     while counters.step < cfg.train.max_steps {
@@ -263,7 +264,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             logger.tick(&stats);
         }
 
-        let preempted = preempt::any_rank(stop.load(Ordering::Relaxed), control);
+        let preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
         let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
         if due || last || preempted {
             let _phase = watchdog::enter(Phase::WritingCheckpoint, "");

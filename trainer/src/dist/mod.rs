@@ -86,9 +86,10 @@ pub struct Dist {
     pub job: Job,
 }
 
-/// The job's store (served by rank 0) and this rank's watchdog, until [`Job::shutdown`].
+/// The job's store (served by rank 0; `None` for one process) and this rank's watchdog, until
+/// [`Job::shutdown`].
 pub struct Job {
-    _store: Option<c10d::Store>,
+    store: Option<c10d::Store>,
     watchdog: Option<watchdog::Watchdog>,
 }
 
@@ -167,14 +168,15 @@ impl Joined {
                     collective: Box::new(group::DeviceGroup::new(nccl, 0, 1, device, cfg.strict_device)),
                     control: Box::new(single::Single),
                     description: "nccl (one rank)".into(),
-                    job: Job { _store: Some(store), watchdog: None },
+                    // The process group holds its own reference to the in-process store.
+                    job: Job { store: None, watchdog: None },
                 });
             }
             return Ok(Dist {
                 collective: Box::new(single::Single),
                 control: Box::new(single::Single),
                 description: "one process".into(),
-                job: Job { _store: None, watchdog: None },
+                job: Job { store: None, watchdog: None },
             });
         };
         let ifnames = std::env::var("GLOO_SOCKET_IFNAME").ok();
@@ -208,12 +210,20 @@ impl Joined {
             collective,
             control: Box::new(group::GlooControl::new(control, rank, world)),
             description: format!("{name} (control messages over gloo)"),
-            job: Job { _store: Some(store), watchdog: self.watchdog },
+            job: Job { store: Some(store), watchdog: self.watchdog },
         })
     }
 }
 
 impl Job {
+    /// Another client of the job's store (`None` for one process).
+    pub fn store_client(&self) -> Result<Option<c10d::Store>> {
+        Ok(match &self.store {
+            Some(s) => Some(s.clone_client()?),
+            None => None,
+        })
+    }
+
     /// The orderly end of a job: a last control message (every rank is done), then the watchdog
     /// stops. After this, rank 0 may exit and take the store with it.
     pub fn shutdown(self, control: &dyn Control) {

@@ -1,7 +1,7 @@
 //! Preemption: Slurm sends SIGUSR1 (with `--signal=USR1@120`) before the time limit, SIGTERM when it
 //! cancels or preempts a job. The signal only sets a flag; the training loop finishes its step, agrees
-//! with the other ranks through [`any_rank`] (a rank that saw the signal must not checkpoint alone),
-//! writes a checkpoint and exits. Under an sbatch job rank 0 then requeues the job itself
+//! with the other ranks on when to stop ([`StopVote`]: a rank that saw the signal must not checkpoint
+//! alone), writes a checkpoint and exits. Under an sbatch job rank 0 then requeues the job itself
 //! ([`requeue_job`]: `--requeue` alone only covers node failures and admin requeues), and the requeued
 //! job resumes with `resume = "latest"`.
 
@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 
+use super::c10d::Store;
 use super::Control;
 use crate::config::Requeue;
 
@@ -39,6 +40,48 @@ pub fn any_rank(flag: bool, control: &dyn Control) -> bool {
         return flag;
     }
     control.any(flag)
+}
+
+/// When to stop, agreed through the job's store at the cost of one key lookup per rank and step (a
+/// collective vote would cost a ring of all ranks every step). The first rank that sees a signal after
+/// step `s` proposes to stop after step `s + 2`; every rank checks for a proposal after each step. Each
+/// step's collectives order every rank's step `s + 1` after the proposal, so all ranks have seen it by
+/// the end of step `s + 1` and stop after the same step.
+pub struct StopVote {
+    store: Option<Store>,
+    proposed: bool,
+    stop_after: Option<u64>,
+}
+
+const STOP_AT_KEY: &str = "stop/after_step";
+const STOP_VOTES_KEY: &str = "stop/votes";
+
+impl StopVote {
+    /// `store`: the job's store (`None` for one process: a signal then stops after the current step).
+    pub fn new(store: Option<Store>) -> Self {
+        StopVote { store, proposed: false, stop_after: None }
+    }
+
+    /// Call on every rank after each step `step`, with this rank's signal flag: true when the job
+    /// stops after this step.
+    pub fn stop_now(&mut self, step: u64, signalled: bool) -> Result<bool> {
+        let Some(store) = &self.store else { return Ok(signalled) };
+        if signalled && !self.proposed {
+            self.proposed = true;
+            if store.add(STOP_VOTES_KEY, 1)? == 1 {
+                store.set(STOP_AT_KEY, (step + 2).to_string().as_bytes())?;
+            }
+        }
+        if self.stop_after.is_none() && store.contains(STOP_AT_KEY)? {
+            let v = store.get(STOP_AT_KEY)?;
+            let at: u64 = String::from_utf8_lossy(&v).parse().context("a malformed stop proposal in the job's store")?;
+            if at < step {
+                bail!("the ranks' stop proposal for step {at} arrived at step {step}: ranks are out of step");
+            }
+            self.stop_after = Some(at);
+        }
+        Ok(self.stop_after == Some(step))
+    }
 }
 
 /// Whether the signal that stopped this rank asks for a requeue under `policy` (`dist.requeue`).
@@ -90,6 +133,25 @@ mod tests {
         assert!(flag.load(Ordering::SeqCst));
         assert!(requeue_wanted(Requeue::Sigusr1));
         assert!(!requeue_wanted(Requeue::Never));
+    }
+
+    #[test]
+    fn all_ranks_stop_after_the_same_step_two_steps_after_the_first_signal() {
+        let store = Store::hash().unwrap();
+        let mut a = StopVote::new(Some(store.clone_client().unwrap()));
+        let mut b = StopVote::new(Some(store.clone_client().unwrap()));
+        let mut c = StopVote::new(Some(store));
+        // Step 5: rank a is signalled; rank b (later in step 5) sees the proposal at once, rank c only
+        // at the end of step 6; rank b is signalled too at step 6 (no second proposal).
+        assert!(!a.stop_now(5, true).unwrap());
+        assert!(!b.stop_now(5, false).unwrap());
+        assert!(!b.stop_now(6, true).unwrap());
+        assert!(!c.stop_now(6, false).unwrap());
+        assert!(!a.stop_now(6, true).unwrap());
+        assert_eq!([a.stop_now(7, true).unwrap(), b.stop_now(7, false).unwrap(), c.stop_now(7, false).unwrap()], [true; 3]);
+        // One process: the signal stops it after the current step.
+        assert!(StopVote::new(None).stop_now(3, true).unwrap());
+        assert!(!StopVote::new(None).stop_now(3, false).unwrap());
     }
 
     #[test]
