@@ -275,7 +275,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
                 let saved = save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?;
                 logger.println(&format!("ferroclip: saved {}", saved.model.display()));
             }
-            collective.barrier();
+            s.job.after_rank0(rank, &format!("checkpoint/{}", counters.step))?;
         }
         let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
         if cfg.eval.any() && (eval_due || last) {
@@ -288,7 +288,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
                 }
                 logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
             }
-            collective.barrier();
+            s.job.after_rank0(rank, &format!("eval/{}", counters.step))?;
         }
         if preempted && !last {
             logger.println(&format!(

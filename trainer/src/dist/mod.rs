@@ -224,6 +224,23 @@ impl Job {
         })
     }
 
+    /// After work only rank 0 does (writing a checkpoint, evaluating): rank 0 says it is done under
+    /// `tag`, the others wait for that, for as long as it takes. A collective barrier would time out
+    /// after `dist.timeout_s`; here the watchdog still ends the job if rank 0 stops responding.
+    pub fn after_rank0(&self, rank: usize, tag: &str) -> Result<()> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let key = format!("rank0_done/{tag}");
+        if rank == 0 {
+            store.set(&key, b"1")?;
+            return Ok(());
+        }
+        // Each get waits up to the store's timeout; a failing store is the watchdog's business.
+        while store.get(&key).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// The orderly end of a job: a last control message (every rank is done), then the watchdog
     /// stops. After this, rank 0 may exit and take the store with it.
     pub fn shutdown(self, control: &dyn Control) {

@@ -117,8 +117,8 @@ fn host_view(t: &Tensor) -> (Tensor, bool) {
 /// The bytes of a contiguous CPU tensor.
 ///
 /// SAFETY (for callers): `t` must be contiguous, on the CPU, and outlive the slice; nothing else
-/// may touch its storage meanwhile.
-unsafe fn bytes_mut(t: &Tensor) -> &mut [u8] {
+/// may touch its storage meanwhile (tensors sharing it included).
+unsafe fn bytes_mut(t: &mut Tensor) -> &mut [u8] {
     let n = t.numel() * t.kind().elt_size_in_bytes();
     if n == 0 {
         return &mut [];
@@ -127,7 +127,7 @@ unsafe fn bytes_mut(t: &Tensor) -> &mut [u8] {
 }
 
 /// Typed elements of a contiguous CPU tensor; same contract as [`bytes_mut`].
-unsafe fn elems_mut<T>(t: &Tensor) -> &mut [T] {
+unsafe fn elems_mut<T>(t: &mut Tensor) -> &mut [T] {
     let n = t.numel();
     if n == 0 {
         return &mut [];
@@ -136,7 +136,7 @@ unsafe fn elems_mut<T>(t: &Tensor) -> &mut [T] {
 }
 
 impl MpiCollective {
-    fn sum_into<T: Equivalence + Copy>(&self, host: &Tensor) {
+    fn sum_into<T: Equivalence + Copy>(&self, host: &mut Tensor) {
         // SAFETY: `host` is a contiguous CPU tensor owned here for the duration of the call.
         let recv = unsafe { elems_mut::<T>(host) };
         let send = recv.to_vec();
@@ -154,12 +154,12 @@ impl Collective for MpiCollective {
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) {
-        let (host, copy_back) = host_view(t);
+        let (mut host, copy_back) = host_view(t);
         match host.kind() {
-            Kind::Float => self.sum_into::<f32>(&host),
-            Kind::Double => self.sum_into::<f64>(&host),
-            Kind::Int64 => self.sum_into::<i64>(&host),
-            Kind::Int => self.sum_into::<i32>(&host),
+            Kind::Float => self.sum_into::<f32>(&mut host),
+            Kind::Double => self.sum_into::<f64>(&mut host),
+            Kind::Int64 => self.sum_into::<i64>(&mut host),
+            Kind::Int => self.sum_into::<i32>(&mut host),
             // Half-precision sums would need a user-defined MPI op; gradients are reduced in f32.
             k => panic!("MPI all_reduce_sum supports f32, f64, i64 and i32 tensors, not {k:?}"),
         }
@@ -169,24 +169,24 @@ impl Collective for MpiCollective {
     }
 
     fn all_gather(&self, t: &Tensor) -> Tensor {
-        let (host, _) = host_view(t);
+        let (mut host, _) = host_view(t);
         let mut shape = host.size();
         if shape.is_empty() {
             shape.push(1);
         }
         shape[0] *= self.world_size as i64;
-        let out = Tensor::empty(shape.as_slice(), (host.kind(), Device::Cpu));
+        let mut out = Tensor::empty(shape.as_slice(), (host.kind(), Device::Cpu));
         // Every rank contributes the same byte count, so gathering bytes is exact for any dtype.
         // SAFETY: both tensors are contiguous CPU tensors owned here.
-        let (send, recv) = unsafe { (bytes_mut(&host), bytes_mut(&out)) };
+        let (send, recv) = unsafe { (bytes_mut(&mut host), bytes_mut(&mut out)) };
         self.world.all_gather_into(&send[..], recv);
         out.to_device(t.device())
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) {
-        let (host, copy_back) = host_view(t);
+        let (mut host, copy_back) = host_view(t);
         // SAFETY: `host` is a contiguous CPU tensor owned here.
-        self.world.process_at_rank(root as i32).broadcast_into(unsafe { bytes_mut(&host) });
+        self.world.process_at_rank(root as i32).broadcast_into(unsafe { bytes_mut(&mut host) });
         if copy_back {
             t.copy_(&host);
         }

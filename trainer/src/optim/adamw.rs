@@ -78,6 +78,9 @@ impl FlatGroup {
     }
 }
 
+/// One flat gradient buffer and its parameters `(parameter, offset, numel)`, in buffer order.
+pub type GradBuffer = (Tensor, Vec<(Tensor, i64, i64)>);
+
 /// AdamW over flat buffers; see the module doc.
 pub struct AdamW {
     groups: Vec<FlatGroup>,
@@ -219,7 +222,7 @@ impl AdamW {
 
     /// Each flat gradient buffer with its parameters `(parameter, offset, numel)` in buffer order,
     /// for the bucketed all-reduce (`dist::grad_buckets`).
-    pub fn grad_layout(&self) -> Vec<(Tensor, Vec<(Tensor, i64, i64)>)> {
+    pub fn grad_layout(&self) -> Vec<GradBuffer> {
         self.groups
             .iter()
             .map(|g| {
