@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use ferroclip_data::augment::{EvalTransform, TrainTransform};
@@ -165,13 +165,54 @@ pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) ->
 }
 
 /// `trainer dist-selftest`
-pub fn dist_selftest() -> Result<()> {
-    let env = crate::dist::env::detect()?;
-    let collective = crate::dist::connect(&env, Device::Cpu)?;
-    crate::dist::selftest::run(collective.as_ref())?;
-    if collective.rank() == 0 {
-        println!("dist-selftest ok: {} ranks", collective.world_size());
-    }
+/// What `trainer dist-selftest` checks, and the faults it injects for the distributed tests.
+pub struct DistSelftest {
+    pub dist: crate::config::DistConfig,
+    /// `cpu` or `cuda` (this rank's GPU).
+    pub device: String,
+    /// This rank fails before its first collective; the job must end within seconds.
+    pub fail_rank: Option<usize>,
+    /// This rank panics before its first collective.
+    pub panic_rank: Option<usize>,
+    /// This rank sleeps for an hour before its first collective (alive: its heartbeat goes on), so
+    /// the others' first collective must time out after `dist.timeout_s`.
+    pub stall_rank: Option<usize>,
+    /// Sends a stop flag through the device collective, as `any_rank` once did (with
+    /// `dist.strict_device` the job must end naming the operation).
+    pub misroute: bool,
+}
+
+/// `trainer dist-selftest`: every collective and control message against known results on all ranks.
+pub fn dist_selftest(t: &DistSelftest) -> Result<()> {
+    use crate::dist::{self, fail_fast};
+    let env = dist::env::detect()?;
+    let joined = dist::join(&env, &t.dist)?;
+    let device = match t.device.as_str() {
+        "cuda" => crate::device::select(env.local_rank, false),
+        _ => Device::Cpu,
+    };
+    let d = joined.connect(device, &t.dist)?;
+    let (rank, world) = (env.rank, env.world_size);
+    let result = (|| -> Result<()> {
+        if t.fail_rank == Some(rank) {
+            bail!("injected failure on rank {rank}");
+        }
+        if t.panic_rank == Some(rank) {
+            panic!("injected panic on rank {rank}");
+        }
+        if t.stall_rank == Some(rank) {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+        if t.misroute {
+            let mut flag = Tensor::from_slice(&[(rank == 0) as i64]);
+            d.collective.all_reduce_sum(&mut flag);
+            ensure!(flag.int64_value(&[0]) == 1, "the misrouted flag did not sum");
+        }
+        dist::selftest::run_on(d.collective.as_ref(), d.control.as_ref(), device, !t.dist.strict_device)
+    })();
+    fail_fast::exit_on_error(d.collective.as_ref(), result);
+    println!("rank {rank} of {world}: dist selftest passed ({})", d.description);
+    d.job.shutdown(d.control.as_ref());
     Ok(())
 }
 
@@ -230,7 +271,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         }
         opt.zero_grad();
         let _autocast = session::autocast(if device == Device::Cpu { Precision::Fp32 } else { b.precision }, device);
-        crate::step::contrastive_step(&model, &micro, &single, &loss, i as i64);
+        crate::step::contrastive_step(&model, &micro, &single, &loss, i as i64, None);
         opt.step();
         crate::step::clamp_logit_scale(&model, 100f64.ln());
     }
