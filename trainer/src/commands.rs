@@ -111,7 +111,7 @@ pub fn data_check(cfg: &Config) -> Result<()> {
     let transform = TrainTransform::new(size, &cfg.data.augment, cfg.data.max_image_pixels);
     let tokenizer = session::tokenizer(cfg)?;
     let validate = move |s: &ferroclip_data::sample::Sample| -> Result<(), String> {
-        let mut out = vec![0f32; 3 * size * size];
+        let mut out = vec![0u8; 3 * size * size];
         let mut rng = ferroclip_data::rng::SampleRng::for_sample(cfg.seed, 0, &s.key);
         transform.apply(&s.image, &s.image_ext, &mut rng, &mut out).map_err(|e| e.reason().to_string())?;
         tokenizer.encode(&s.caption);

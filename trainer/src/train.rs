@@ -152,6 +152,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             tokenizer: session::tokenizer(cfg)?,
             label_key: None,
             resume: data_resume,
+            host_alloc: None,
         },
     )
     .with_context(|| format!("opening data.train `{}`", cfg.data.train))?;
@@ -368,11 +369,12 @@ impl Window {
     }
 }
 
-/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`.
+/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`. The uint8 images are
+/// normalized and erased by the data crate's CPU reference (`Batch::normalized_images`).
 pub fn to_device(batch: &Batch, device: Device) -> (Tensor, Tensor) {
     let s = batch.image_size as i64;
-    let images = Tensor::from_slice(&batch.images).view([batch.len as i64, 3, s, s]);
-    let tokens = Tensor::from_slice(&batch.tokens).view([batch.len as i64, batch.context_length as i64]);
+    let images = Tensor::from_slice(&batch.normalized_images()).view([batch.len as i64, 3, s, s]);
+    let tokens = Tensor::from_slice(batch.tokens()).view([batch.len as i64, batch.context_length as i64]);
     if device == Device::Cpu {
         (images, tokens)
     } else {

@@ -61,6 +61,7 @@ fn eval_loader(cfg: &Config, pattern: &str, transform: Arc<EvalTransform>, label
             tokenizer: session::tokenizer(cfg)?,
             label_key: label_key.map(String::from),
             resume: None,
+            host_alloc: None,
         },
     )?)
 }
@@ -256,13 +257,16 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Decode and eval-transform image files into `[n, 3, s, s]`.
 pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform) -> Result<Tensor> {
     let s = transform.output_size();
-    let mut buf = vec![0f32; paths.len() * 3 * s * s];
-    for (p, out) in paths.iter().zip(buf.chunks_mut(3 * s * s)) {
+    let mut pixels = vec![0u8; paths.len() * 3 * s * s];
+    let mut erase = Vec::with_capacity(paths.len());
+    for (p, out) in paths.iter().zip(pixels.chunks_mut(3 * s * s)) {
         let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
         let ext = p.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
         // The eval transform draws nothing; any stream will do.
-        transform.apply(&bytes, &ext, &mut SampleRng::from_seed(0), out).with_context(|| format!("decoding {}", p.display()))?;
+        erase.push(transform.apply(&bytes, &ext, &mut SampleRng::from_seed(0), out).with_context(|| format!("decoding {}", p.display()))?);
     }
+    let mut buf = vec![0f32; pixels.len()];
+    ferroclip_data::normalize::normalize_and_erase(&pixels, &erase, &mut buf);
     Ok(Tensor::from_slice(&buf).view([paths.len() as i64, 3, s as i64, s as i64]).to_kind(Kind::Float))
 }
 
