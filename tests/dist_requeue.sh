@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Requeue that requeues, on the local one-node Slurm: an sbatch job (2 ranks of the default-build
-# trainer under `srun --kill-on-bad-exit=1`) is sent SIGUSR1 mid-run, as `--signal=USR1@120` does before
-# the time limit. Every rank finishes its step, rank 0 writes a checkpoint and requeues the job itself
-# (`scontrol requeue`); Slurm starts the batch script again, the run resumes from that checkpoint
-# (`checkpoint.resume = "latest"`, decided by rank 0) and completes. Nobody calls sbatch a second time.
+# trainer under `srun --kill-on-bad-exit=1`) is sent SIGUSR1 mid-run (at step 3 of 60, so that it lands
+# well before the end on a fast machine), as `--signal=USR1@120` does before the time limit. Every rank
+# finishes its step, rank 0 writes a checkpoint and requeues the job itself (`scontrol requeue`); Slurm
+# starts the batch script again, the run resumes from that checkpoint (`checkpoint.resume = "latest"`,
+# decided by rank 0) and completes. Nobody calls sbatch a second time.
 # Slurm keeps a requeued job pending for 120 s (Reason=BeginTime); to spare CI that wait, the test moves
 # the requeued job's start time to now (`scontrol update StartTime=now`) once it is pending again.
 #   tests/dist_requeue.sh          (needs scripts/install-system-deps)
@@ -35,12 +36,12 @@ cat > requeue.sbatch <<EOF
 set -euo pipefail
 cd $WORK
 echo "batch script start, restart \${SLURM_RESTART_COUNT:-0}"
-srun --kill-on-bad-exit=1 $TRAINER --config debug.toml --set name=requeue --set train.max_steps=12 \
+srun --kill-on-bad-exit=1 $TRAINER --config debug.toml --set name=requeue --set train.max_steps=60 \
     --set log.every_steps=1 --set checkpoint.every_steps=1000
 EOF
 t0=$(date +%s)
 JOB=$(MASTER_PORT=$(free_port) sbatch --parsable requeue.sbatch)
-for _ in $(seq 1 600); do grep -q "step 3/12" job.out 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 1 600); do grep -q "step 3/60" job.out 2>/dev/null && break; sleep 0.2; done
 scancel --signal=USR1 "$JOB"
 
 # Wait for the job to finish (requeued, pending, running again, completed), at most 5 minutes.
@@ -64,7 +65,7 @@ why=""
 grep -q "requeued Slurm job $JOB" job.out || why=${why:-"rank 0 did not requeue the job"}
 grep -q "resumed from .*step_$(printf %08d "${stopped:-0}").state.safetensors at step $stopped" job.out \
     || why=${why:-"the requeued run did not resume from step $stopped"}
-[[ -f runs/requeue/checkpoints/step_00000012.safetensors ]] || why=${why:-"no final checkpoint"}
+[[ -f runs/requeue/checkpoints/step_00000060.safetensors ]] || why=${why:-"no final checkpoint"}
 if [[ -z $why ]]; then
     echo "ok   sbatch job: SIGUSR1 at step $stopped -> checkpoint, requeued by rank 0, resumed, completed (${secs} s)"
     JOB=""
