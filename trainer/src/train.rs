@@ -35,8 +35,10 @@ pub struct Counters {
 pub fn run(cfg: &Config) -> Result<()> {
     // First thing: a preemption signal during set-up must not kill the process unsaved.
     let stop = preempt::install_signal_flag().context("installing the SIGTERM/SIGUSR1 handler")?;
+    // Everything `[eval]` names is checked now, not after the last step (exit status 2).
+    let eval_inputs = eval::EvalInputs::open(cfg)?;
     let s = session::Session::start(cfg)?;
-    let result = train(cfg, &s, &stop);
+    let result = train(cfg, &s, &eval_inputs, &stop);
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
         dist::fail_fast::exit_on_error(s.collective.as_ref(), result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
@@ -44,7 +46,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     result
 }
 
-fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+fn train(cfg: &Config, s: &session::Session, eval_inputs: &eval::EvalInputs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     let collective = s.collective.as_ref();
     let (rank, world) = (collective.rank(), collective.world_size());
     let is_main = rank == 0;
@@ -218,28 +220,48 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             logger.tick(&stats);
         }
 
-        let preempted = preempt::any_rank(stop.load(Ordering::Relaxed), collective);
+        let mut preempted = preempt::any_rank(stop.load(Ordering::Relaxed), collective);
         let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
-        if due || last || preempted {
+        // Rank 0 writes; returns the model file it wrote.
+        let checkpoint_now = || -> Result<Option<std::path::PathBuf>> {
             let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
             let cursors = dist::all_gather_bytes(collective, &cursor_json, device);
-            if is_main {
-                let saved = save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?;
-                logger.println(&format!("ferroclip: saved {}", saved.model.display()));
-            }
+            let saved = if is_main { Some(save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?.model) } else { None };
             collective.barrier();
+            Ok(saved)
+        };
+        let saved = due || last || preempted;
+        if saved {
+            if let Some(model_file) = checkpoint_now()? {
+                logger.println(&format!("ferroclip: saved {}", model_file.display()));
+            }
         }
         let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
-        if cfg.eval.any() && (eval_due || last) {
-            if is_main {
-                let results = eval::run::evaluate(cfg, &model, device)?;
-                logger.println(&results.to_string());
-                if let Some(line) = eval::run::zero_shot_summary(&results) {
-                    logger.println(&line);
+        if cfg.eval.any() && (eval_due || last) && !preempted {
+            logger.println(&format!("ferroclip: evaluating at step {}", counters.step));
+            // Every rank evaluates its share; a stop signal (also one that came while the
+            // checkpoint above was written) ends the evaluation, and the job stops as on preemption.
+            match eval::run::evaluate(cfg, eval_inputs, &model, collective, device, stop)? {
+                Some(results) => {
+                    logger.println(&results.to_string());
+                    if let Some(line) = eval::run::zero_shot_summary(&results) {
+                        logger.println(&line);
+                    }
+                    logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
                 }
-                logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
+                None => {
+                    logger.println(&format!("ferroclip: evaluation at step {} stopped by a preemption signal", counters.step));
+                    if !saved {
+                        if let Some(model_file) = checkpoint_now()? {
+                            logger.println(&format!("ferroclip: saved {}", model_file.display()));
+                        }
+                    }
+                    preempted = true;
+                }
             }
-            collective.barrier();
+        }
+        if preempted && last {
+            logger.println("ferroclip: training is complete; `trainer eval --checkpoint` evaluates the saved model");
         }
         if preempted && !last {
             logger.println(&format!(
