@@ -46,12 +46,19 @@ pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
     let result = eval_on_ranks(cfg, &inputs, &s, checkpoint, out);
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
-        crate::dist::fail_fast::exit_on_error(s.collective.as_ref(), result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
+        crate::dist::fail_fast::exit_on_error(s.collective.as_ref(), outcome);
     }
     result
 }
 
-fn eval_on_ranks(cfg: &Config, inputs: &EvalInputs, s: &session::Session, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
+fn eval_on_ranks(
+    cfg: &Config,
+    inputs: &EvalInputs,
+    s: &session::Session,
+    checkpoint: &Path,
+    out: Option<&Path>,
+) -> Result<()> {
     let (_vs, model) = load_model(cfg, checkpoint, s.device)?;
     // Without a handler SIGTERM ends the process at once, which is what a standalone evaluation wants.
     let never = std::sync::atomic::AtomicBool::new(false);
@@ -163,12 +170,13 @@ pub fn tokenize(cfg: Option<&Config>) -> Result<()> {
     Ok(())
 }
 
-/// `trainer make-demo-data`: training shards, held-out labelled shards and the class names.
+/// `trainer make-demo-data`: training shards, held-out labelled shards (1000 samples, another
+/// seed, so no training image is among them) and the class names in label order.
 pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) -> Result<()> {
     use ferroclip_data::synth;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let train = synth::write_shards(&out.join("train"), "", shards, per_shard, seed, false)?;
-    let eval = synth::write_shards(&out.join("eval"), "", 2, 200, seed.wrapping_add(1_000_003), true)?;
+    let eval = synth::write_shards(&out.join("eval"), "", 4, 250, seed.wrapping_add(1_000_003), true)?;
     std::fs::write(out.join("classnames.txt"), synth::class_names().join("\n") + "\n")?;
     std::fs::write(out.join("templates.txt"), "a photo of a {}.\na {}.\n")?;
     eprintln!("ferroclip: wrote {} training and {} evaluation shards under {}", train.len(), eval.len(), out.display());

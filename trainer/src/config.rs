@@ -354,7 +354,11 @@ impl Config {
         if self.eval.batch_size == 0 {
             return Err("key `eval.batch_size`: must be at least 1".into());
         }
-        for (key, value) in [("zeroshot_classnames", &self.eval.zeroshot_classnames), ("zeroshot_templates", &self.eval.zeroshot_templates)] {
+        let zero_shot_lists = [
+            ("zeroshot_classnames", &self.eval.zeroshot_classnames),
+            ("zeroshot_templates", &self.eval.zeroshot_templates),
+        ];
+        for (key, value) in zero_shot_lists {
             if !value.is_empty() && self.eval.zeroshot_data.is_empty() {
                 return Err(format!("key `eval.{key}`: set, but eval.zeroshot_data is empty (nothing would use it)"));
             }

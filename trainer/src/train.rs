@@ -46,7 +46,12 @@ pub fn run(cfg: &Config) -> Result<()> {
     result
 }
 
-fn train(cfg: &Config, s: &session::Session, eval_inputs: &eval::EvalInputs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+fn train(
+    cfg: &Config,
+    s: &session::Session,
+    eval_inputs: &eval::EvalInputs,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     let collective = s.collective.as_ref();
     let (rank, world) = (collective.rank(), collective.world_size());
     let is_main = rank == 0;
@@ -250,7 +255,8 @@ fn train(cfg: &Config, s: &session::Session, eval_inputs: &eval::EvalInputs, sto
                     logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
                 }
                 None => {
-                    logger.println(&format!("ferroclip: evaluation at step {} stopped by a preemption signal", counters.step));
+                    let step = counters.step;
+                    logger.println(&format!("ferroclip: evaluation at step {step} stopped by a preemption signal"));
                     if !saved {
                         if let Some(model_file) = checkpoint_now()? {
                             logger.println(&format!("ferroclip: saved {}", model_file.display()));

@@ -42,7 +42,10 @@ fn parse(text: &str, file: &str) -> Result<Vec<Line>, String> {
             None => (None, raw.trim().to_string()),
         };
         if name.is_empty() || folder.as_deref() == Some("") {
-            return Err(format!("{file}:{}: empty class name or folder (one `name` or `folder<TAB>name` per line)", i + 1));
+            return Err(format!(
+                "{file}:{}: empty class name or folder (one `name` or `folder<TAB>name` per line)",
+                i + 1
+            ));
         }
         lines.push(Line { folder, name });
     }
@@ -201,7 +204,10 @@ mod tests {
 
     #[test]
     fn bad_files_name_file_and_line() {
-        assert_eq!(for_shards("cat\n\ndog\n", "n.txt").unwrap_err(), "n.txt:2: empty class name or folder (one `name` or `folder<TAB>name` per line)");
+        assert_eq!(
+            for_shards("cat\n\ndog\n", "n.txt").unwrap_err(),
+            "n.txt:2: empty class name or folder (one `name` or `folder<TAB>name` per line)"
+        );
         assert!(for_shards("cat\n\tdog\n", "n.txt").unwrap_err().starts_with("n.txt:2:"));
         assert_eq!(for_shards("", "n.txt").unwrap_err(), "n.txt: no class names");
         let empty = tempfile::tempdir().unwrap();

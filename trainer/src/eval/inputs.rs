@@ -124,18 +124,27 @@ fn zero_shot(cfg: &Config) -> Result<ZeroShotInputs, ConfigError> {
 /// with a sample evaluation can use (image, caption and, with `label_key`, a label).
 fn shards(data: &DataConfig, key: &str, pattern: &str, label_key: Option<&str>) -> Result<Vec<String>, ConfigError> {
     let list = expand_shards(pattern, &[]).map_err(|err| {
-        bad(pattern, key, format!("{err} (a folder{}, or WebDataset shards)", if key == "val_data" { "" } else { " of images" }))
+        bad(
+            pattern,
+            key,
+            format!("{err} (a folder{}, or WebDataset shards)", if key == "val_data" { "" } else { " of images" }),
+        )
     })?;
     let local: Vec<_> = list.iter().filter(|s| !s.url.starts_with("pipe:")).collect();
     let missing: Vec<&str> = local.iter().filter(|s| !Path::new(&s.url).is_file()).map(|s| s.url.as_str()).collect();
     if !missing.is_empty() {
         let shown: Vec<String> = missing.iter().take(5).map(|m| format!("`{m}`")).collect();
         let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
-        return Err(bad(pattern, key, format!("{} of {} shards do not exist: {}{more}", missing.len(), list.len(), shown.join(", "))));
+        return Err(bad(
+            pattern,
+            key,
+            format!("{} of {} shards do not exist: {}{more}", missing.len(), list.len(), shown.join(", ")),
+        ));
     }
     if let Some(first) = local.first() {
         let url = &first.url;
-        let reader = open_shard(first, Arc::new(AtomicU64::new(0))).map_err(|err| bad(url, key, format!("cannot open: {err}")))?;
+        let reader = open_shard(first, Arc::new(AtomicU64::new(0)))
+            .map_err(|err| bad(url, key, format!("cannot open: {err}")))?;
         let raw = SampleGrouper::new(reader)
             .next_sample()
             .map_err(|err| bad(url, key, format!("not a readable tar shard: {err}")))?
@@ -146,7 +155,9 @@ fn shards(data: &DataConfig, key: &str, pattern: &str, label_key: Option<&str>) 
         if let Err(reason) = spec.select(raw) {
             let need = match reason {
                 SkipReason::MissingImage => format!("an image member ({})", spec.image_exts.join(", ")),
-                SkipReason::MissingLabel => format!("an integer class label in a `{}` member", label_key.unwrap_or_default()),
+                SkipReason::MissingLabel => {
+                    format!("an integer class label in a `{}` member", label_key.unwrap_or_default())
+                }
                 SkipReason::MemberTooLarge => "members of a sane size".to_string(),
                 _ => format!("a caption in `{}` (data.caption_key)", data.caption_key),
             };
@@ -270,11 +281,17 @@ mod tests {
         std::fs::create_dir_all(set.join("c")).unwrap();
         std::fs::write(d.path().join("names.txt"), "b\tbee\na\tant\nc\tcat\n").unwrap();
         let e = err(&c);
-        assert!(e.contains("eval.zeroshot_data") && e.contains("class folder without images") && e.contains("/c:"), "{e}");
+        assert!(
+            e.contains("eval.zeroshot_data") && e.contains("class folder without images") && e.contains("/c:"),
+            "{e}"
+        );
         // A name mismatch is the class-names key's error.
         std::fs::write(d.path().join("names.txt"), "b\tbee\na\tant\n").unwrap();
         let e = err(&c);
-        assert!(e.contains("eval.zeroshot_classnames") && e.contains("folders without a name") && e.contains("`c`"), "{e}");
+        assert!(
+            e.contains("eval.zeroshot_classnames") && e.contains("folders without a name") && e.contains("`c`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -286,21 +303,30 @@ mod tests {
         let e = err(&cfg(d.path(), &[("val_data", d.path().join("val-{000..003}.tar").display().to_string())]));
         assert!(e.contains("key `eval.val_data`") && e.contains("matches no file"), "{e}");
 
-        std::fs::write(d.path().join("0.tar"), write_tar(&[("k.jpg", b"j"), ("k.txt", b"a cat"), ("k.cls", b"3")])).unwrap();
+        std::fs::write(d.path().join("0.tar"), write_tar(&[("k.jpg", b"j"), ("k.txt", b"a cat"), ("k.cls", b"3")]))
+            .unwrap();
         let two = d.path().join("{0..1}.tar").display().to_string();
         let e = err(&cfg(d.path(), &[("retrieval_data", two)]));
-        assert!(e.contains("key `eval.retrieval_data`") && e.contains("1 of 2 shards do not exist") && e.contains("1.tar"), "{e}");
+        assert!(
+            e.contains("key `eval.retrieval_data`") && e.contains("1 of 2 shards do not exist") && e.contains("1.tar"),
+            "{e}"
+        );
 
         let shard = d.path().join("0.tar").display().to_string();
         let t = d.path().join("t.txt");
         std::fs::write(&t, "a {}.\na photo\n").unwrap();
-        let e = err(&cfg(d.path(), &[("zeroshot_data", shard.clone()), ("zeroshot_templates", t.display().to_string())]));
+        let e =
+            err(&cfg(d.path(), &[("zeroshot_data", shard.clone()), ("zeroshot_templates", t.display().to_string())]));
         assert!(e.contains("key `eval.zeroshot_templates`") && e.contains(":2:"), "{e}");
         let n = d.path().join("n.txt");
         std::fs::write(&n, "cat\n\ndog\n").unwrap();
-        let e = err(&cfg(d.path(), &[("zeroshot_data", shard.clone()), ("zeroshot_classnames", n.display().to_string())]));
+        let e =
+            err(&cfg(d.path(), &[("zeroshot_data", shard.clone()), ("zeroshot_classnames", n.display().to_string())]));
         assert!(e.contains("key `eval.zeroshot_classnames`") && e.contains("n.txt:2"), "{e}");
-        let e = err(&cfg(d.path(), &[("zeroshot_data", shard), ("zeroshot_classnames", d.path().join("no.txt").display().to_string())]));
+        let e = err(&cfg(
+            d.path(),
+            &[("zeroshot_data", shard), ("zeroshot_classnames", d.path().join("no.txt").display().to_string())],
+        ));
         assert!(e.contains("key `eval.zeroshot_classnames`") && e.contains("cannot read"), "{e}");
 
         // Shards without the member evaluation needs, and a folder without captions.tsv.

@@ -5,6 +5,7 @@
 //! A stop signal (SIGTERM/SIGUSR1) ends an evaluation between two batches; the ranks agree on it
 //! at the end of each phase, and [`evaluate`] returns `None`, so the caller exits as on preemption.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub fn evaluate(
         stop,
         transform: Arc::new(EvalTransform::new(size, cfg.data.max_image_pixels)),
         tokenizer: session::tokenizer(cfg)?,
+        next_shard: RefCell::new(None),
     };
     let mut results = EvalResults::new();
     let _autocast = session::autocast(cfg.train.precision, device);
@@ -76,6 +78,9 @@ struct Evaluation<'a> {
     stop: &'a AtomicBool,
     transform: Arc<EvalTransform>,
     tokenizer: Arc<dyn Tokenizer>,
+    /// The loader of the next shard this rank reads, opened early so that its first batches
+    /// decode while the current shard is evaluated: (shard, label member, loader).
+    next_shard: RefCell<Option<(String, Option<String>, Loader)>>,
 }
 
 /// One batch of a unit: images `[b, 3, s, s]` on the device, what the set says about each
@@ -105,7 +110,10 @@ impl Evaluation<'_> {
         let mine = match set {
             ImageSet::Folder(files) => {
                 let b = self.cfg.eval.batch_size;
-                (0..self.num_units(set)).filter(|&u| self.ranks.owns(u)).map(|u| files[u * b..].len().min(b) as u64).sum()
+                (0..self.num_units(set))
+                    .filter(|&u| self.ranks.owns(u))
+                    .map(|u| files[u * b..].len().min(b) as u64)
+                    .sum()
             }
             ImageSet::Shards(_) => 0,
         };
@@ -136,6 +144,10 @@ impl Evaluation<'_> {
             ImageSet::Shards(shards) => {
                 let shard = &shards[u];
                 let mut loader = self.shard_loader(shard, label_key)?;
+                if let Some(next) = (u + 1..shards.len()).find(|&v| self.ranks.owns(v)) {
+                    let opened = self.shard_loader(&shards[next], label_key)?;
+                    *self.next_shard.borrow_mut() = Some((shards[next].clone(), label_key.map(String::from), opened));
+                }
                 while let Some(batch) = loader.next_batch() {
                     if self.stopped() {
                         return Ok(false);
@@ -148,6 +160,10 @@ impl Evaluation<'_> {
                 if let Some(e) = loader.error() {
                     bail!("shard `{shard}`: {e}");
                 }
+                // A shard that cannot be read to its end would leave its images out unnoticed.
+                if loader.stats().shards_failed > 0 {
+                    bail!("shard `{shard}` could not be read to its end (see the warning above)");
+                }
                 Ok(true)
             }
         }
@@ -156,6 +172,12 @@ impl Evaluation<'_> {
     /// One ordered pass over one shard. Batches never span shards, so they are the same
     /// whichever rank reads the shard.
     fn shard_loader(&self, shard: &str, label_key: Option<&str>) -> Result<Loader> {
+        let pending = self.next_shard.borrow_mut().take();
+        if let Some((next, key, loader)) = pending {
+            if next == shard && key.as_deref() == label_key {
+                return Ok(loader);
+            }
+        }
         let mut data = self.cfg.data.clone();
         data.readers = 1; // one shard: a second reader would have nothing to read
         Loader::new(
@@ -181,13 +203,18 @@ impl Evaluation<'_> {
     fn classifier(&self, classnames: &[String], templates: &[String]) -> Result<Option<Tensor>> {
         let per_chunk = (self.cfg.eval.batch_size / templates.len()).max(1);
         let chunks: Vec<&[String]> = classnames.chunks(per_chunk).collect();
-        let progress = Progress::task("zero-shot classifier", chunks.len().div_ceil(self.ranks.collective.world_size()) as u64, self.ranks.is_main());
+        let progress = Progress::task(
+            "zero-shot classifier",
+            chunks.len().div_ceil(self.ranks.collective.world_size()) as u64,
+            self.ranks.is_main(),
+        );
         let mut mine = Vec::new();
         for (u, chunk) in chunks.iter().enumerate().filter(|(u, _)| self.ranks.owns(*u)) {
             if self.stopped() {
                 break;
             }
-            let columns = zeroshot::class_embeddings(self.model, self.tokenizer.as_ref(), chunk, templates, self.ranks.device);
+            let columns =
+                zeroshot::class_embeddings(self.model, self.tokenizer.as_ref(), chunk, templates, self.ranks.device);
             mine.push((u, columns));
             progress.inc(1);
         }
@@ -211,19 +238,25 @@ impl Evaluation<'_> {
                 break;
             }
             let mut meter = zeroshot::ZeroShotMeter::new();
-            let finished = self.each_batch(&z.images, u, Some(LABEL_KEY), |b| b.labels.clone(), |b| {
-                if let Some(i) = b.items.iter().position(|&y| !(0..classes).contains(&y)) {
-                    bail!(
+            let finished = self.each_batch(
+                &z.images,
+                u,
+                Some(LABEL_KEY),
+                |b| b.labels.clone(),
+                |b| {
+                    if let Some(i) = b.items.iter().position(|&y| !(0..classes).contains(&y)) {
+                        bail!(
                         "{}: label {} is not a class index: eval.zeroshot_classnames has {classes} names (index order)",
                         b.keys[i],
                         b.items[i]
                     );
-                }
-                progress.inc(b.items.len() as u64);
-                let labels = Tensor::from_slice(&b.items).to_device(self.ranks.device);
-                meter.update(&self.model.encode_image(&b.images, false), &labels, &classifier);
-                Ok(())
-            })?;
+                    }
+                    progress.inc(b.items.len() as u64);
+                    let labels = Tensor::from_slice(&b.items).to_device(self.ranks.device);
+                    meter.update(&self.model.encode_image(&b.images, false), &labels, &classifier);
+                    Ok(())
+                },
+            )?;
             if !finished {
                 break;
             }
@@ -259,7 +292,10 @@ impl Evaluation<'_> {
         let units = self.num_units(set);
         let progress = self.progress("retrieval", set);
         let captions_of = |b: &ferroclip_data::Batch| -> Vec<Vec<String>> {
-            b.captions.iter().map(|c| c.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()).collect()
+            b.captions
+                .iter()
+                .map(|c| c.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+                .collect()
         };
         let (mut images, mut texts, mut owners) = (Vec::new(), Vec::new(), Vec::new());
         for u in (0..units).filter(|&u| self.ranks.owns(u)) {
@@ -288,7 +324,13 @@ impl Evaluation<'_> {
             if !finished {
                 break;
             }
-            let cat = |v: &[Tensor]| if v.is_empty() { Tensor::zeros([0, 1], (Kind::Float, self.ranks.device)) } else { Tensor::cat(v, 0) };
+            let cat = |v: &[Tensor]| {
+                if v.is_empty() {
+                    Tensor::zeros([0, 1], (Kind::Float, self.ranks.device))
+                } else {
+                    Tensor::cat(v, 0)
+                }
+            };
             images.push((u, cat(&image_feats)));
             texts.push((u, cat(&text_feats)));
             owners.push((u, Tensor::from_slice(&owner)));
@@ -330,15 +372,22 @@ impl Evaluation<'_> {
                 break;
             }
             let (mut total, mut n) = (0.0f64, 0usize);
-            let finished = self.each_batch(&set, u, None, |b| vec![(); b.len], |b| {
-                progress.inc(b.items.len() as u64);
-                let tokens = b.tokens.expect("shard batches carry tokens");
-                let i = self.model.encode_image(&b.images, false);
-                let t = self.model.encode_text(&tokens, false);
-                total += loss_fn.forward(&i, &t, &self.model.logit_scale(), 0, 1).double_value(&[]) * b.items.len() as f64;
-                n += b.items.len();
-                Ok(())
-            })?;
+            let finished = self.each_batch(
+                &set,
+                u,
+                None,
+                |b| vec![(); b.len],
+                |b| {
+                    progress.inc(b.items.len() as u64);
+                    let tokens = b.tokens.expect("shard batches carry tokens");
+                    let i = self.model.encode_image(&b.images, false);
+                    let t = self.model.encode_text(&tokens, false);
+                    total += loss_fn.forward(&i, &t, &self.model.logit_scale(), 0, 1).double_value(&[])
+                        * b.items.len() as f64;
+                    n += b.items.len();
+                    Ok(())
+                },
+            )?;
             if !finished {
                 break;
             }

@@ -39,7 +39,13 @@ impl Ranks<'_> {
     ///
     /// Two all-reduces: the counts, then the rows, each unit's written by its owner into a zero
     /// tensor (adding zeros is exact, so no value changes on the way).
-    pub fn gather_rows(&self, num_units: usize, row_shape: &[i64], kind: Kind, mine: &[(usize, Tensor)]) -> (Tensor, Vec<i64>) {
+    pub fn gather_rows(
+        &self,
+        num_units: usize,
+        row_shape: &[i64],
+        kind: Kind,
+        mine: &[(usize, Tensor)],
+    ) -> (Tensor, Vec<i64>) {
         let mut counts = Tensor::zeros([num_units as i64], (Kind::Int64, self.device));
         for (u, rows) in mine {
             let _ = counts.get(*u as i64).fill_(rows.size()[0]);

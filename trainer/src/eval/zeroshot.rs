@@ -51,7 +51,8 @@ pub fn class_embeddings(
     }
     let tokens = Tensor::from_slice(&ids).view([-1, context as i64]).to_device(device); // [c*t, ctx]
     let features = l2_normalize(&model.encode_text(&tokens, false).to_kind(Kind::Float)); // [c*t, d]
-    let per_class = features.view([classnames.len() as i64, templates.len() as i64, -1]).mean_dim(1, false, Kind::Float); // [c, d]
+    let per_template = features.view([classnames.len() as i64, templates.len() as i64, -1]); // [c, t, d]
+    let per_class = per_template.mean_dim(1, false, Kind::Float); // [c, d]
     // OpenCLIP divides by the norm here without an eps; a mean of unit vectors is never 0 in practice.
     &per_class / per_class.norm_scalaropt_dim(2.0, [1i64], true)
 }
