@@ -31,6 +31,8 @@ batch_size = 16
 workers = 1
 readers = 1
 shuffle_buffer = 64
+# Sequential (not resampled) data on several ranks fixes the epoch length: both shards.
+train_num_samples = 128
 [train]
 max_steps = 20
 threads = 1

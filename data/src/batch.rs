@@ -1,6 +1,6 @@
 //! A batch as the trainer receives it: contiguous buffers, ready to wrap as tensors.
 
-use crate::loader::StreamCursor;
+use crate::cursor::StreamCursor;
 
 /// `len` samples: images `[len, 3, image_size, image_size]` (normalized f32, row-major),
 /// tokens `[len, context_length]`.

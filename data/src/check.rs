@@ -1,8 +1,10 @@
 //! `trainer data-check`: walk every shard once, in order, and report what a training run
 //! would see (sample counts, member extensions, skipped samples and why, failed shards).
 //!
-//! Uses the same source, tar and sample code as the loader, so a clean report means the
-//! loader will read the same samples.
+//! Uses the same source, tar and sample code as the loader and the same panic guard, so a clean
+//! report means the loader will read the same samples; the CLI's validator runs the train
+//! transform and the tokenizer on each, so a sample that would crash a worker shows up here as
+//! `panic`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,9 +14,10 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::DataConfig;
-use crate::loader::DataError;
-use crate::sample::{SampleGrouper, SampleSpec};
-use crate::source::{expand_shards, open_shard};
+use crate::error::DataError;
+use crate::guard::guarded;
+use crate::sample::{Sample, SampleGrouper, SampleSpec};
+use crate::source::{expand_shards, open_shard, Activity};
 
 /// How many bad samples the report lists by name.
 pub const MAX_LISTED_BAD_SAMPLES: usize = 20;
@@ -57,33 +60,36 @@ impl CheckReport {
     }
 }
 
-/// Decides whether an encoded image (bytes, lower-case extension) is usable; `Err` names why.
-pub type ImageValidator<'a> = &'a dyn Fn(&[u8], &str) -> Result<(), String>;
+/// Decides whether a sample is usable; `Err` gives the skip reason (a stats counter name).
+pub type SampleValidator<'a> = &'a dyn Fn(&Sample) -> Result<(), String>;
 
-/// Walk all shards of `shards` (no shuffle). `validate_image(bytes, ext)` decides whether an
-/// image is usable (the CLI passes the real decoder with the pixel limit).
+/// Walk all shards of `shards` (no shuffle). `validate(sample)` decides whether a sample is usable
+/// (the CLI runs the train transform and the tokenizer); a panic inside it counts as `panic`.
 pub fn check_shards(
     cfg: &DataConfig,
     shards: &str,
-    validate_image: ImageValidator<'_>,
+    validate: SampleValidator<'_>,
 ) -> Result<CheckReport, DataError> {
     cfg.validate()?;
     let weights: &[f64] = if shards == cfg.train { &cfg.train_weights } else { &[] };
     let list = expand_shards(shards, weights)?;
     let spec = SampleSpec::new(cfg, None);
     let bytes = Arc::new(AtomicU64::new(0));
+    let activity = Arc::new(Activity::default());
     let mut report = CheckReport { shards: list.len() as u64, ..Default::default() };
     for shard in &list {
-        let reader = match open_shard(shard, bytes.clone()) {
+        let reader = match open_shard(shard, bytes.clone(), activity.clone()) {
             Ok(r) => r,
             Err(e) => {
                 report.failed_shards.push((shard.url.clone(), e.to_string()));
                 continue;
             }
         };
-        let mut grouper = SampleGrouper::new(reader);
+        let mut grouper = SampleGrouper::new(reader, cfg.max_member_bytes);
         loop {
-            match grouper.next_sample() {
+            let next = guarded(|| grouper.next_sample())
+                .unwrap_or_else(|p| Err(std::io::Error::other(format!("the tar reader panicked: {p}"))));
+            match next {
                 Ok(Some(raw)) => {
                     report.groups += 1;
                     for ext in raw.members.keys() {
@@ -91,9 +97,10 @@ pub fn check_shards(
                     }
                     let key = raw.key.clone();
                     match spec.select(raw) {
-                        Ok(sample) => match validate_image(sample.image.bytes().unwrap_or_default(), &sample.image_ext) {
-                            Ok(()) => report.samples += 1,
-                            Err(reason) => report.skip(&shard.url, &key, &reason),
+                        Ok(sample) => match guarded(|| validate(&sample)) {
+                            Ok(Ok(())) => report.samples += 1,
+                            Ok(Err(reason)) => report.skip(&shard.url, &key, &reason),
+                            Err(_panic) => report.skip(&shard.url, &key, "panic"),
                         },
                         Err(reason) => report.skip(&shard.url, &key, reason.name()),
                     }
@@ -151,6 +158,8 @@ mod tests {
             ("a.jpg", b"ok"),
             ("a.txt", b"cap"),
             ("a.json", b"{}"),
+            ("p.jpg", b"panics"),
+            ("p.txt", b"cap"),
             ("b.jpg", b"bad"),
             ("b.txt", b"cap"),
             ("c.txt", b"no image"),
@@ -158,15 +167,23 @@ mod tests {
         std::fs::write(dir.join("0.tar"), &tar).unwrap();
         std::fs::write(dir.join("1.tar"), &tar[..700]).unwrap();
         let pattern = format!("{}/{{0..1}}.tar", dir.display());
-        let validate = |b: &[u8], _: &str| if b == b"ok" { Ok(()) } else { Err("corrupt_image".to_string()) };
+        let validate = |s: &Sample| match s.image.as_slice() {
+            b"ok" => Ok(()),
+            b"panics" => panic!("decoder bug"),
+            _ => Err("corrupt_image".to_string()),
+        };
         let r = check_shards(&DataConfig::default(), &pattern, &validate).unwrap();
-        assert_eq!((r.shards, r.samples, r.groups, r.failed_shards.len()), (2, 1, 3, 1));
-        assert_eq!(r.extensions.get("txt"), Some(&3));
+        assert_eq!((r.shards, r.samples, r.groups, r.failed_shards.len()), (2, 1, 4, 1));
+        assert_eq!(r.extensions.get("txt"), Some(&4));
         assert_eq!(r.extensions.get("json"), Some(&1));
         assert_eq!(r.skipped.get("corrupt_image"), Some(&1));
         assert_eq!(r.skipped.get("missing_image"), Some(&1));
-        assert_eq!(r.bad_samples[0], BadSample { shard: format!("{}/0.tar", dir.display()), key: "b".into(), reason: "corrupt_image".into() });
+        assert_eq!(r.skipped.get("panic"), Some(&1));
+        let shard = format!("{}/0.tar", dir.display());
+        let bad = |key: &str, reason: &str| BadSample { shard: shard.clone(), key: key.into(), reason: reason.into() };
+        assert_eq!(r.bad_samples[..2], [bad("p", "panic"), bad("b", "corrupt_image")]);
         let text = r.to_string();
-        assert!(text.contains("1 usable of 3 keys") && text.contains("failed shard") && text.contains("missing_image"), "{text}");
+        assert!(text.contains("1 usable of 4 keys") && text.contains("failed shard"), "{text}");
+        assert!(text.contains("missing_image") && text.contains("panic"), "{text}");
     }
 }

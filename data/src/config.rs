@@ -29,6 +29,21 @@ pub struct DataConfig {
     /// Sample shuffle buffer size, in samples held encoded in memory (0 disables; eval never
     /// shuffles). Default 2000.
     pub shuffle_buffer: usize,
+    /// The shuffle buffer also stops filling at this many bytes of encoded samples. Default 1 GiB.
+    pub shuffle_buffer_bytes: u64,
+    /// Each reader thread reads ahead of the merge by at most this many bytes (and 64 samples);
+    /// the candidates of a batch being transformed are bounded by it too. Default 128 MiB.
+    pub read_ahead_bytes: u64,
+    /// Tar members larger than this are passed over unread (the sample is skipped as
+    /// `member_too_large`). Default 256 MiB.
+    pub max_member_bytes: u64,
+    /// Captions are cut to this many bytes (at a character boundary) before cleaning and
+    /// tokenization. Default 16384.
+    pub max_caption_bytes: usize,
+    /// A reader that makes no progress for this many seconds (a hung `pipe:` command or
+    /// network filesystem) is abandoned: its shard counts as failed and reading goes on with
+    /// the next one. Default 300.
+    pub read_timeout_s: f64,
     /// Shuffle the shard order every epoch. Default true.
     pub shuffle_shards: bool,
     /// Draw shards with replacement forever (OpenCLIP's `--dataset-resampled`). Default false.
@@ -56,6 +71,11 @@ impl Default for DataConfig {
             image_keys: "jpg;jpeg;png;webp".into(),
             caption_key: "txt".into(),
             shuffle_buffer: 2000,
+            shuffle_buffer_bytes: 1 << 30,
+            read_ahead_bytes: 128 << 20,
+            max_member_bytes: 256 << 20,
+            max_caption_bytes: 16 << 10,
+            read_timeout_s: 300.0,
             shuffle_shards: true,
             resampled: false,
             train_num_samples: 0,
@@ -106,6 +126,19 @@ impl DataConfig {
         }
         if self.prefetch == 0 {
             return err("prefetch", "must be at least 1".into());
+        }
+        for (key, v) in [
+            ("shuffle_buffer_bytes", self.shuffle_buffer_bytes),
+            ("read_ahead_bytes", self.read_ahead_bytes),
+            ("max_member_bytes", self.max_member_bytes),
+            ("max_caption_bytes", self.max_caption_bytes as u64),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        if !(self.read_timeout_s > 0.0 && self.read_timeout_s.is_finite()) {
+            return err("read_timeout_s", "must be a number of seconds > 0".into());
         }
         if self.train_weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
             return err("train_weights", "weights must be finite and > 0".into());

@@ -5,13 +5,20 @@
 //!
 //! shards ([`source`]) → tar members ([`tar`]) → samples grouped by key ([`sample`])
 //! → decoded RGB ([`decode`]) → augreg / eval transforms ([`augment`])
-//! → token ids ([`tokenize`]) → batches with a resumable cursor ([`batch`], [`loader`]).
+//! → token ids ([`tokenize`]) → batches ([`batch`]).
+//!
+//! The [`loader`] runs that path for one rank: the split [`plan`] says which shards each reader
+//! thread reads, `reader` threads read them, `merge` merges them through the shuffle buffer,
+//! `assemble` transforms and batches; every batch carries a [`cursor`] from which [`resume`]
+//! continues, on the same or another number of ranks.
 //!
 //! [`config`] holds the typed `[data]` section, [`rng`] the per-sample random streams that
-//! make augmentation independent of thread and rank, [`stats`] the counters the trainer logs,
-//! [`check`] the dataset report behind `trainer data-check`.
+//! make augmentation independent of thread and rank, [`guard`] the panic guard around each
+//! sample, [`stats`] the counters the trainer logs, [`check`] the dataset report behind
+//! `trainer data-check`, [`error`] what the loader reports.
 
 pub mod config;
+pub mod error;
 pub mod source;
 pub mod tar;
 pub mod sample;
@@ -20,7 +27,14 @@ pub mod resize;
 pub mod augment;
 pub mod tokenize;
 pub mod batch;
+pub mod cursor;
+pub mod plan;
+mod reader;
+mod merge;
+mod assemble;
+pub mod resume;
 pub mod loader;
+pub mod guard;
 pub mod rng;
 pub mod stats;
 pub mod check;
@@ -29,5 +43,8 @@ pub mod bench;
 
 pub use batch::Batch;
 pub use config::DataConfig;
-pub use loader::{DataError, Loader, LoaderOptions, Mode, StreamCursor};
+pub use cursor::StreamCursor;
+pub use error::DataError;
+pub use loader::{Loader, LoaderOptions, Mode};
+pub use resume::ResumeFrom;
 pub use stats::StatsSnapshot;

@@ -1,5 +1,10 @@
 //! Per-sample random streams: the augmentation of a sample depends only on
 //! (seed, epoch, sample identity), never on which thread or rank handles it, nor on a resume.
+//! A sample's identity includes which reading of its shard it came from (the pass, or in
+//! resampled mode the draw), so every occurrence of a sample gets its own augmentation.
+//! The loader's other random choices (shard draws, shuffle-buffer picks) are streams keyed
+//! on their position in the same way ([`SampleRng::keyed`]), so a cursor stores positions,
+//! never generator states.
 
 use rand::{RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -25,6 +30,12 @@ impl SampleRng {
     /// The stream of sample `sample_id` (e.g. `"{shard}/{key}"`) in `epoch` of a run seeded `seed`.
     pub fn for_sample(seed: u64, epoch: u64, sample_id: &str) -> Self {
         let s = mix(mix(mix(seed) ^ epoch) ^ hash_id(sample_id));
+        Self(Xoshiro256PlusPlus::seed_from_u64(s))
+    }
+
+    /// The stream at a position named by numbers (e.g. `[epoch, rank, pick]`) of a run seeded `seed`.
+    pub fn keyed(seed: u64, parts: &[u64]) -> Self {
+        let s = parts.iter().fold(mix(seed), |h, &p| mix(h ^ p));
         Self(Xoshiro256PlusPlus::seed_from_u64(s))
     }
 

@@ -4,21 +4,20 @@
 //! same one member at a time, so memory is bounded by the largest member, never the shard.
 //! Every malformed input (bad checksum, truncated header or payload, absurd size) is an
 //! `io::Error`, never a panic: the loader then skips the rest of the shard.
+//!
+//! Each member reports the tar offset of its first header block, so a reader can later start
+//! again at that member ([`TarReader::starting_at`]): a local shard seeks there, a stream reads
+//! up to it.
 
 use std::io::{self, Read};
-
-/// Members larger than this are skipped unread (a corrupt size field or a stray video must
-/// not allocate gigabytes). LAION images are far below it.
-pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
 
 /// A member's content.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     Bytes(Vec<u8>),
-    /// Not read: it lies at `offset` of the (uncompressed, local) shard file. Used while a
-    /// resumed loader fast-forwards, so skipped images are seeked over instead of read.
-    At { offset: u64, size: u64 },
-    /// Not read: larger than [`MAX_MEMBER_BYTES`].
+    /// Not kept: the caller asked to pass over it (seeked over where the stream can seek).
+    Skipped,
+    /// Not read: larger than the reader's member limit (`data.max_member_bytes`).
     TooLarge,
 }
 
@@ -38,6 +37,8 @@ pub struct Member {
     pub name: String,
     pub payload: Payload,
     pub size: u64,
+    /// Tar offset of the member's first header block (its pax or long-name header, if any).
+    pub offset: u64,
 }
 
 /// A shard byte stream; local plain files can also seek forward over member payloads.
@@ -62,6 +63,9 @@ pub struct TarReader<R> {
     finished: bool,
     /// Bytes of the tar stream consumed so far (the offset of the next header).
     pos: u64,
+    /// Members larger than this are skipped unread (a corrupt size field or a stray video must
+    /// not allocate gigabytes).
+    max_member_bytes: u64,
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -120,12 +124,28 @@ fn checksum_ok(header: &[u8; 512]) -> io::Result<bool> {
 }
 
 impl<R: ShardStream> TarReader<R> {
-    pub fn new(inner: R) -> Self {
-        Self { inner, finished: false, pos: 0 }
+    /// Members from the start of the stream; members over `max_member_bytes` are passed over.
+    pub fn new(inner: R, max_member_bytes: u64) -> Self {
+        Self { inner, finished: false, pos: 0, max_member_bytes }
+    }
+
+    /// Members from tar offset `offset` on (a header boundary an earlier read reported): seeked
+    /// to where the stream can seek, read through otherwise.
+    pub fn starting_at(mut inner: R, offset: u64, max_member_bytes: u64) -> io::Result<Self> {
+        if offset > 0 && !inner.seek_forward(offset)? {
+            skip(&mut inner, offset)?;
+        }
+        Ok(Self { inner, finished: false, pos: offset, max_member_bytes })
+    }
+
+    /// The tar offset of the next header.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     fn payload(&mut self, size: u64) -> io::Result<Vec<u8>> {
-        let mut data = Vec::with_capacity(size.min(1 << 24) as usize);
+        // `size` is at most the member limit: allocate once instead of doubling up to it.
+        let mut data = Vec::with_capacity(size as usize);
         (&mut self.inner).take(size).read_to_end(&mut data)?;
         if data.len() as u64 != size {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated tar member"));
@@ -145,12 +165,23 @@ impl<R: ShardStream> TarReader<R> {
         self.skip((512 - size % 512) % 512)
     }
 
+    /// Pass over `n` payload bytes and their padding: seeked over where the stream allows.
+    fn pass_over(&mut self, size: u64) -> io::Result<()> {
+        let padded = size.div_ceil(512) * 512;
+        if padded > 0 && self.inner.seek_forward(padded)? {
+            self.pos += padded;
+            return Ok(());
+        }
+        self.skip(size)?;
+        self.pad(size)
+    }
+
     /// The next regular-file member, `Ok(None)` at the end of the archive. Members for which
-    /// `defer(name)` holds are seeked over (when the stream can seek) and returned as
-    /// [`Payload::At`].
-    pub fn next_member(&mut self, defer: &dyn Fn(&str) -> bool) -> io::Result<Option<Member>> {
+    /// `skip(name)` holds are passed over unread and returned as [`Payload::Skipped`].
+    pub fn next_member(&mut self, skip: &mut dyn FnMut(&str) -> bool) -> io::Result<Option<Member>> {
         let mut long_name: Option<String> = None;
         let mut header = [0u8; 512];
+        let mut offset = self.pos;
         loop {
             let more = !self.finished && read_block(&mut self.inner, &mut header)?;
             if more {
@@ -163,6 +194,9 @@ impl<R: ShardStream> TarReader<R> {
                 return Ok(None);
             }
             if header.iter().all(|&b| b == 0) {
+                // The end-of-archive marker: the position stays at it, where a later read that
+                // starts here finds the end again.
+                self.pos -= 512;
                 self.finished = true;
                 return Ok(None);
             }
@@ -194,27 +228,22 @@ impl<R: ShardStream> TarReader<R> {
                             format!("{}/{}", String::from_utf8_lossy(prefix), name)
                         }
                     });
-                    if size > MAX_MEMBER_BYTES {
-                        self.skip(size)?;
-                        self.pad(size)?;
-                        return Ok(Some(Member { name, payload: Payload::TooLarge, size }));
+                    if skip(&name) {
+                        self.pass_over(size)?;
+                        return Ok(Some(Member { name, payload: Payload::Skipped, size, offset }));
                     }
-                    if size > 0 && defer(&name) {
-                        let offset = self.pos;
-                        if self.inner.seek_forward(size)? {
-                            self.pos += size;
-                            self.pad(size)?;
-                            return Ok(Some(Member { name, payload: Payload::At { offset, size }, size }));
-                        }
+                    if size > self.max_member_bytes {
+                        self.pass_over(size)?;
+                        return Ok(Some(Member { name, payload: Payload::TooLarge, size, offset }));
                     }
                     let data = self.payload(size)?;
-                    return Ok(Some(Member { name, payload: Payload::Bytes(data), size }));
+                    return Ok(Some(Member { name, payload: Payload::Bytes(data), size, offset }));
                 }
                 // Directories, links, global pax headers, ...: not sample data.
                 _ => {
-                    self.skip(size)?;
-                    self.pad(size)?;
+                    self.pass_over(size)?;
                     long_name = None;
+                    offset = self.pos;
                 }
             }
         }
@@ -241,24 +270,29 @@ fn pax_path(data: &[u8]) -> Option<String> {
     path
 }
 
+/// The ustar header of a regular file `name` of `size` bytes (tests and fixtures only).
+pub fn ustar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
 /// Writes a minimal ustar archive (tests and fixtures only).
 pub fn write_tar(members: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, data) in members {
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
-        h[136..148].copy_from_slice(b"00000000000\0");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| b as u32).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
+        out.extend_from_slice(&ustar_header(name, data.len() as u64));
         out.extend_from_slice(data);
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
@@ -271,9 +305,9 @@ mod tests {
     use super::*;
 
     fn all(bytes: &[u8]) -> io::Result<Vec<Member>> {
-        let mut r = TarReader::new(bytes);
+        let mut r = TarReader::new(bytes, 1 << 20);
         let mut v = Vec::new();
-        while let Some(m) = r.next_member(&|_| false)? {
+        while let Some(m) = r.next_member(&mut |_| false)? {
             v.push(m);
         }
         Ok(v)
@@ -286,6 +320,21 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].name.as_str(), m[0].payload.bytes()), ("a/0.jpg", Some(&b"xyz"[..])));
         assert_eq!(m[1].payload.bytes(), Some(&b""[..]));
+    }
+
+    #[test]
+    fn members_over_the_limit_are_passed_over_unread_and_positions_stay_right() {
+        let tar = write_tar(&[("0.jpg", &[7u8; 3000]), ("0.txt", b"cap"), ("1.jpg", b"small")]);
+        let mut r = TarReader::new(&tar[..], 2999);
+        let big = r.next_member(&mut |_| false).unwrap().unwrap();
+        assert_eq!((big.payload, big.size, big.offset), (Payload::TooLarge, 3000, 0));
+        // 512 header + 3072 padded payload.
+        let cap = r.next_member(&mut |_| false).unwrap().unwrap();
+        assert_eq!((cap.payload.bytes(), cap.offset), (Some(&b"cap"[..]), 3584));
+        let skipped = r.next_member(&mut |name| name == "1.jpg").unwrap().unwrap();
+        assert_eq!((skipped.payload, skipped.offset), (Payload::Skipped, 4608));
+        assert!(r.next_member(&mut |_| false).unwrap().is_none());
+        assert_eq!(r.position(), 5632, "the end-of-archive marker");
     }
 
     #[test]

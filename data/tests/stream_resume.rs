@@ -48,8 +48,8 @@ fn data(name: &str) -> String {
 #[test]
 fn sequential_resume_is_exact_for_two_ranks_mid_shard_and_across_epochs() {
     let pattern = data("resume-seq");
-    let cfg = cfg();
-    // Each rank: 3 shards, 21 (or 20) candidates per epoch -> 5 full batches of 4.
+    // Each rank: 3 shards, 21 (or 20) usable samples per epoch; 40 / (4 x 2) -> 5 batches of 4.
+    let cfg = DataConfig { train_num_samples: 40, ..cfg() };
     for rank in 0..2 {
         for cut in [1, 2, 5, 6, 9] {
             check_resume(&cfg, &pattern, rank, 2, 14, cut);
@@ -164,33 +164,74 @@ fn batches_do_not_depend_on_thread_timing_or_worker_count() {
 }
 
 #[test]
-fn resume_seeks_over_skipped_images_of_local_shards() {
+fn resume_seeks_to_recorded_offsets_and_reads_no_payload_it_skips() {
     let dir = tempdir("resume-seek");
-    let samples: Vec<_> = (0..30)
+    const IMAGE: usize = 400_000;
+    let samples: Vec<_> = (0..100)
         .map(|i| {
-            let key = format!("s0_{i:02}");
+            let key = format!("s0_{i:03}");
             let mut image = format!("IMG:{key}:").into_bytes();
-            image.resize(400_000, i as u8);
+            image.resize(IMAGE, i as u8);
             vec![(format!("{key}.jpg"), image), (format!("{key}.txt"), format!("caption {key}").into_bytes())]
         })
         .collect();
     std::fs::write(dir.join("0.tar"), tar_of(&samples)).unwrap();
     let pattern = format!("{}/0.tar", dir.display());
-    let size = std::fs::metadata(dir.join("0.tar")).unwrap().len();
-    // Eval: a single pass, so no read-ahead into a next epoch blurs the byte count.
-    let cfg = DataConfig { readers: 1, ..cfg() };
+    // One reader, a small read-ahead: what the resumed loader reads stays well inside the shard.
+    let cfg = DataConfig { readers: 1, shuffle_buffer: 4, read_ahead_bytes: 1 << 20, ..cfg() };
     let t = || Arc::new(FakeTransform::default());
-    let all = |l: &mut Loader| std::iter::from_fn(|| l.next_batch()).collect::<Vec<_>>();
+    let mut full = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, t(), None)).unwrap();
+    let reference = take(&mut full, 16);
+    drop(full);
 
-    let reference = all(&mut Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Eval, t(), None)).unwrap());
-    assert_eq!(reference.len(), 8);
-    let mut resumed = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Eval, t(), Some(reference[5].cursor.clone()))).unwrap();
-    let rest = all(&mut resumed);
-    assert_eq!(keys(&rest), keys(&reference[6..]));
-    for (a, b) in rest.iter().zip(&reference[6..]) {
-        assert_eq!(a.images, b.images, "deferred images read back wrong");
-    }
-    // 6 of 30 images are needed; reading the 24 skipped ones would be 80% of the file.
+    let cut = &reference[14].cursor;
+    let emitted = 15 * 4;
+    let mut resumed = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, t(), Some(cut.clone()))).unwrap();
+    let next = take(&mut resumed, 1);
+    assert_eq!(keys(&next), keys(&reference[15..]));
+    assert_eq!(next[0].images, reference[15].images, "samples read back from their offsets differ");
+    // Let the loader read ahead as far as it will (prefetch, shuffle buffer, read-ahead).
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let read = resumed.stats().bytes_read;
-    assert!(read < size * 7 / 20, "resume read {read} of {size} bytes: skipped images were read");
+    // Replaying the 60 samples already emitted would read 24 MB of their images alone; the
+    // resume may read only what is still to come (40 samples, 16 MB).
+    let unemitted = ((100 - emitted) * IMAGE) as u64;
+    assert!(read < unemitted, "resume read {read} bytes, more than the {unemitted} of samples not yet emitted");
+    assert!(read > 4 * IMAGE as u64, "the resumed loader read almost nothing ({read} bytes): the test proves nothing");
+}
+
+#[test]
+fn pipe_sources_re_read_only_the_shards_in_flight() {
+    let dir = tempdir("resume-pipe");
+    let local = dataset(&dir, 6, 20);
+    let log = dir.join("opened.log");
+    let pattern = (0..6)
+        .map(|s| format!("pipe:echo {s} >> {log}; cat {dir}/{s:03}.tar", log = log.display(), dir = dir.display()))
+        .collect::<Vec<_>>()
+        .join("::");
+    assert!(!local.is_empty());
+    let cfg = DataConfig { train_num_samples: 0, ..cfg() };
+    let t = || Arc::new(FakeTransform::default());
+    let mut full = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, t(), None)).unwrap();
+    let reference = take(&mut full, 20);
+    drop(full);
+    let cut = reference[15].cursor.clone();
+    let in_flight: Vec<u32> = cut
+        .readers
+        .iter()
+        .flat_map(|r| r.at.iter().chain(&r.todo).map(|u| u.shard))
+        .chain(cut.buffer.iter().map(|g| g.shard))
+        .collect();
+    let done: Vec<u32> = (0..6).filter(|s| !in_flight.contains(s)).collect();
+    assert!(!done.is_empty(), "no shard was finished at the cut: the test proves nothing ({cut:?})");
+
+    std::fs::write(&log, "").unwrap();
+    let mut resumed = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, t(), Some(cut))).unwrap();
+    let rest = take(&mut resumed, 4);
+    drop(resumed);
+    assert_eq!(keys(&rest), keys(&reference[16..]));
+    let opened: Vec<u32> = std::fs::read_to_string(&log).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    for s in &done {
+        assert!(!opened.contains(s), "shard {s} was finished before the cut but read again (opened: {opened:?})");
+    }
 }

@@ -1,11 +1,14 @@
 //! Bad data never crashes, hangs or silently stalls the loader: each case ends in a skipped
-//! sample or shard, a counter in the stats, and the good samples still arrive.
+//! sample or shard, a counter in the stats, and the good samples still arrive. This includes a
+//! sample that makes the transform or the tokenizer panic, and a shard whose reader stalls.
 
 mod stream_support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferroclip_data::decode::DecodeError;
+use ferroclip_data::rng::SampleRng;
 use ferroclip_data::{DataConfig, DataError, Loader, Mode};
 use stream_support::*;
 
@@ -48,6 +51,19 @@ fn bad_images_and_captions_are_skipped_and_counted() {
         assert_eq!(stats.skipped.get(reason), Some(&1), "{reason}: {:?}", stats.skipped);
     }
     assert_eq!(stats.samples_yielded, 2);
+}
+
+#[test]
+fn members_over_max_member_bytes_are_skipped_and_counted() {
+    let dir = tempdir("robust-member-limit");
+    let mut s: Vec<_> = (0..4).map(|i| good(&format!("k{i}"))).collect();
+    s[1][0].1 = [b"IMG:".as_slice(), &[0u8; 5000]].concat(); // image over the limit
+    s[2][1].1 = vec![b'x'; 5000]; // caption over the limit
+    std::fs::write(dir.join("0.tar"), tar_of(&s)).unwrap();
+    let cfg = DataConfig { max_member_bytes: 4096, ..cfg() };
+    let (keys, stats) = eval_all(&cfg, &format!("{}/0.tar", dir.display()), 2);
+    assert_eq!(keys, ["k0", "k3"]);
+    assert_eq!(stats.skipped.get("member_too_large"), Some(&2), "{:?}", stats.skipped);
 }
 
 #[test]
@@ -124,29 +140,83 @@ fn epochs_shorter_than_a_batch_stop_instead_of_spinning() {
     assert!(none);
 }
 
-struct Panics;
+/// The fake transform, except that it panics on the image of one key (as a decoder bug on one
+/// crafted header would).
+struct PanicsOn(&'static str);
 
-impl ferroclip_data::augment::ImageTransform for Panics {
+impl ferroclip_data::augment::ImageTransform for PanicsOn {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, _: &[u8], _: &str, _: &mut ferroclip_data::rng::SampleRng, _: &mut [f32]) -> Result<(), ferroclip_data::decode::DecodeError> {
-        panic!("transform bug")
+    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [f32]) -> Result<(), DecodeError> {
+        if e == format!("IMG:{}", self.0).as_bytes() {
+            panic!("transform bug on {}", self.0);
+        }
+        FakeTransform::default().apply(e, x, r, o)
+    }
+}
+
+/// Byte tokens, except that it panics on one caption.
+struct TokenizerPanicsOn(&'static str);
+
+impl ferroclip_data::tokenize::Tokenizer for TokenizerPanicsOn {
+    fn context_length(&self) -> usize {
+        ByteTokenizer.context_length()
+    }
+    fn encode_into(&self, text: &str, out: &mut [i64]) {
+        assert!(!text.ends_with(self.0), "tokenizer bug on {text:?}");
+        ByteTokenizer.encode_into(text, out)
     }
 }
 
 #[test]
-fn a_panicking_transform_ends_the_stream_with_an_error() {
+fn a_sample_that_panics_is_skipped_and_counted_and_every_other_arrives() {
     let dir = tempdir("robust-panic");
+    let pattern = dataset(&dir, 3, 6);
+    for mode in [Mode::Eval, Mode::Train] {
+        let pattern = pattern.clone();
+        let (keys, stats) = within(60, move || {
+            let mut o = opts(0, 1, 2, mode, Arc::new(FakeTransform::default()), None);
+            o.transform = Arc::new(PanicsOn("s1_03"));
+            o.tokenizer = Arc::new(TokenizerPanicsOn("s2_05"));
+            let cfg = DataConfig { train_num_samples: 16, ..cfg() };
+            let mut l = Loader::new(&cfg, &pattern, o).unwrap();
+            // Eval: one pass; Train: one epoch of 16 samples. Both are all 18 but the two that panic.
+            let keys: Vec<String> = take(&mut l, 8).into_iter().flat_map(|b| b.keys).collect();
+            if mode == Mode::Eval {
+                assert!(l.next_batch().is_none(), "one pass holds 8 batches");
+            }
+            (keys, l.stats())
+        });
+        let mut want: Vec<String> = (0..3).flat_map(|s| (0..6).map(move |i| format!("s{s}_{i:02}"))).collect();
+        want.retain(|k| k != "s1_03" && k != "s2_05");
+        assert_eq!(sorted(keys), want, "{mode:?}");
+        if mode == Mode::Eval {
+            // The whole pass was read: both panics are counted, and nothing else.
+            assert_eq!(stats.skipped.get("panic"), Some(&2), "{mode:?}: {:?}", stats.skipped);
+            assert_eq!(stats.skipped_total(), 2);
+        } else {
+            // Training goes on into the next epochs (where the two panic again).
+            assert!(stats.skipped.get("panic").is_some_and(|&n| n >= 1), "{mode:?}: {:?}", stats.skipped);
+            assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
+        }
+    }
+}
+
+#[test]
+fn panics_that_leave_no_full_batch_end_the_stream_with_an_error_not_a_hang() {
+    let dir = tempdir("robust-panic-all");
     let pattern = dataset(&dir, 1, 3);
-    let (none, err) = within(60, move || {
+    let (none, err, panics) = within(60, move || {
         let mut o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
-        o.transform = Arc::new(Panics);
-        let mut l = Loader::new(&cfg(), &pattern, o).unwrap();
-        (l.next_batch().is_none(), l.error().map(|e| e.to_string()))
+        o.transform = Arc::new(PanicsOn("s0_00"));
+        o.tokenizer = Arc::new(TokenizerPanicsOn("s0_01"));
+        let mut l = Loader::new(&DataConfig { readers: 1, ..cfg() }, &pattern, o).unwrap();
+        (l.next_batch().is_none(), l.error().map(|e| e.to_string()), l.stats().skipped.get("panic").copied())
     });
     assert!(none);
-    assert!(err.unwrap().contains("transform bug"));
+    assert!(err.unwrap().contains("not a single full batch"));
+    assert_eq!(panics, Some(2));
 }
 
 #[test]
@@ -175,4 +245,101 @@ fn eval_splits_shards_across_ranks_and_stats_serialize() {
         all.extend(ks);
     }
     assert_eq!(all.len(), 9);
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_stalled_pipe_is_abandoned_after_the_read_timeout_and_the_stream_goes_on() {
+    let dir = tempdir("robust-stall");
+    let pattern = dataset(&dir, 4, 6);
+    // `sleep` (its arguments add up, the second one marks it as this test's) under a shell, as a
+    // hung download would be: ending the shell alone would leave it running.
+    let marker = format!("sleep 3600 0.000{}", std::process::id());
+    let sources = format!("pipe:{marker}; true::{pattern}");
+    for mode in [Mode::Train, Mode::Eval] {
+        let (sources, marker2) = (sources.clone(), marker.clone());
+        let (keys, stats, lingering) = within(60, move || {
+            let cfg = DataConfig { read_timeout_s: 1.0, ..cfg() };
+            let o = opts(0, 1, 4, mode, Arc::new(FakeTransform::default()), None);
+            let mut l = Loader::new(&cfg, &sources, o).unwrap();
+            let keys: Vec<String> = take(&mut l, 6).into_iter().flat_map(|b| b.keys).collect();
+            // Train may hand out every good sample before the stalled shard's time is up: wait for
+            // the timeout to strike.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while l.stats().shards_failed == 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let stats = l.stats();
+            // Eval reads one pass: the abandoned command must be gone by itself. Training goes on
+            // (a later epoch meets the shard again): stopping the loader must end that one too.
+            if mode == Mode::Train {
+                drop(l);
+            }
+            while !processes_with(&marker2).is_empty() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (keys, stats, processes_with(&marker2))
+        });
+        let want: Vec<String> = (0..4).flat_map(|s| (0..6).map(move |i| format!("s{s}_{i:02}"))).collect();
+        assert_eq!(sorted(keys), want, "{mode:?}");
+        assert!(stats.shards_failed == 1 || (mode == Mode::Train && stats.shards_failed > 1), "{mode:?}: {stats:?}");
+        assert!(lingering.is_empty(), "{mode:?}: the stalled command still runs: {lingering:?}");
+    }
+}
+
+#[test]
+fn the_merge_serves_the_other_readers_while_one_waits() {
+    let dir = tempdir("robust-wait");
+    dataset(&dir, 4, 6);
+    let flag = dir.join("go");
+    // Reader 0 reads shard 0 (which waits for the flag), then 2; reader 1 reads shards 1 and 3.
+    let wait = format!("pipe:while [ ! -e {} ]; do sleep 0.05; done; cat {}/000.tar", flag.display(), dir.display());
+    let sources = format!("{wait}::{}/{{001..003}}.tar", dir.display());
+    let keys = within(60, move || {
+        let cfg = DataConfig { shuffle_shards: false, ..cfg() };
+        let o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
+        let mut l = Loader::new(&cfg, &sources, o).unwrap();
+        // Reader 1's 12 samples minus what the shuffle buffer (5) keeps: 4 batches can come now.
+        let early: Vec<String> = take(&mut l, 3).into_iter().flat_map(|b| b.keys).collect();
+        std::fs::write(&flag, b"").unwrap();
+        let late: Vec<String> = take(&mut l, 9).into_iter().flat_map(|b| b.keys).collect();
+        (early, late)
+    });
+    assert!(keys.0.iter().all(|k| k.starts_with("s1_") || k.starts_with("s3_")), "{:?}", keys.0);
+    let want: Vec<String> = (0..4).flat_map(|s| (0..6).map(move |i| format!("s{s}_{i:02}"))).collect();
+    assert_eq!(sorted(keys.0.into_iter().chain(keys.1).collect()), want);
+}
+
+#[test]
+fn a_reader_waiting_for_a_slow_consumer_is_not_taken_for_stalled() {
+    let dir = tempdir("robust-slow-consumer");
+    let pattern = dataset(&dir, 4, 40);
+    // Readers fill their read-ahead (64 samples) and wait for the merge far longer than the
+    // timeout while the consumer sleeps; then the merge empties their channels at once.
+    let cfg = DataConfig { read_timeout_s: 0.3, prefetch: 1, shuffle_buffer: 4, ..cfg() };
+    let (keys, stats) = within(60, move || {
+        let o = opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None);
+        let mut l = Loader::new(&cfg, &pattern, o).unwrap();
+        let mut keys: Vec<String> = take(&mut l, 1).into_iter().flat_map(|b| b.keys).collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        keys.extend(take(&mut l, 39).into_iter().flat_map(|b| b.keys));
+        (keys, l.stats())
+    });
+    assert_eq!(stats.shards_failed, 0, "a waiting reader was abandoned: {stats:?}");
+    let mut distinct = sorted(keys);
+    distinct.dedup();
+    assert_eq!(distinct.len(), 160, "every sample of the epoch, once");
 }

@@ -129,11 +129,19 @@ pub fn tokens(tok: &dyn Tokenizer, texts: &[impl AsRef<str>]) -> Tensor {
     Tensor::from_slice(&ids).view([texts.len() as i64, c as i64])
 }
 
-/// `trainer data-check`
+/// `trainer data-check`: each sample goes through what training does to it (the train
+/// transform at the model's size, the tokenizer), so whatever would be skipped is reported.
 pub fn data_check(cfg: &Config) -> Result<()> {
-    let max_pixels = cfg.data.max_image_pixels;
-    let validate = move |bytes: &[u8], ext: &str| -> Result<(), String> {
-        ferroclip_data::decode::decode_rgb(bytes, ext, max_pixels).map(|_| ()).map_err(|e| e.to_string())
+    use ferroclip_data::augment::ImageTransform;
+    let size = session::model_config(cfg).image_size() as usize;
+    let transform = TrainTransform::new(size, &cfg.data.augment, cfg.data.max_image_pixels);
+    let tokenizer = session::tokenizer(cfg)?;
+    let validate = move |s: &ferroclip_data::sample::Sample| -> Result<(), String> {
+        let mut out = vec![0f32; 3 * size * size];
+        let mut rng = ferroclip_data::rng::SampleRng::for_sample(cfg.seed, 0, &s.key);
+        transform.apply(&s.image, &s.image_ext, &mut rng, &mut out).map_err(|e| e.reason().to_string())?;
+        tokenizer.encode(&s.caption);
+        Ok(())
     };
     let report = ferroclip_data::check::check_shards(&cfg.data, &cfg.data.train, &validate)?;
     println!("{report}");

@@ -227,11 +227,14 @@ pub struct CheckpointConfig {
     pub keep: usize,
     /// `""` (fresh start), `"latest"` (newest in this run's `checkpoints/`, fresh if none), or a path. Default `""`.
     pub resume: String,
+    /// Resume even if what determines the data stream changed (shards, weights, readers, shuffle
+    /// buffer, seed, resampled): the stream then continues as well as it can instead of exactly. Default false.
+    pub allow_data_change: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 1000, keep: 3, resume: String::new() }
+        Self { every_steps: 1000, keep: 3, resume: String::new(), allow_data_change: false }
     }
 }
 
@@ -241,11 +244,14 @@ impl Default for CheckpointConfig {
 pub struct LogConfig {
     /// Log (TensorBoard, metrics.jsonl, a plain line) every N optimizer steps. Default 10.
     pub every_steps: u64,
+    /// Every rank writes the keys of the samples it trains on to `sample_keys/rank{R}.tsv`
+    /// (step, epoch, key per line). Default false.
+    pub sample_keys: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { every_steps: 10 }
+        Self { every_steps: 10, sample_keys: false }
     }
 }
 

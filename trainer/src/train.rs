@@ -13,12 +13,12 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use ferroclip_data::augment::TrainTransform;
 use ferroclip_data::loader::{Loader, LoaderOptions, Mode};
-use ferroclip_data::{Batch, StreamCursor};
+use ferroclip_data::{Batch, ResumeFrom, StreamCursor};
 
 use crate::checkpoint::{self, CheckpointDir};
 use crate::config::Config;
 use crate::dist::{self, preempt, Collective};
-use crate::log::{RunLogger, StepStats};
+use crate::log::{RunLogger, SampleKeyLog, StepStats};
 use crate::loss::ClipLoss;
 use crate::model::{Clip, ContrastiveModel};
 use crate::optim::adamw::{AdamW, AdamWConfig};
@@ -99,23 +99,22 @@ fn train(
     let schedule = cfg.schedule.build(cfg.optim.lr, cfg.train.max_steps);
     let loss_fn = ClipLoss { local_loss: cfg.train.local_loss };
 
+    // Optimizer, schedule and counters do not depend on the world size; the data stream picks up
+    // from every rank's cursor (exactly, or re-split over this job's ranks: ferroclip_data::resume).
     let mut counters = Counters::default();
     let mut cursor: Option<StreamCursor> = None;
+    let mut data_resume = None;
     if let Some((_, state_path)) = &resume {
         let (c, cursors) = restore_state(state_path, &mut opt)?;
-        if cursors.len() != world {
-            bail!(
-                "{} was written by {} rank(s), this job has {world}: each rank resumes its own data stream, \
-                 so resume with the same number of ranks (or start a new run with model.init = the model file)",
-                state_path.display(),
-                cursors.len()
-            );
-        }
         counters = c;
-        cursor = Some(cursors[rank].clone());
         if is_main {
-            eprintln!("ferroclip: resumed from {} at step {}", state_path.display(), counters.step);
+            let ranks = match cursors.len() {
+                n if n == world => String::new(),
+                n => format!(" (written by {n} ranks, now {world})"),
+            };
+            eprintln!("ferroclip: resumed from {} at step {}{ranks}", state_path.display(), counters.step);
         }
+        data_resume = Some(ResumeFrom { cursors, allow_data_change: cfg.checkpoint.allow_data_change });
     }
 
     let transform = Arc::new(TrainTransform::new(mcfg.image_size() as usize, &cfg.data.augment, cfg.data.max_image_pixels));
@@ -131,10 +130,14 @@ fn train(
             transform,
             tokenizer: session::tokenizer(cfg)?,
             label_key: None,
-            resume: cursor.clone(),
+            resume: data_resume,
         },
     )
     .with_context(|| format!("opening data.train `{}`", cfg.data.train))?;
+    let mut key_log = match cfg.log.sample_keys {
+        true => Some(SampleKeyLog::open(&run_dir, rank, counters.step).context("opening the sample key log")?),
+        false => None,
+    };
 
     let mut logger = RunLogger::create(&run_dir, cfg.train.max_steps, is_main).context("creating the run logs")?;
     let global_batch = (cfg.data.batch_size * cfg.train.accum_freq * world) as u64;
@@ -153,6 +156,9 @@ fn train(
                 }
             };
             cursor = Some(batch.cursor.clone());
+            if let Some(log) = key_log.as_mut() {
+                log.record(counters.step + 1, &batch).context("writing the sample key log")?;
+            }
             micro.push(to_device(&batch, device));
         }
         window.data_wait += t_wait.elapsed().as_secs_f64();
@@ -227,8 +233,12 @@ fn train(
 
         let mut preempted = preempt::any_rank(stop.load(Ordering::Relaxed), collective);
         let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
-        // Rank 0 writes; returns the model file it wrote.
-        let checkpoint_now = || -> Result<Option<std::path::PathBuf>> {
+        // Rank 0 writes; returns the model file it wrote. The sample key log is flushed first, so it
+        // covers every step the checkpoint does.
+        let mut checkpoint_now = || -> Result<Option<std::path::PathBuf>> {
+            if let Some(log) = key_log.as_mut() {
+                log.flush().context("writing the sample key log")?;
+            }
             let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
             let cursors = dist::all_gather_bytes(collective, &cursor_json, device);
             let saved = if is_main { Some(save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?.model) } else { None };

@@ -10,7 +10,7 @@ use ferroclip_data::decode::DecodeError;
 use ferroclip_data::rng::SampleRng;
 use ferroclip_data::tar::write_tar;
 use ferroclip_data::tokenize::Tokenizer;
-use ferroclip_data::{Batch, DataConfig, Loader, LoaderOptions, Mode, StreamCursor};
+use ferroclip_data::{Batch, DataConfig, Loader, LoaderOptions, Mode, ResumeFrom, StreamCursor};
 use rand::RngCore;
 
 pub const SIZE: usize = 2;
@@ -92,6 +92,8 @@ pub fn cfg() -> DataConfig {
     DataConfig { workers: 2, readers: 2, shuffle_buffer: 5, prefetch: 2, ..DataConfig::default() }
 }
 
+/// Options for rank `rank` of `world_size`; `resume` continues right after the batch that
+/// carried that cursor.
 pub fn opts(rank: usize, world_size: usize, batch_size: usize, mode: Mode, transform: Arc<FakeTransform>, resume: Option<StreamCursor>) -> LoaderOptions {
     LoaderOptions {
         rank,
@@ -102,7 +104,7 @@ pub fn opts(rank: usize, world_size: usize, batch_size: usize, mode: Mode, trans
         transform,
         tokenizer: Arc::new(ByteTokenizer),
         label_key: None,
-        resume,
+        resume: resume.map(ResumeFrom::own),
     }
 }
 

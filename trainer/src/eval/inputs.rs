@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use ferroclip_data::sample::{SampleGrouper, SampleSpec, SkipReason};
-use ferroclip_data::source::{expand_shards, open_shard};
+use ferroclip_data::source::{expand_shards, open_shard, Activity};
 use ferroclip_data::DataConfig;
 
 use super::classes;
@@ -143,9 +143,9 @@ fn shards(data: &DataConfig, key: &str, pattern: &str, label_key: Option<&str>) 
     }
     if let Some(first) = local.first() {
         let url = &first.url;
-        let reader = open_shard(first, Arc::new(AtomicU64::new(0)))
+        let reader = open_shard(first, Arc::new(AtomicU64::new(0)), Arc::new(Activity::default()))
             .map_err(|err| bad(url, key, format!("cannot open: {err}")))?;
-        let raw = SampleGrouper::new(reader)
+        let raw = SampleGrouper::new(reader, data.max_member_bytes)
             .next_sample()
             .map_err(|err| bad(url, key, format!("not a readable tar shard: {err}")))?
             .ok_or_else(|| bad(url, key, "the shard holds no sample"))?;

@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod progress;
+pub mod sample_keys;
 pub mod tensorboard;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::path::Path;
 
 pub use metrics::MetricsWriter;
 pub use progress::{Progress, StepStats};
+pub use sample_keys::SampleKeyLog;
 pub use tensorboard::TensorBoardWriter;
 
 /// Everything a run writes for monitoring. On ranks other than 0 (`enabled == false`) every
