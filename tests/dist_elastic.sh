@@ -13,11 +13,7 @@
 #   tests/dist_elastic.sh          (needs scripts/install-system-deps)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dist_common.sh"
-(cd "$REPO" && cargo build -q -p trainer --bin trainer --features "$FEATURES") || {
-    echo "FAIL: cannot build trainer" >&2
-    exit 1
-}
-TRAINER=$TARGET/debug/trainer
+TRAINER=$(build_trainer default)
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -59,10 +55,12 @@ every_steps = 1
 sample_keys = true
 EOF
 
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[[ $(id -u) == 0 ]] && MPIRUN+=(--allow-run-as-root)
-launch() { # launch N: the command that starts N ranks
-    if [[ $1 == 1 ]]; then LAUNCH=("$TRAINER"); else LAUNCH=("${MPIRUN[@]}" -np "$1" "$TRAINER"); fi
+launch() { # launch N: the command that starts N ranks (each launch on a free rendezvous port)
+    if [[ $1 == 1 ]]; then
+        LAUNCH=("$TRAINER")
+    else
+        LAUNCH=(env MASTER_PORT="$(free_port)" "${MPIRUN[@]}" -np "$1" "$TRAINER")
+    fi
 }
 
 # check_run NAME MODE W CUT W2 TOTAL: the checks listed at the top, on runs/NAME.

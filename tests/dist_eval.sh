@@ -7,15 +7,14 @@
 #   tests/dist_eval.sh          (needs scripts/install-system-deps)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dist_common.sh"
-(cd "$REPO" && cargo build -q -p trainer --bin trainer --features "$FEATURES") || { echo "FAIL: cannot build trainer" >&2; exit 1; }
-TRAINER=$TARGET/debug/trainer
+TRAINER=$(build_trainer default)
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 "$TRAINER" make-demo-data --out demo-data --shards 2 --per-shard 64 2>/dev/null
-MPIRUN=(mpirun --oversubscribe --bind-to none)
-[[ $(id -u) == 0 ]] && MPIRUN+=(--allow-run-as-root)
+# Each mpirun job meets on a free rendezvous port (`env MASTER_PORT=...`); strict device mode
+# (eval.toml): control data on the device path (the stop vote, row counts) would end the job.
 
 # One libtorch thread per rank everywhere: the same kernels, so the same bits.
 cat > eval.toml <<EOF
@@ -51,6 +50,8 @@ zeroshot_templates = "demo-data/templates.txt"
 retrieval_data = "demo-data/eval/{00000..00001}.tar"
 val_data = "demo-data/eval/{00000..00001}.tar"
 batch_size = 24
+[dist]
+strict_device = true
 EOF
 
 # A class folder set from the second eval shard: folders named by class, in no useful order.
@@ -64,7 +65,7 @@ for cls in raw/*.cls; do
 done
 
 run_case "mpirun -np 2 trainer (evaluation at the end on both ranks)" ok 300 "zeroshot_top1" -- \
-    "${MPIRUN[@]}" -np 2 "$TRAINER" --config eval.toml
+    env MASTER_PORT="$(free_port)" "${MPIRUN[@]}" -np 2 "$TRAINER" --config eval.toml
 MODEL=runs/train/checkpoints/step_00000020.safetensors
 
 # same_json NAME A B: the flat results are equal, key by key, exactly.
@@ -99,7 +100,7 @@ EVAL=(eval --config eval.toml --checkpoint "$MODEL")
 run_case "trainer eval, one process" ok 120 "zeroshot_top1" -- "$TRAINER" "${EVAL[@]}" --out r1.json
 same_json "the 2-rank training run logged what one process computes" runs/train/metrics.jsonl r1.json
 for np in 2 3; do
-    run_case "mpirun -np $np trainer eval" ok 120 "zeroshot_top1" -- "${MPIRUN[@]}" -np "$np" "$TRAINER" "${EVAL[@]}" --out "r$np.json"
+    run_case "mpirun -np $np trainer eval" ok 120 "zeroshot_top1" -- env MASTER_PORT="$(free_port)" "${MPIRUN[@]}" -np "$np" "$TRAINER" "${EVAL[@]}" --out "r$np.json"
     # 2 eval shards: at 3 ranks, rank 2 owns only a chunk of the classifier.
     same_json "$np ranks evaluate exactly as one" r1.json "r$np.json"
 done
@@ -108,7 +109,7 @@ FOLDER=(--set eval.zeroshot_data=classes --set eval.zeroshot_classnames= --set e
 run_case "trainer eval on a class folder, one process" ok 120 "zeroshot_top1" -- "$TRAINER" "${EVAL[@]}" "${FOLDER[@]}" --out f1.json
 for np in 2 3; do
     run_case "mpirun -np $np trainer eval on a class folder" ok 120 "zeroshot_top1" -- \
-        "${MPIRUN[@]}" -np "$np" "$TRAINER" "${EVAL[@]}" "${FOLDER[@]}" --out "f$np.json"
+        env MASTER_PORT="$(free_port)" "${MPIRUN[@]}" -np "$np" "$TRAINER" "${EVAL[@]}" "${FOLDER[@]}" --out "f$np.json"
     same_json "$np ranks evaluate a class folder exactly as one" f1.json "f$np.json"
 done
 finish

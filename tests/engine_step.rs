@@ -8,6 +8,7 @@ use ferroclip::dist::Collective;
 use ferroclip::loss::ClipLoss;
 use ferroclip::model::ContrastiveModel;
 use ferroclip::optim::{AdamW, AdamWConfig};
+use ferroclip::dist::grad_buckets::GradSync;
 use ferroclip::step::{all_reduce_grads, contrastive_step};
 use tch::{Device, Kind, Tensor};
 
@@ -97,7 +98,7 @@ fn accumulation_replays_dropout_masks_and_matches_full_graph() {
     let seed = 1000;
     // The step: 3 micro-batches of 4, cached features then recompute.
     let m = Tiny::new(&init, 0.3);
-    let out = contrastive_step(&m, &split(&data, 3), &Single, &ClipLoss::default(), seed);
+    let out = contrastive_step(&m, &split(&data, 3), &Single, &ClipLoss::default(), seed, None);
     // Reference: one graph over the same three forwards (same seeds), plain autograd.
     let r = Tiny::new(&init, 0.3);
     let (mut fi, mut ft) = (vec![], vec![]);
@@ -119,9 +120,9 @@ fn accumulation_k3_equals_one_step_on_3b() {
     let init = Tiny::init();
     let data = batch(12, 8);
     let a = Tiny::new(&init, 0.0);
-    let la = contrastive_step(&a, &split(&data, 3), &Single, &ClipLoss::default(), 5).loss;
+    let la = contrastive_step(&a, &split(&data, 3), &Single, &ClipLoss::default(), 5, None).loss;
     let b = Tiny::new(&init, 0.0);
-    let lb = contrastive_step(&b, &[data], &Single, &ClipLoss::default(), 5).loss;
+    let lb = contrastive_step(&b, &[data], &Single, &ClipLoss::default(), 5, None).loss;
     assert!((la.double_value(&[]) - lb.double_value(&[])).abs() < 1e-5);
     assert_grads_close(&a.grads(), &b.grads(), &init, "k=3 vs 3B");
 }
@@ -175,7 +176,7 @@ fn two_ranks_equal_one_process(local_loss: bool, flat_adamw: bool) {
     let data = batch(8, 9);
     let loss = ClipLoss { local_loss };
     let reference = Tiny::new(&init, 0.0);
-    let want_loss = contrastive_step(&reference, &[(data.0.copy(), data.1.copy())], &Single, &loss, 3).loss;
+    let want_loss = contrastive_step(&reference, &[(data.0.copy(), data.1.copy())], &Single, &loss, 3, None).loss;
     let want = reference.grads();
 
     let world = 2;
@@ -188,10 +189,12 @@ fn two_ranks_equal_one_process(local_loss: bool, flat_adamw: bool) {
             let mine = (data.0.narrow(0, 4 * rank as i64, 4).copy(), data.1.narrow(0, 4 * rank as i64, 4).copy());
             std::thread::spawn(move || {
                 let m = Tiny::new(&init, 0.0);
-                let mut opt = flat_adamw.then(|| AdamW::new(&m.params, AdamWConfig::default(), &[]).unwrap());
-                let out = contrastive_step(&m, &split(&mine, 2), &coll, &ClipLoss { local_loss }, 3);
-                match opt.as_mut() {
-                    Some(opt) => opt.all_reduce_grads(&coll),
+                let opt = flat_adamw.then(|| AdamW::new(&m.params, AdamWConfig::default(), &[]).unwrap());
+                // A tiny bucket cap: several buckets, each summed on its own.
+                let mut sync = opt.as_ref().map(|opt| GradSync::new(opt, &coll, 1e-4, true).unwrap());
+                let out = contrastive_step(&m, &split(&mine, 2), &coll, &ClipLoss { local_loss }, 3, sync.as_ref());
+                match sync.as_mut() {
+                    Some(sync) => sync.finish(&coll),
                     None => {
                         let ps: Vec<Tensor> = m.params.iter().map(|(_, p)| p.shallow_clone()).collect();
                         all_reduce_grads(&ps, &coll);

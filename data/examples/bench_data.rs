@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
             std::hint::black_box(ferroclip_data::decode::decode_rgb(b, e, u64::MAX)?);
         }
         let t1 = thread_cpu_ns();
-        let mut out = vec![0f32; 3 * size * size];
+        let mut out = vec![0u8; 3 * size * size];
         for (i, (b, e)) in samples.iter().enumerate() {
             use ferroclip_data::augment::ImageTransform;
             t.apply(b, e, &mut ferroclip_data::rng::SampleRng::from_seed(i as u64), &mut out)?;

@@ -21,7 +21,9 @@ use rayon::prelude::*;
 use crate::augment::ImageTransform;
 use crate::batch::Batch;
 use crate::cursor::{PendingGroup, StreamCursor};
+use crate::erase::EraseBox;
 use crate::guard::guarded;
+use crate::host::BufPool;
 use crate::merge::{Candidates, Merge, MergeRules, ShuffleBuffer};
 use crate::plan::Layout;
 use crate::reader::{Item, Shared};
@@ -41,6 +43,9 @@ pub(crate) struct Context {
     pub eval: bool,
     pub transform: Arc<dyn ImageTransform>,
     pub tokenizer: Arc<dyn Tokenizer>,
+    /// Where batch buffers come from: `[batch, 3, s, s]` u8 and `[batch, context]` i64.
+    pub images: Arc<BufPool>,
+    pub tokens: Arc<BufPool>,
     pub stats: Arc<Stats>,
     pub stop: Arc<AtomicBool>,
     pub shuffle_buffer: usize,
@@ -214,8 +219,9 @@ fn fill_batch(
     let size = ctx.transform.output_size();
     let px = 3 * size * size;
     let ctx_len = ctx.tokenizer.context_length();
-    let mut images = vec![0f32; bs * px];
-    let mut tokens = vec![0i64; bs * ctx_len];
+    let mut images = ctx.images.take(bs * px);
+    let mut tokens = ctx.tokens.take(bs * ctx_len * 8);
+    let mut erase: Vec<Option<EraseBox>> = vec![None; bs];
     let mut kept: Vec<Item> = Vec::with_capacity(bs);
     let mut exhausted = false;
     while kept.len() < bs && !exhausted {
@@ -239,20 +245,20 @@ fn fill_batch(
         let n = chunk.len();
         let (transform, tokenizer) = (&ctx.transform, &ctx.tokenizer);
         let rngs: Vec<SampleRng> = chunk.iter().map(|item| ctx.sample_rng(cur, item)).collect();
-        let results: Vec<Result<(), Rejection>> = pool.install(|| {
-            images[have * px..(have + n) * px]
+        let results: Vec<Result<Option<EraseBox>, Rejection>> = pool.install(|| {
+            images.as_bytes_mut()[have * px..(have + n) * px]
                 .par_chunks_mut(px)
-                .zip(tokens[have * ctx_len..(have + n) * ctx_len].par_chunks_mut(ctx_len))
+                .zip(tokens.as_i64_mut()[have * ctx_len..(have + n) * ctx_len].par_chunks_mut(ctx_len))
                 .zip(chunk.par_iter().zip(rngs))
                 .map(|((out, row), (item, mut rng))| {
                     let s = &item.sample;
-                    let work = || -> Result<(), crate::decode::DecodeError> {
-                        transform.apply(&s.image, &s.image_ext, &mut rng, out)?;
+                    let work = || -> Result<Option<EraseBox>, crate::decode::DecodeError> {
+                        let erase = transform.apply(&s.image, &s.image_ext, &mut rng, out)?;
                         tokenizer.encode_into(&s.caption, row);
-                        Ok(())
+                        Ok(erase)
                     };
                     match guarded(work) {
-                        Ok(Ok(())) => Ok(()),
+                        Ok(Ok(erase)) => Ok(erase),
                         Ok(Err(e)) => Err((e.reason(), e.to_string())),
                         Err(panic) => Err(("panic", format!("panicked: {panic}"))),
                     }
@@ -261,12 +267,13 @@ fn fill_batch(
         });
         for (i, (item, result)) in chunk.into_iter().zip(results).enumerate() {
             match result {
-                Ok(()) => {
+                Ok(boxed) => {
                     let (from, to) = (have + i, kept.len());
                     if from != to {
-                        images.copy_within(from * px..(from + 1) * px, to * px);
-                        tokens.copy_within(from * ctx_len..(from + 1) * ctx_len, to * ctx_len);
+                        images.as_bytes_mut().copy_within(from * px..(from + 1) * px, to * px);
+                        tokens.as_i64_mut().copy_within(from * ctx_len..(from + 1) * ctx_len, to * ctx_len);
                     }
+                    erase[to] = boxed;
                     kept.push(item);
                 }
                 Err((reason, e)) => {
@@ -277,7 +284,8 @@ fn fill_batch(
     }
     let n = kept.len();
     images.truncate(n * px);
-    tokens.truncate(n * ctx_len);
+    tokens.truncate(n * ctx_len * 8);
+    erase.truncate(n);
     if n > 0 {
         cur.batches_in_segment += 1;
         cur.epoch_samples = cur.segment.start + cur.batches_in_segment * ctx.layout.global_batch();
@@ -293,6 +301,7 @@ fn fill_batch(
         image_size: size,
         context_length: ctx_len,
         images,
+        erase,
         tokens,
         labels: kept.iter().filter_map(|item| item.sample.label).collect(),
         keys: kept.iter().map(|item| item.sample.key.clone()).collect(),

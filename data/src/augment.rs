@@ -1,4 +1,6 @@
-//! Train (augreg) and eval image transforms, writing normalized CHW floats.
+//! Train (augreg) and eval image transforms, writing uint8 CHW pixels (what PIL/torchvision
+//! hold before `ToTensor`) and, for training, the sample's erase box; normalization and the
+//! erasing fill follow on the device ([`crate::normalize`] is their CPU reference).
 //!
 //! Follows timm's `create_transform(is_training=True, scale=(0.33, 1.0), re_prob=0.35,
 //! re_mode='pixel', hflip=0, interpolation='bicubic')` + OpenAI CLIP normalization for training
@@ -10,11 +12,11 @@
 //! (`RandomErasing._erase`), torchvision `CenterCrop`/`Resize` geometry. Python's `round` is
 //! round-half-to-even, hence `round_ties_even` throughout.
 
-use rand::Rng;
-use rand_distr::StandardNormal;
+use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, recycle, DecodeError, RgbImage};
+use crate::erase::EraseBox;
 use crate::resize::{resize_bicubic_into, ResizeBox};
 use crate::rng::SampleRng;
 
@@ -77,13 +79,14 @@ impl AugmentConfig {
     }
 }
 
-/// Turns one encoded image into `3 × size × size` normalized floats.
+/// Turns one encoded image into `3 × size × size` uint8 pixels (CHW) and, where the sample is
+/// to be erased, its [`EraseBox`].
 pub trait ImageTransform: Send + Sync {
     /// Side length of the square output.
     fn output_size(&self) -> usize;
     /// Decode `encoded` (member extension `ext`, lower-case) and write the CHW result into
     /// `out` (length `3 * size * size`). All randomness comes from `rng`.
-    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError>;
+    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError>;
 }
 
 /// A crop rectangle in pixels (torchvision's `i, j, h, w` = `top, left, height, width`).
@@ -177,24 +180,22 @@ pub fn center_crop_rect(width: u32, height: u32, size: u32) -> CropRect {
     CropRect { top, left, height: size.min(height), width: size.min(width) }
 }
 
-/// ToTensor + Normalize: packed RGB `u8` (HWC) → CHW `(v/255 - mean) / std`.
-pub fn normalize_into(rgb: &[u8], out: &mut [f32]) {
+/// Packed RGB (HWC) → planar CHW, as `ToTensor` lays the pixels out.
+pub fn hwc_to_chw(rgb: &[u8], out: &mut [u8]) {
     let n = rgb.len() / 3;
     assert_eq!(out.len(), n * 3, "output is not 3 × the pixel count");
-    // Per-channel lookup tables: same float ops as torch (`x/255`, then `(x - m) / s`).
-    let mut lut = [[0f32; 256]; 3];
-    for (c, table) in lut.iter_mut().enumerate() {
-        for (v, slot) in table.iter_mut().enumerate() {
-            *slot = (v as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c];
-        }
-    }
     let (r, rest) = out.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
-    for (i, p) in rgb.chunks_exact(3).enumerate() {
-        r[i] = lut[0][p[0] as usize];
-        g[i] = lut[1][p[1] as usize];
-        b[i] = lut[2][p[2] as usize];
+    for (((p, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = p[0];
+        *g = p[1];
+        *b = p[2];
     }
+}
+
+thread_local! {
+    /// The resized HWC image before it is laid out as CHW (one per worker thread, reused).
+    static RESIZED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// PIL's `convert('L')`: ITU-R 601-2 luma in 16-bit fixed point.
@@ -252,8 +253,9 @@ fn jpeg_reduction(crop: &CropRect, size: u32) -> u32 {
     d
 }
 
-/// augreg train transform: RandomResizedCrop(bicubic) → [color jitter] → [grayscale] →
-/// ToTensor + Normalize(OpenAI) → RandomErasing('pixel').
+/// augreg train transform: RandomResizedCrop(bicubic) → [color jitter] → [grayscale] → uint8
+/// CHW, plus the RandomErasing('pixel') box and noise seed drawn right after (applied after
+/// ToTensor + Normalize(OpenAI), on the device or by [`crate::normalize::normalize_and_erase`]).
 #[derive(Debug, Clone)]
 pub struct TrainTransform {
     size: usize,
@@ -269,38 +271,39 @@ impl TrainTransform {
     }
 
     /// The transform on an already decoded image (no reduced decoding).
-    pub fn apply_rgb(&self, img: &RgbImage, rng: &mut SampleRng, out: &mut [f32]) {
+    pub fn apply_rgb(&self, img: &RgbImage, rng: &mut SampleRng, out: &mut [u8]) -> Option<EraseBox> {
         let crop = random_resized_crop_params(img.width, img.height, self.cfg.scale, self.cfg.ratio, rng);
-        self.finish(img, ResizeBox::crop(crop.left, crop.top, crop.width, crop.height), rng, out);
+        self.finish(img, ResizeBox::crop(crop.left, crop.top, crop.width, crop.height), rng, out)
     }
 
-    fn finish(&self, img: &RgbImage, region: ResizeBox, rng: &mut SampleRng, out: &mut [f32]) {
+    fn finish(&self, img: &RgbImage, region: ResizeBox, rng: &mut SampleRng, out: &mut [u8]) -> Option<EraseBox> {
         let s = self.size;
-        let mut rgb = Vec::new();
-        resize_bicubic_into(img, region, s, s, &mut rgb);
-        if self.cfg.color_jitter > 0.0 {
-            color_jitter(&mut rgb, self.cfg.color_jitter, rng);
-        }
-        if self.cfg.grayscale_prob > 0.0 && rng.gen::<f64>() < self.cfg.grayscale_prob {
-            rgb.chunks_exact_mut(3).for_each(|p| {
-                let l = luma(p);
-                p.fill(l);
-            });
-        }
-        normalize_into(&rgb, out);
-        if self.cfg.re_prob > 0.0 {
-            if let Some(r) = random_erasing_params(s as u32, s as u32, self.cfg.re_prob, rng) {
-                // Per-pixel standard normal, channel-major like `torch.empty((c, h, w)).normal_()`.
-                for c in 0..3 {
-                    for y in r.top..r.top + r.height {
-                        let row = &mut out[c * s * s + y as usize * s..][..s];
-                        for v in &mut row[r.left as usize..(r.left + r.width) as usize] {
-                            *v = rng.sample(StandardNormal);
-                        }
-                    }
-                }
+        RESIZED.with(|rgb| {
+            let mut rgb = rgb.borrow_mut();
+            resize_bicubic_into(img, region, s, s, &mut rgb);
+            if self.cfg.color_jitter > 0.0 {
+                color_jitter(&mut rgb, self.cfg.color_jitter, rng);
             }
+            if self.cfg.grayscale_prob > 0.0 && rng.gen::<f64>() < self.cfg.grayscale_prob {
+                rgb.chunks_exact_mut(3).for_each(|p| {
+                    let l = luma(p);
+                    p.fill(l);
+                });
+            }
+            hwc_to_chw(&rgb, out);
+        });
+        self.erase_box(rng)
+    }
+
+    /// RandomErasing's draw for this sample (after every other draw): the box, then the seed of
+    /// its noise.
+    fn erase_box(&self, rng: &mut SampleRng) -> Option<EraseBox> {
+        if self.cfg.re_prob <= 0.0 {
+            return None;
         }
+        let s = self.size as u32;
+        let r = random_erasing_params(s, s, self.cfg.re_prob, rng)?;
+        Some(EraseBox { top: r.top, left: r.left, height: r.height, width: r.width, noise_seed: rng.next_u64() })
     }
 }
 
@@ -309,7 +312,7 @@ impl ImageTransform for TrainTransform {
         self.size
     }
 
-    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError> {
         // Crop parameters depend only on the full size, so they are drawn from the header and
         // the decode scale chosen from them: the random stream is the same at every scale.
         let (w, h) = probe_size(encoded, ext)?;
@@ -333,14 +336,14 @@ impl ImageTransform for TrainTransform {
             let (cr, cb) = ((x1.ceil() as u32).min(img.width), (y1.ceil() as u32).min(img.height));
             ResizeBox { x0, y0, x1, y1, clip: (cl, ct, cr - cl, cb - ct) }
         };
-        self.finish(&img, region, rng, out);
+        let erase = self.finish(&img, region, rng, out);
         recycle(img);
-        Ok(())
+        Ok(erase)
     }
 }
 
 /// OpenCLIP's default eval transform: bicubic resize of the shorter side to `size`,
-/// center crop `size × size`, ToTensor + Normalize(OpenAI).
+/// center crop `size × size` (uint8 CHW; ToTensor + Normalize(OpenAI) follow as for training).
 #[derive(Debug, Clone)]
 pub struct EvalTransform {
     size: usize,
@@ -353,7 +356,7 @@ impl EvalTransform {
     }
 
     /// The transform on an already decoded image.
-    pub fn apply_rgb(&self, img: &RgbImage, out: &mut [f32]) {
+    pub fn apply_rgb(&self, img: &RgbImage, out: &mut [u8]) {
         let s = self.size as u32;
         let (rw, rh) = shorter_side_resize_size(img.width, img.height, s);
         let mut resized = Vec::new();
@@ -364,7 +367,7 @@ impl EvalTransform {
             let start = (y as usize * rw as usize + c.left as usize) * 3;
             rgb.extend_from_slice(&resized[start..start + self.size * 3]);
         }
-        normalize_into(&rgb, out);
+        hwc_to_chw(&rgb, out);
     }
 }
 
@@ -373,11 +376,11 @@ impl ImageTransform for EvalTransform {
         self.size
     }
 
-    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError> {
         let img = decode_rgb(encoded, ext, self.max_pixels)?;
         self.apply_rgb(&img, out);
         recycle(img);
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -55,13 +55,13 @@ pub fn bench_transform(
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                let mut out = vec![0f32; 3 * size * size];
+                let mut out = vec![0u8; 3 * size * size];
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let (bytes, ext) = &samples[(i % samples.len() as u64) as usize];
                     let mut rng = SampleRng::from_seed(i);
                     match transform.apply(bytes, ext, &mut rng, &mut out) {
-                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };
                     if start.elapsed().as_secs_f64() >= min_seconds {

@@ -4,8 +4,9 @@
 //! (the same stages as OpenCLIP's `--train-data` WebDataset pipeline):
 //!
 //! shards ([`source`]) → tar members ([`tar`]) → samples grouped by key ([`sample`])
-//! → decoded RGB ([`decode`]) → augreg / eval transforms ([`augment`])
-//! → token ids ([`tokenize`]) → batches ([`batch`]).
+//! → decoded RGB ([`decode`]) → augreg / eval transforms ([`augment`], uint8 CHW + the
+//! [`erase`] box) → token ids ([`tokenize`]) → batches ([`batch`]) in reused [`host`] buffers.
+//! The trainer normalizes and erases on its device; [`normalize`] is the CPU reference.
 //!
 //! The [`loader`] runs that path for one rank: the split [`plan`] says which shards each reader
 //! thread reads, `reader` threads read them, `merge` merges them through the shuffle buffer,
@@ -25,7 +26,10 @@ pub mod sample;
 pub mod decode;
 pub mod resize;
 pub mod augment;
+pub mod erase;
+pub mod normalize;
 pub mod tokenize;
+pub mod host;
 pub mod batch;
 pub mod cursor;
 pub mod plan;
@@ -43,6 +47,8 @@ pub mod bench;
 
 pub use batch::Batch;
 pub use config::DataConfig;
+pub use erase::EraseBox;
+pub use host::{HostAlloc, HostBuf, HostMemory, PooledBuf, VecAlloc};
 pub use cursor::StreamCursor;
 pub use error::DataError;
 pub use loader::{Loader, LoaderOptions, Mode};

@@ -34,6 +34,7 @@ use crate::batch::Batch;
 use crate::config::{ConfigError, DataConfig};
 use crate::error::DataError;
 use crate::guard::panic_message;
+use crate::host::{BufPool, HostAlloc, VecAlloc};
 use crate::plan::Layout;
 use crate::reader::Shared;
 use crate::resume::{self, ResumeFrom, ResumeKind};
@@ -65,6 +66,8 @@ pub struct LoaderOptions {
     pub label_key: Option<String>,
     /// Continue from a checkpoint's data cursors (or right after a batch: [`ResumeFrom::own`]).
     pub resume: Option<ResumeFrom>,
+    /// Allocator of the batch buffers (e.g. pinned host memory); `None`: plain heap memory.
+    pub host_alloc: Option<Arc<dyn HostAlloc>>,
 }
 
 /// Streams batches for one rank; see the module docs.
@@ -168,7 +171,15 @@ impl Loader {
             rank,
             weights: draw_weights,
         });
+        let alloc: Arc<dyn HostAlloc> = opts.host_alloc.unwrap_or_else(|| Arc::new(VecAlloc));
+        let size = opts.transform.output_size();
+        let context_length = opts.tokenizer.context_length();
+        // Idle buffers worth keeping: the prefetched batches, the one being filled, those the
+        // trainer holds.
+        let keep = cfg.prefetch + 3;
         let ctx = Context {
+            images: BufPool::new(alloc.clone(), opts.batch_size * 3 * size * size, keep),
+            tokens: BufPool::new(alloc, opts.batch_size * context_length * 8, keep),
             layout,
             shared,
             eval: !train,

@@ -3,9 +3,10 @@
 //! normalization.
 
 use ferroclip_data::augment::{
-    center_crop_rect, normalize_into, random_erasing_params, random_resized_crop_params, shorter_side_resize_size,
+    center_crop_rect, hwc_to_chw, random_erasing_params, random_resized_crop_params, shorter_side_resize_size,
     CropRect, OPENAI_MEAN, OPENAI_STD,
 };
+use ferroclip_data::normalize::normalize_and_erase;
 use ferroclip_data::rng::SampleRng;
 
 const N: usize = 20_000;
@@ -184,8 +185,10 @@ fn eval_geometry_follows_torchvision_rounding() {
 #[allow(clippy::excessive_precision)]
 fn normalization_is_totensor_then_openai_normalize_in_chw() {
     let rgb: Vec<u8> = (0..12u32).map(|i| (i * 23 % 256) as u8).collect(); // 4 pixels
+    let mut chw = vec![0u8; 12];
+    hwc_to_chw(&rgb, &mut chw);
     let mut out = vec![0f32; 12];
-    normalize_into(&rgb, &mut out);
+    normalize_and_erase(&chw, &[None], &mut out);
     for p in 0..4 {
         for c in 0..3 {
             let want = (rgb[p * 3 + c] as f64 / 255.0 - OPENAI_MEAN[c] as f64) / OPENAI_STD[c] as f64;

@@ -206,28 +206,28 @@ fn resampled_streams_continue_the_epoch_on_another_world_size() {
 }
 
 /// Writes the whole 64-bit first draw of the sample's random stream into the pixels (16 bits per
-/// value, exact in f32): two outputs are equal only if their augmentation streams are.
+/// value): two outputs are equal only if their augmentation streams are.
 struct DrawTransform;
 
 impl ImageTransform for DrawTransform {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, _: &[u8], _: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+    fn apply(&self, _: &[u8], _: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         let d = rng.next_u64();
         for (i, o) in out.iter_mut().enumerate() {
-            *o = ((d >> (16 * (i % 4))) & 0xffff) as f32;
+            *o = (d >> (8 * (i % 8))) as u8;
         }
-        Ok(())
+        Ok(None)
     }
 }
 
 /// Every image of each key, over all batches.
-fn images_by_key(batches: &[Batch]) -> BTreeMap<String, Vec<Vec<f32>>> {
-    let mut by_key: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+fn images_by_key(batches: &[Batch]) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let mut by_key: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     for b in batches {
         let px = 3 * b.image_size * b.image_size;
-        for (k, img) in b.keys.iter().zip(b.images.chunks(px)) {
+        for (k, img) in b.keys.iter().zip(b.images().chunks(px)) {
             by_key.entry(k.clone()).or_default().push(img.to_vec());
         }
     }

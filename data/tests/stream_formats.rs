@@ -24,12 +24,12 @@ impl ImageTransform for JpegMagic {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         if ext != "jpg" || !encoded.starts_with(&[0xff, 0xd8, 0xff]) {
             return Err(DecodeError::Corrupt("not a JPEG".into()));
         }
-        out.fill(encoded.len() as f32);
-        Ok(())
+        out.fill(encoded.len() as u8);
+        Ok(None)
     }
 }
 

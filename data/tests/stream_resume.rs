@@ -141,7 +141,7 @@ impl ferroclip_data::augment::ImageTransform for Jitter {
     fn output_size(&self) -> usize {
         self.0.output_size()
     }
-    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [f32]) -> Result<(), ferroclip_data::decode::DecodeError> {
+    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, ferroclip_data::decode::DecodeError> {
         let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         std::thread::sleep(std::time::Duration::from_micros((ns % 400) as u64));
         self.0.apply(e, x, r, o)

@@ -148,7 +148,7 @@ impl ferroclip_data::augment::ImageTransform for PanicsOn {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [f32]) -> Result<(), DecodeError> {
+    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         if e == format!("IMG:{}", self.0).as_bytes() {
             panic!("transform bug on {}", self.0);
         }

@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use ferroclip_data::augment::{EvalTransform, TrainTransform};
@@ -62,7 +62,7 @@ fn eval_on_ranks(
     let (_vs, model) = load_model(cfg, checkpoint, s.device)?;
     // Without a handler SIGTERM ends the process at once, which is what a standalone evaluation wants.
     let never = std::sync::atomic::AtomicBool::new(false);
-    let results = crate::eval::run::evaluate(cfg, inputs, &model, s.collective.as_ref(), s.device, &never)?
+    let results = crate::eval::run::evaluate(cfg, inputs, &model, s.collective.as_ref(), s.control.as_ref(), s.device, &never)?
         .expect("no stop flag is ever set");
     if s.collective.rank() != 0 {
         return Ok(());
@@ -137,7 +137,7 @@ pub fn data_check(cfg: &Config) -> Result<()> {
     let transform = TrainTransform::new(size, &cfg.data.augment, cfg.data.max_image_pixels);
     let tokenizer = session::tokenizer(cfg)?;
     let validate = move |s: &ferroclip_data::sample::Sample| -> Result<(), String> {
-        let mut out = vec![0f32; 3 * size * size];
+        let mut out = vec![0u8; 3 * size * size];
         let mut rng = ferroclip_data::rng::SampleRng::for_sample(cfg.seed, 0, &s.key);
         transform.apply(&s.image, &s.image_ext, &mut rng, &mut out).map_err(|e| e.reason().to_string())?;
         tokenizer.encode(&s.caption);
@@ -192,13 +192,54 @@ pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) ->
 }
 
 /// `trainer dist-selftest`
-pub fn dist_selftest() -> Result<()> {
-    let env = crate::dist::env::detect()?;
-    let collective = crate::dist::connect(&env, Device::Cpu)?;
-    crate::dist::selftest::run(collective.as_ref())?;
-    if collective.rank() == 0 {
-        println!("dist-selftest ok: {} ranks", collective.world_size());
-    }
+/// What `trainer dist-selftest` checks, and the faults it injects for the distributed tests.
+pub struct DistSelftest {
+    pub dist: crate::config::DistConfig,
+    /// `cpu` or `cuda` (this rank's GPU).
+    pub device: String,
+    /// This rank fails before its first collective; the job must end within seconds.
+    pub fail_rank: Option<usize>,
+    /// This rank panics before its first collective.
+    pub panic_rank: Option<usize>,
+    /// This rank sleeps for an hour before its first collective (alive: its heartbeat goes on), so
+    /// the others' first collective must time out after `dist.timeout_s`.
+    pub stall_rank: Option<usize>,
+    /// Sends a stop flag through the device collective, as `any_rank` once did (with
+    /// `dist.strict_device` the job must end naming the operation).
+    pub misroute: bool,
+}
+
+/// `trainer dist-selftest`: every collective and control message against known results on all ranks.
+pub fn dist_selftest(t: &DistSelftest) -> Result<()> {
+    use crate::dist::{self, fail_fast};
+    let env = dist::env::detect()?;
+    let joined = dist::join(&env, &t.dist)?;
+    let device = match t.device.as_str() {
+        "cuda" => crate::device::select(env.local_rank, false),
+        _ => Device::Cpu,
+    };
+    let d = joined.connect(device, &t.dist)?;
+    let (rank, world) = (env.rank, env.world_size);
+    let result = (|| -> Result<()> {
+        if t.fail_rank == Some(rank) {
+            bail!("injected failure on rank {rank}");
+        }
+        if t.panic_rank == Some(rank) {
+            panic!("injected panic on rank {rank}");
+        }
+        if t.stall_rank == Some(rank) {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+        if t.misroute {
+            let mut flag = Tensor::from_slice(&[(rank == 0) as i64]);
+            d.collective.all_reduce_sum(&mut flag);
+            ensure!(flag.int64_value(&[0]) == 1, "the misrouted flag did not sum");
+        }
+        dist::selftest::run_on(d.collective.as_ref(), d.control.as_ref(), device, !t.dist.strict_device)
+    })();
+    fail_fast::exit_on_error(d.collective.as_ref(), result);
+    println!("rank {rank} of {world}: dist selftest passed ({})", d.description);
+    d.job.shutdown(d.control.as_ref());
     Ok(())
 }
 
@@ -257,7 +298,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         }
         opt.zero_grad();
         let _autocast = session::autocast(if device == Device::Cpu { Precision::Fp32 } else { b.precision }, device);
-        crate::step::contrastive_step(&model, &micro, &single, &loss, i as i64);
+        crate::step::contrastive_step(&model, &micro, &single, &loss, i as i64, None);
         opt.step();
         crate::step::clamp_logit_scale(&model, 100f64.ln());
     }

@@ -33,6 +33,7 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub log: LogConfig,
     pub eval: EvalConfig,
+    pub dist: DistConfig,
 }
 
 impl Default for Config {
@@ -49,6 +50,7 @@ impl Default for Config {
             checkpoint: CheckpointConfig::default(),
             log: LogConfig::default(),
             eval: EvalConfig::default(),
+            dist: DistConfig::default(),
         }
     }
 }
@@ -293,6 +295,73 @@ impl Default for EvalConfig {
     }
 }
 
+/// `[dist]` — how the ranks of a job talk, and what ends a job that can no longer make progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Collectives for the training tensors: `"auto"` (NCCL on CUDA, Gloo on the CPU), `"nccl"`, `"gloo"`,
+    /// or `"mpi"` (builds with the `mpi` feature). Control messages always take a host path. Default `"auto"`.
+    pub backend: Backend,
+    /// Seconds the rendezvous, any collective or any store read may take before the job ends. Default 600.
+    pub timeout_s: u64,
+    /// A rank whose heartbeat (every few seconds, through the job's store) stops for this long ends the
+    /// job, naming it. Default 60.
+    pub heartbeat_timeout_s: u64,
+    /// End the job when a rank has not finished a step for this long, saying what it was doing; 0: never.
+    /// Counts set-up, evaluation and checkpoint writing too. Default 1800.
+    pub step_timeout_s: u64,
+    /// Gradient all-reduce bucket size in MB (DDP's `bucket_cap_mb`). Default 25.
+    pub bucket_mb: f64,
+    /// All-reduce each gradient bucket during backward, as soon as it is complete. Default true.
+    pub overlap: bool,
+    /// After a preemption checkpoint under an sbatch job, rank 0 requeues the job (`scontrol requeue`):
+    /// `"sigusr1"` (on SIGUSR1, what `--signal=USR1@N` sends before the time limit), `"any"` (on SIGTERM
+    /// too; `scancel` also sends SIGTERM), `"never"`. Default `"sigusr1"`.
+    pub requeue: Requeue,
+    /// For tests: device collectives refuse what NCCL would refuse on a GPU (tensors off the training
+    /// device) and, since on the CPU the host is the device, integer, bool and byte tensors, which only
+    /// control messages (flags, counters, cursors) use. Default false.
+    pub strict_device: bool,
+    /// For tests: every rank reads the one-process data stream with `data.batch_size` × world size and
+    /// keeps its own slice, so a W-rank run sees exactly the batches of a one-process run. Default false.
+    pub test_slices: bool,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            timeout_s: 600,
+            heartbeat_timeout_s: 60,
+            step_timeout_s: 1800,
+            bucket_mb: 25.0,
+            overlap: true,
+            requeue: Requeue::Sigusr1,
+            strict_device: false,
+            test_slices: false,
+        }
+    }
+}
+
+/// `dist.backend`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Auto,
+    Nccl,
+    Gloo,
+    Mpi,
+}
+
+/// `dist.requeue`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Requeue {
+    Sigusr1,
+    Any,
+    Never,
+}
+
 impl EvalConfig {
     pub fn any(&self) -> bool {
         !(self.zeroshot_data.is_empty() && self.retrieval_data.is_empty() && self.val_data.is_empty())
@@ -356,6 +425,15 @@ impl Config {
         }
         if self.log.every_steps == 0 {
             return Err("key `log.every_steps`: must be at least 1".into());
+        }
+        if self.dist.timeout_s == 0 || self.dist.heartbeat_timeout_s == 0 {
+            return Err("key `dist.timeout_s`/`dist.heartbeat_timeout_s`: must be at least 1".into());
+        }
+        if !(self.dist.bucket_mb > 0.0 && self.dist.bucket_mb.is_finite()) {
+            return Err("key `dist.bucket_mb`: must be a number > 0".into());
+        }
+        if self.dist.backend == Backend::Mpi && !cfg!(feature = "mpi") {
+            return Err("key `dist.backend`: \"mpi\" needs a trainer built with `--features mpi`".into());
         }
         if self.eval.batch_size == 0 {
             return Err("key `eval.batch_size`: must be at least 1".into());

@@ -120,9 +120,37 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Check every collective against known results on all ranks (run under mpirun/srun).
+    /// Check every collective against known results on all ranks (run under srun/mpirun/torchrun).
     #[command(hide = true)]
-    DistSelftest,
+    DistSelftest {
+        /// dist.backend: auto, gloo, nccl or mpi.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Refuse control data in device collectives (dist.strict_device).
+        #[arg(long)]
+        strict: bool,
+        /// dist.heartbeat_timeout_s.
+        #[arg(long, default_value_t = 60)]
+        heartbeat_timeout_s: u64,
+        /// Rank that fails before its first collective.
+        #[arg(long)]
+        fail_rank: Option<usize>,
+        /// Rank that panics before its first collective.
+        #[arg(long)]
+        panic_rank: Option<usize>,
+        /// Rank that stalls (alive) before its first collective.
+        #[arg(long)]
+        stall_rank: Option<usize>,
+        /// dist.timeout_s.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        /// Send a stop flag through the device collective (refused with --strict).
+        #[arg(long)]
+        misroute: bool,
+    },
 }
 
 fn load(args: &ConfigArgs) -> Result<Config> {
@@ -165,7 +193,25 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::MakeDemoData { out, shards, per_shard, seed }) => {
             commands::make_demo_data(&out, shards, per_shard, seed)
         }
-        Some(Command::DistSelftest) => commands::dist_selftest(),
+        Some(Command::DistSelftest {
+            backend,
+            device,
+            strict,
+            heartbeat_timeout_s,
+            fail_rank,
+            panic_rank,
+            stall_rank,
+            timeout_s,
+            misroute,
+        }) => {
+            let backend = toml::Value::String(backend.clone()).try_into().map_err(|_| ConfigError {
+                file: "<command line>".into(),
+                message: format!("--backend {backend}: expected auto, gloo, nccl or mpi"),
+            })?;
+            let dist =
+                ferroclip::config::DistConfig { backend, strict_device: strict, heartbeat_timeout_s, timeout_s, ..Default::default() };
+            commands::dist_selftest(&commands::DistSelftest { dist, device, fail_rank, panic_rank, stall_rank, misroute })
+        }
     }
 }
 
@@ -182,8 +228,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };
-            eprintln!("error: {e:#}");
-            // Under MPI the other ranks would wait forever in their next collective: take the job down.
+            // The other ranks would wait forever in their next collective: tell them, through the
+            // job's store (their watchdogs exit with this message), or MPI_Abort under MPI.
+            ferroclip::dist::fail_fast::report_failure(&format!("{e:#}"));
             #[cfg(feature = "mpi")]
             ferroclip::dist::mpi::abort_world_if_initialized(code);
             ExitCode::from(code as u8)

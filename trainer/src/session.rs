@@ -10,38 +10,51 @@ use tch::{nn::VarStore, Device, Tensor};
 use ferroclip_data::tokenize::Tokenizer;
 
 use crate::config::{Config, Precision};
-use crate::dist::{self, env::RankEnv, Collective};
+use crate::dist::{self, env::RankEnv, Collective, Control};
 use crate::lock::{self, LockSpec, TowerDepths};
 use crate::model::{ClipConfig, VisionConfig};
 
 pub struct Session {
     pub rank_env: RankEnv,
+    /// Model tensors between ranks (NCCL, Gloo, MPI, or one process).
     pub collective: Box<dyn Collective>,
+    /// Host messages between ranks (stop vote, cursors, checkpoint choice).
+    pub control: Box<dyn Control>,
     pub device: Device,
+    /// The job's store and watchdog; [`Session::finish`] ends them in order.
+    pub job: dist::Job,
 }
 
 impl Session {
-    /// Join the job's ranks (MPI under mpirun/srun, else a single process), pick this rank's
-    /// device and thread count, and say so once.
+    /// Join the job's ranks (the job's TCPStore under srun/mpirun/torchrun, else a single process),
+    /// pick this rank's device and thread count, connect the collectives, and say so once. A failure
+    /// after joining reaches the other ranks as the job's abort notice.
     pub fn start(cfg: &Config) -> Result<Session> {
         let rank_env = dist::env::detect().context("reading the launcher's rank environment")?;
+        let joined = dist::join(&rank_env, &cfg.dist)?;
         let device = device(cfg, rank_env.local_rank)?;
         if cfg.train.threads > 0 {
             tch::set_num_threads(cfg.train.threads as i32);
         }
-        let collective = dist::connect(&rank_env, device)?;
-        if collective.rank() == 0 {
+        let d = joined.connect(device, &cfg.dist)?;
+        if rank_env.rank == 0 {
             eprintln!(
-                "ferroclip: {} rank(s) via {:?}; rank 0 on {device:?}, {} libtorch threads",
-                collective.world_size(),
+                "ferroclip: {} rank(s) via {:?}, {}; rank 0 on {device:?}, {} libtorch threads",
+                rank_env.world_size,
                 rank_env.launcher,
+                d.description,
                 tch::get_num_threads()
             );
             if cfg.train.precision == Precision::AmpBf16 && device == Device::Cpu {
                 eprintln!("ferroclip: precision amp_bf16 applies on CUDA only; running fp32 on the CPU");
             }
         }
-        Ok(Session { rank_env, collective, device })
+        Ok(Session { rank_env, collective: d.collective, control: d.control, device, job: d.job })
+    }
+
+    /// Ends the job in order (see [`dist::Job::shutdown`]).
+    pub fn finish(self) {
+        self.job.shutdown(self.control.as_ref());
     }
 }
 

@@ -3,7 +3,7 @@
 //! OpenCLIP's `open_clip_train/main.py` + `train.py`, without their callback maze.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +17,9 @@ use ferroclip_data::{Batch, ResumeFrom, StreamCursor};
 
 use crate::checkpoint::{self, CheckpointDir};
 use crate::config::Config;
-use crate::dist::{self, preempt, Collective};
+use crate::dist::grad_buckets::{self, GradSync};
+use crate::dist::watchdog::{self, Phase};
+use crate::dist::{self, preempt, Collective, Control};
 use crate::log::{RunLogger, SampleKeyLog, StepStats};
 use crate::loss::ClipLoss;
 use crate::model::{Clip, ContrastiveModel};
@@ -43,16 +45,36 @@ pub fn run(cfg: &Config) -> Result<()> {
         // The other ranks would wait forever for this one in their next collective: end the job.
         dist::fail_fast::exit_on_error(s.collective.as_ref(), result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
     }
-    result
+    let stopped_at = result?;
+    let is_main = s.rank_env.is_primary();
+    s.finish();
+    if let (Some(step), true) = (stopped_at, is_main) {
+        requeue_after_preemption(cfg, step);
+    }
+    Ok(())
 }
 
+/// Rank 0, after every rank has stopped on a preemption signal and the checkpoint is written: under
+/// an sbatch job, requeue it (`dist.requeue`), so that it starts again and resumes from that step.
+fn requeue_after_preemption(cfg: &Config, step: u64) {
+    if std::env::var_os("SLURM_JOB_ID").is_none() || !preempt::requeue_wanted(cfg.dist.requeue) {
+        return;
+    }
+    match preempt::requeue_job() {
+        Ok(job) => eprintln!("ferroclip: requeued Slurm job {job}; it resumes from step {step}"),
+        Err(e) => eprintln!("ferroclip: the checkpoint of step {step} is saved, but the job was not requeued: {e:#}"),
+    }
+}
+
+/// Trains to `train.max_steps`; returns the step it stopped at when a preemption signal ended it early.
 fn train(
     cfg: &Config,
     s: &session::Session,
     eval_inputs: &eval::EvalInputs,
     stop: &std::sync::atomic::AtomicBool,
-) -> Result<()> {
+) -> Result<Option<u64>> {
     let collective = s.collective.as_ref();
+    let control = s.control.as_ref();
     let (rank, world) = (collective.rank(), collective.world_size());
     let is_main = rank == 0;
     let device = s.device;
@@ -70,7 +92,7 @@ fn train(
     tch::manual_seed(cfg.seed as i64);
     let mut vs = VarStore::new(device);
     let model = Clip::new(&vs.root(), &mcfg);
-    let resume = checkpoint::resolve_resume(&cfg.checkpoint.resume, &ckpt)?;
+    let resume = choose_resume(&cfg.checkpoint.resume, &ckpt, control)?;
     if let Some((model_path, _)) = &resume {
         session::load_weights(&mut vs, model_path, &mcfg)?;
     } else if !cfg.model.init.is_empty() {
@@ -89,13 +111,15 @@ fn train(
     }
     broadcast_parameters(&vs, collective);
 
-    let trainable = session::trainable_parameters(&vs, cfg, &mcfg);
+    // Laid out in the order backward completes the gradients, so that gradient buckets fill in turn.
+    let trainable = grad_buckets::gradient_ready_order(&vs, session::trainable_parameters(&vs, cfg, &mcfg));
     let (beta2, eps) = cfg.optim.resolved_beta2_eps(&cfg.model.arch);
     let adamw = AdamWConfig { lr: cfg.optim.lr, betas: (cfg.optim.beta1, beta2), eps, weight_decay: cfg.optim.weight_decay };
     let mut opt = AdamW::new(&trainable, adamw, &[])?;
     if is_main {
         eprintln!("ferroclip: {} ({} parameters)", opt.describe(), crate::model::num_params(&vs));
     }
+    let mut grad_sync = GradSync::new(&opt, collective, cfg.dist.bucket_mb, cfg.dist.overlap)?;
     let schedule = cfg.schedule.build(cfg.optim.lr, cfg.train.max_steps);
     let loss_fn = ClipLoss { local_loss: cfg.train.local_loss };
 
@@ -107,6 +131,7 @@ fn train(
     if let Some((_, state_path)) = &resume {
         let (c, cursors) = restore_state(state_path, &mut opt)?;
         counters = c;
+        check_resumed_step(control, counters.step, state_path)?;
         if is_main {
             let ranks = match cursors.len() {
                 n if n == world => String::new(),
@@ -118,19 +143,23 @@ fn train(
     }
 
     let transform = Arc::new(TrainTransform::new(mcfg.image_size() as usize, &cfg.data.augment, cfg.data.max_image_pixels));
+    // `dist.test_slices`: every rank reads the one-process stream at W× the batch and keeps its slice.
+    let (stream_rank, stream_world, stream_batch) =
+        if cfg.dist.test_slices { (0, 1, cfg.data.batch_size * world) } else { (rank, world, cfg.data.batch_size) };
     let mut loader = Loader::new(
         &cfg.data,
         &cfg.data.train,
         LoaderOptions {
-            rank,
-            world_size: world,
+            rank: stream_rank,
+            world_size: stream_world,
             seed: cfg.seed,
-            batch_size: cfg.data.batch_size,
+            batch_size: stream_batch,
             mode: Mode::Train,
             transform,
             tokenizer: session::tokenizer(cfg)?,
             label_key: None,
             resume: data_resume,
+            host_alloc: None,
         },
     )
     .with_context(|| format!("opening data.train `{}`", cfg.data.train))?;
@@ -145,8 +174,13 @@ fn train(
     let mut pending_loss: Vec<Tensor> = Vec::new();
     let mut bad_in_row = 0u64;
 
+    let mut stopped_at = None;
+    let mut stop_vote = preempt::StopVote::new(s.job.store_client()?);
+    let mut buckets_reported = false;
+    watchdog::step_done(counters.step);
     while counters.step < cfg.train.max_steps {
         let t_wait = Instant::now();
+        watchdog::set_phase(Phase::WaitingForData);
         let mut micro = Vec::with_capacity(cfg.train.accum_freq);
         for _ in 0..cfg.train.accum_freq {
             let Some(batch) = loader.next_batch() else {
@@ -159,9 +193,11 @@ fn train(
             if let Some(log) = key_log.as_mut() {
                 log.record(counters.step + 1, &batch).context("writing the sample key log")?;
             }
-            micro.push(to_device(&batch, device));
+            let (images, tokens) = to_device(&batch, device);
+            micro.push(if cfg.dist.test_slices { own_slice(&images, &tokens, rank, world) } else { (images, tokens) });
         }
         window.data_wait += t_wait.elapsed().as_secs_f64();
+        watchdog::set_phase(Phase::Computing);
 
         let lr = schedule.lr_at(counters.step);
         opt.set_lr(lr);
@@ -171,9 +207,19 @@ fn train(
         let rng_seed = step_seed(cfg.seed, counters.step, rank, world, cfg.train.accum_freq);
         let out = {
             let _autocast = session::autocast(cfg.train.precision, device);
-            step::contrastive_step(&model, &micro, collective, &loss_fn, rng_seed)
+            step::contrastive_step(&model, &micro, collective, &loss_fn, rng_seed, Some(&grad_sync))
         };
-        opt.all_reduce_grads(collective);
+        grad_sync.finish(collective);
+        if is_main && world > 1 && !buckets_reported {
+            buckets_reported = true;
+            eprintln!(
+                "ferroclip: gradient all-reduce in {} bucket(s) of at most {} MB, {} of them started during backward{}",
+                grad_sync.len(),
+                cfg.dist.bucket_mb,
+                grad_sync.started_during_backward(),
+                if cfg.dist.overlap { "" } else { " (dist.overlap = false)" }
+            );
+        }
 
         // Read back once per step: the step has to decide here whether to apply the update.
         let finite = opt.grads_finite().logical_and(&out.loss.isfinite()).int64_value(&[]) != 0;
@@ -194,6 +240,7 @@ fn train(
         step::clamp_logit_scale(&model, 100f64.ln());
         counters.step += 1;
         counters.samples_seen += global_batch;
+        watchdog::step_done(counters.step);
         window.steps += 1;
         pending_loss.push(out.loss.detach());
 
@@ -231,7 +278,7 @@ fn train(
             logger.tick(&stats);
         }
 
-        let mut preempted = preempt::any_rank(stop.load(Ordering::Relaxed), collective);
+        let mut preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
         let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
         // Rank 0 writes; returns the model file it wrote. The sample key log is flushed first, so it
         // covers every step the checkpoint does.
@@ -239,10 +286,12 @@ fn train(
             if let Some(log) = key_log.as_mut() {
                 log.flush().context("writing the sample key log")?;
             }
+            let _phase = watchdog::enter(Phase::WritingCheckpoint, "");
             let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
-            let cursors = dist::all_gather_bytes(collective, &cursor_json, device);
+            let cursors = control.all_gather_bytes(&cursor_json);
+            control.check_same_u64(counters.step, "the step being saved")?;
             let saved = if is_main { Some(save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?.model) } else { None };
-            collective.barrier();
+            s.job.after_rank0(rank, &format!("checkpoint/{}", counters.step))?;
             Ok(saved)
         };
         let saved = due || last || preempted;
@@ -254,9 +303,10 @@ fn train(
         let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
         if cfg.eval.any() && (eval_due || last) && !preempted {
             logger.println(&format!("ferroclip: evaluating at step {}", counters.step));
+            let _phase = watchdog::enter(Phase::Evaluating, "");
             // Every rank evaluates its share; a stop signal (also one that came while the
             // checkpoint above was written) ends the evaluation, and the job stops as on preemption.
-            match eval::run::evaluate(cfg, eval_inputs, &model, collective, device, stop)? {
+            match eval::run::evaluate(cfg, eval_inputs, &model, collective, control, device, stop)? {
                 Some(results) => {
                     logger.println(&results.to_string());
                     if let Some(line) = eval::run::zero_shot_summary(&results) {
@@ -284,11 +334,48 @@ fn train(
                 "ferroclip: stopping at step {} on a preemption signal; the next start resumes with checkpoint.resume = \"latest\"",
                 counters.step
             ));
+            stopped_at = Some(counters.step);
             break;
         }
     }
+    watchdog::set_phase(Phase::Finishing);
     logger.finish().context("writing the run logs")?;
-    Ok(())
+    Ok(stopped_at)
+}
+
+/// `checkpoint.resume`, decided once: rank 0 resolves it (`"latest"`: the newest complete checkpoint
+/// it sees) and broadcasts its choice, so that a rank whose filesystem view lags cannot pick another
+/// step. Every rank then checks that it can read the chosen files.
+fn choose_resume(spec: &str, ckpt: &CheckpointDir, control: &dyn Control) -> Result<Option<(PathBuf, PathBuf)>> {
+    let mine = if control.rank() == 0 {
+        let choice = checkpoint::resolve_resume(spec, ckpt)?;
+        serde_json::to_vec(&choice).context("encoding the checkpoint choice")?
+    } else {
+        Vec::new()
+    };
+    let chosen = control.broadcast_bytes(&mine, 0);
+    let choice: Option<(PathBuf, PathBuf)> = serde_json::from_slice(&chosen).context("decoding rank 0's checkpoint choice")?;
+    if let Some((model, state)) = &choice {
+        for f in [model, state] {
+            if !f.is_file() {
+                bail!("rank {}: rank 0 resumes from {}, which this rank cannot see", control.rank(), f.display());
+            }
+        }
+    }
+    Ok(choice)
+}
+
+/// After a resume: every rank must have loaded the step rank 0 chose.
+fn check_resumed_step(control: &dyn Control, step: u64, state: &Path) -> Result<()> {
+    control
+        .check_same_u64(step, &format!("the step resumed from {}", state.display()))
+        .context("the ranks loaded different checkpoints")
+}
+
+/// This rank's rows of a batch of the one-process stream (`dist.test_slices`).
+fn own_slice(images: &Tensor, tokens: &Tensor, rank: usize, world: usize) -> (Tensor, Tensor) {
+    let n = images.size()[0] / world as i64;
+    (images.narrow(0, rank as i64 * n, n), tokens.narrow(0, rank as i64 * n, n))
 }
 
 /// Seed of torch's RNG for the stochastic-depth masks of one step on one rank; micro-batch `i`
@@ -311,11 +398,12 @@ impl Window {
     }
 }
 
-/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`.
+/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`. The uint8 images are
+/// normalized and erased by the data crate's CPU reference (`Batch::normalized_images`).
 pub fn to_device(batch: &Batch, device: Device) -> (Tensor, Tensor) {
     let s = batch.image_size as i64;
-    let images = Tensor::from_slice(&batch.images).view([batch.len as i64, 3, s, s]);
-    let tokens = Tensor::from_slice(&batch.tokens).view([batch.len as i64, batch.context_length as i64]);
+    let images = Tensor::from_slice(&batch.normalized_images()).view([batch.len as i64, 3, s, s]);
+    let tokens = Tensor::from_slice(batch.tokens()).view([batch.len as i64, batch.context_length as i64]);
     if device == Device::Cpu {
         (images, tokens)
     } else {

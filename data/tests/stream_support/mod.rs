@@ -27,7 +27,7 @@ impl ImageTransform for FakeTransform {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, encoded: &[u8], _ext: &str, rng: &mut SampleRng, out: &mut [f32]) -> Result<(), DecodeError> {
+    fn apply(&self, encoded: &[u8], _ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         let draw = rng.next_u64();
         self.seen.lock().unwrap().push((encoded.to_vec(), draw));
         if encoded.is_empty() {
@@ -40,9 +40,10 @@ impl ImageTransform for FakeTransform {
             return Err(DecodeError::Corrupt("bad magic".into()));
         }
         for (i, o) in out.iter_mut().enumerate() {
-            *o = encoded[i % encoded.len()] as f32 + (draw % 1000) as f32 * 1e-3;
+            // The payload byte, then the draw's bytes: the per-sample stream shows in the pixels.
+            *o = if i == 0 { encoded[i % encoded.len()] } else { (draw >> (8 * (i % 8))) as u8 };
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -105,6 +106,7 @@ pub fn opts(rank: usize, world_size: usize, batch_size: usize, mode: Mode, trans
         tokenizer: Arc::new(ByteTokenizer),
         label_key: None,
         resume: resume.map(ResumeFrom::own),
+        host_alloc: None,
     }
 }
 

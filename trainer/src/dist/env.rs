@@ -1,10 +1,12 @@
 //! Who am I? Rank, world size and local rank from the launcher's environment.
 //!
 //! The same binary runs under `srun` (Slurm sets `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`,
-//! `SLURM_LOCALID`, ...), under OpenMPI's `mpirun` (`OMPI_COMM_WORLD_*`), or alone. This follows
-//! OpenCLIP's `open_clip_train/distributed.py::world_info_from_env`, but gives OpenMPI precedence
-//! over Slurm: an `mpirun` inside an `sbatch` allocation inherits the allocation's `SLURM_*`
-//! variables, which describe the batch step (one task), not the MPI job.
+//! `SLURM_LOCALID`, ...), under OpenMPI's `mpirun` (`OMPI_COMM_WORLD_*`), under torchrun or any
+//! launcher that sets torch.distributed's `RANK`/`WORLD_SIZE`/`LOCAL_RANK`, or alone. This follows
+//! OpenCLIP's `open_clip_train/distributed.py::world_info_from_env`: torchrun's variables first (torchrun
+//! inside an srun step sees the step's `SLURM_*` too, describing one task per node), then OpenMPI over
+//! Slurm: an `mpirun` inside an `sbatch` allocation inherits the allocation's `SLURM_*` variables,
+//! which describe the batch step (one task), not the MPI job.
 
 use thiserror::Error;
 
@@ -17,6 +19,8 @@ pub enum Launcher {
     Slurm,
     /// OpenMPI's `mpirun`/`mpiexec`.
     OpenMpi,
+    /// torchrun, or anything else that sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`/`MASTER_PORT`.
+    Torchrun,
 }
 
 /// This process's place in the job.
@@ -78,7 +82,16 @@ pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<RankEnv, R
         num(var)?.ok_or(RankEnvError::Missing { launcher, var })
     };
 
-    let env = if let Some(rank) = num("OMPI_COMM_WORLD_RANK")? {
+    let env = if let (Some(rank), Some(world_size)) = (num("RANK")?, num("WORLD_SIZE")?) {
+        let l = Launcher::Torchrun;
+        RankEnv {
+            rank,
+            world_size,
+            local_rank: need(l, "LOCAL_RANK")?,
+            local_world_size: num("LOCAL_WORLD_SIZE")?.unwrap_or(world_size),
+            launcher: l,
+        }
+    } else if let Some(rank) = num("OMPI_COMM_WORLD_RANK")? {
         let l = Launcher::OpenMpi;
         RankEnv {
             rank,
@@ -224,6 +237,27 @@ mod tests {
             e,
             RankEnv { rank: 3, world_size: 4, local_rank: 1, local_world_size: 2, launcher: Launcher::OpenMpi }
         );
+    }
+
+    #[test]
+    fn torchrun_variables_win_over_the_surrounding_srun_step() {
+        let e = env_of(&[
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "0"),
+            ("RANK", "5"),
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_RANK", "5"),
+            ("LOCAL_WORLD_SIZE", "8"),
+        ])
+        .unwrap();
+        assert_eq!(
+            e,
+            RankEnv { rank: 5, world_size: 16, local_rank: 5, local_world_size: 8, launcher: Launcher::Torchrun }
+        );
+        let e = env_of(&[("RANK", "0"), ("WORLD_SIZE", "2")]);
+        assert_eq!(e, Err(RankEnvError::Missing { launcher: Launcher::Torchrun, var: "LOCAL_RANK" }));
     }
 
     #[test]

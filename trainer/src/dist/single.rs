@@ -1,8 +1,8 @@
-//! The one-process backend: every collective is the identity.
+//! The one-process backend: every collective and every control message is the identity.
 
 use tch::Tensor;
 
-use super::Collective;
+use super::{Collective, Control};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Single;
@@ -20,4 +20,22 @@ impl Collective for Single {
     }
     fn broadcast(&self, _t: &mut Tensor, _root: usize) {}
     fn barrier(&self) {}
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Tensor {
+        t.shallow_clone()
+    }
+}
+
+impl Control for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        vec![bytes.to_vec()]
+    }
+    fn broadcast_bytes(&self, bytes: &[u8], _root: usize) -> Vec<u8> {
+        bytes.to_vec()
+    }
 }

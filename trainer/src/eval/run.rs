@@ -23,7 +23,7 @@ use super::report::EvalResults;
 use super::split::Ranks;
 use super::{retrieval, zeroshot};
 use crate::config::Config;
-use crate::dist::Collective;
+use crate::dist::{Collective, Control};
 use crate::log::Progress;
 use crate::loss::{l2_normalize, ClipLoss};
 use crate::model::ContrastiveModel;
@@ -37,6 +37,7 @@ pub fn evaluate(
     inputs: &EvalInputs,
     model: &dyn ContrastiveModel,
     collective: &dyn Collective,
+    control: &dyn Control,
     device: Device,
     stop: &AtomicBool,
 ) -> Result<Option<EvalResults>> {
@@ -44,7 +45,7 @@ pub fn evaluate(
     let eval = Evaluation {
         cfg,
         model,
-        ranks: Ranks { collective, device },
+        ranks: Ranks { collective, control, device },
         stop,
         transform: Arc::new(EvalTransform::new(size, cfg.data.max_image_pixels)),
         tokenizer: session::tokenizer(cfg)?,
@@ -193,6 +194,7 @@ impl Evaluation<'_> {
                 tokenizer: self.tokenizer.clone(),
                 label_key: label_key.map(String::from),
                 resume: None,
+                host_alloc: None,
             },
         )
         .with_context(|| format!("opening shard `{shard}`"))
@@ -342,12 +344,14 @@ impl Evaluation<'_> {
         let d = session::model_config(self.cfg).embed_dim;
         let (image_features, image_counts) = self.ranks.gather_rows(units, &[d], Kind::Float, &images);
         let (text_features, text_counts) = self.ranks.gather_rows(units, &[d], Kind::Float, &texts);
-        let (owner, _) = self.ranks.gather_rows(units, &[], Kind::Int64, &owners);
+        // Image indices travel as f64 (exact below 2^53): device collectives carry floating point.
+        let (owner, _) = self.ranks.gather_rows(units, &[], Kind::Double, &owners);
         if image_features.size()[0] == 0 || text_features.size()[0] == 0 {
             bail!("eval.retrieval_data `{}` yielded no image–caption pairs", self.cfg.eval.retrieval_data);
         }
         // Each unit numbered its images from 0: shift them by the images of the units before.
-        let mut owner: Vec<i64> = Vec::try_from(owner.to_device(Device::Cpu)).expect("int64 owners");
+        let mut owner: Vec<i64> =
+            Vec::try_from(owner.to_device(Device::Cpu).to_kind(Kind::Int64)).expect("int64 owners");
         let (mut first_image, mut first_text) = (0i64, 0usize);
         for (&n_images, &n_texts) in image_counts.iter().zip(&text_counts) {
             for o in &mut owner[first_text..first_text + n_texts as usize] {
@@ -412,19 +416,21 @@ impl Evaluation<'_> {
 pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform, threads: usize) -> Result<Tensor> {
     let s = transform.output_size();
     let px = 3 * s * s;
-    let mut buf = vec![0f32; paths.len() * px];
+    let mut pixels = vec![0u8; paths.len() * px];
+    let mut erase = vec![None; paths.len()];
     let per_thread = paths.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|scope| -> Result<()> {
         let jobs: Vec<_> = paths
             .chunks(per_thread)
-            .zip(buf.chunks_mut(per_thread * px))
-            .map(|(paths, out)| {
+            .zip(pixels.chunks_mut(per_thread * px))
+            .zip(erase.chunks_mut(per_thread))
+            .map(|((paths, out), erase)| {
                 scope.spawn(move || -> Result<()> {
-                    for (p, out) in paths.iter().zip(out.chunks_mut(px)) {
+                    for ((p, out), erase) in paths.iter().zip(out.chunks_mut(px)).zip(erase) {
                         let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
                         let ext = p.extension().map(|x| x.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
                         // The eval transform draws nothing; any stream will do.
-                        transform
+                        *erase = transform
                             .apply(&bytes, &ext, &mut SampleRng::from_seed(0), out)
                             .with_context(|| format!("decoding {}", p.display()))?;
                     }
@@ -434,6 +440,8 @@ pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform, threads: u
             .collect();
         jobs.into_iter().try_for_each(|j| j.join().expect("an image decode thread panicked"))
     })?;
+    let mut buf = vec![0f32; pixels.len()];
+    ferroclip_data::normalize::normalize_and_erase(&pixels, &erase, &mut buf);
     Ok(Tensor::from_slice(&buf).view([paths.len() as i64, 3, s as i64, s as i64]).to_kind(Kind::Float))
 }
 

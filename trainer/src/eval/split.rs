@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::{preempt, Collective};
+use crate::dist::{preempt, Collective, Control};
 
-/// The ranks evaluating together, and the device their tensors live on.
+/// The ranks evaluating together, and the device their tensors live on. Features and sums go
+/// through the device `collective`; the stop vote and the row counts are control messages.
 pub struct Ranks<'a> {
     pub collective: &'a dyn Collective,
+    pub control: &'a dyn Control,
     pub device: Device,
 }
 
@@ -30,15 +32,16 @@ impl Ranks<'_> {
     /// Whether a stop signal (SIGTERM/SIGUSR1) reached any rank: the same answer on every rank.
     /// A collective: every rank calls it at the same point.
     pub fn any_stopped(&self, stop: &AtomicBool) -> bool {
-        preempt::any_rank(stop.load(Ordering::Relaxed), self.collective)
+        preempt::any_rank(stop.load(Ordering::Relaxed), self.control)
     }
 
     /// Every unit's rows on every rank, in unit order: `mine` holds this rank's units as
     /// `(unit, rows)` with rows `[n_u, row_shape...]` of `kind` (`n_u` may differ per unit, 0
     /// included). Returns the rows `[sum n_u, row_shape...]` on `self.device` and each unit's `n_u`.
     ///
-    /// Two all-reduces: the counts, then the rows, each unit's written by its owner into a zero
-    /// tensor (adding zeros is exact, so no value changes on the way).
+    /// The counts are gathered on the control path, then one all-reduce of the rows, each unit's
+    /// written by its owner into a zero tensor (adding zeros is exact, so no value changes on the
+    /// way). `kind` is a floating-point kind: device collectives carry model data only.
     pub fn gather_rows(
         &self,
         num_units: usize,
@@ -46,12 +49,15 @@ impl Ranks<'_> {
         kind: Kind,
         mine: &[(usize, Tensor)],
     ) -> (Tensor, Vec<i64>) {
-        let mut counts = Tensor::zeros([num_units as i64], (Kind::Int64, self.device));
-        for (u, rows) in mine {
-            let _ = counts.get(*u as i64).fill_(rows.size()[0]);
+        let mut counts = vec![0i64; num_units];
+        let mine_counts: Vec<u8> =
+            mine.iter().flat_map(|(u, rows)| [*u as i64, rows.size()[0]]).flat_map(i64::to_le_bytes).collect();
+        for bytes in self.control.all_gather_bytes(&mine_counts) {
+            for pair in bytes.chunks_exact(16) {
+                let u = i64::from_le_bytes(pair[..8].try_into().expect("8 bytes")) as usize;
+                counts[u] = i64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
+            }
         }
-        self.collective.all_reduce_sum(&mut counts);
-        let counts: Vec<i64> = Vec::try_from(counts.to_device(Device::Cpu)).expect("int64 counts");
         let mut offsets = Vec::with_capacity(num_units);
         let mut total = 0i64;
         for &n in &counts {
@@ -77,7 +83,7 @@ mod tests {
 
     #[test]
     fn one_rank_owns_every_unit_and_gets_its_rows_back_in_unit_order() {
-        let ranks = Ranks { collective: &Single, device: Device::Cpu };
+        let ranks = Ranks { collective: &Single, control: &Single, device: Device::Cpu };
         assert!((0..5).all(|u| ranks.owns(u)));
         let a = Tensor::from_slice(&[1.5f32, 2.0, 3.0, 4.0]).view([2, 2]);
         let c = Tensor::from_slice(&[5.0f32, 6.0]).view([1, 2]);

@@ -64,13 +64,9 @@ mod tests {
             len: keys.len(),
             image_size: 0,
             context_length: 0,
-            images: vec![],
-            tokens: vec![],
-            labels: vec![],
             keys: keys.iter().map(|k| k.to_string()).collect(),
-            captions: vec![],
             epoch,
-            cursor: Default::default(),
+            ..Default::default()
         };
         let mut log = SampleKeyLog::open(d.path(), 1, 0).unwrap();
         for step in 1..=4 {

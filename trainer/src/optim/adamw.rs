@@ -6,13 +6,13 @@
 //! tensor and every parameter becomes a view into it (`set_data`); their gradients become views into
 //! a second flat buffer the same way, so autograd accumulates straight into it. A step is then a
 //! handful of big tensor ops per group instead of a loop over hundreds of parameters (tch 0.24 has no
-//! `_foreach` kernels), and the gradient all-reduce works on the same flat buffers.
+//! `_foreach` kernels), and the gradient all-reduce works on slices of the same flat buffers
+//! (`dist::grad_buckets`). Parameters are laid out in the order given, which the trainer makes the
+//! order backward completes their gradients, so that buckets fill one after the other.
 //!
 //! Moments are saved and restored by parameter name ([`AdamW::state`] / [`AdamW::restore`]), bitwise.
 
 use tch::{Device, Kind, Tensor};
-
-use crate::dist::Collective;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
@@ -61,6 +61,8 @@ pub fn weight_decay_applies(name: &str, ndim: usize) -> bool {
 struct FlatGroup {
     weight_decay: f64,
     names: Vec<String>,
+    /// The parameters themselves (views into `params`), for gradient hooks.
+    vars: Vec<Tensor>,
     shapes: Vec<Vec<i64>>,
     offsets: Vec<i64>,
     params: Tensor,
@@ -75,6 +77,9 @@ impl FlatGroup {
         flat.narrow(0, self.offsets[i], numel).view(self.shapes[i].as_slice())
     }
 }
+
+/// One flat gradient buffer and its parameters `(parameter, offset, numel)`, in buffer order.
+pub type GradBuffer = (Tensor, Vec<(Tensor, i64, i64)>);
 
 /// AdamW over flat buffers; see the module doc.
 pub struct AdamW {
@@ -139,6 +144,7 @@ impl AdamW {
         let group = FlatGroup {
             weight_decay,
             names,
+            vars: members.iter().map(|(_, p)| p.shallow_clone()).collect(),
             shapes,
             offsets,
             params,
@@ -214,13 +220,18 @@ impl AdamW {
         }
     }
 
-    /// Sums the gradients over ranks, one collective per flat buffer.
-    pub fn all_reduce_grads(&mut self, collective: &dyn Collective) {
-        if collective.world_size() > 1 {
-            for g in &mut self.groups {
-                collective.all_reduce_sum(&mut g.grads);
-            }
-        }
+    /// Each flat gradient buffer with its parameters `(parameter, offset, numel)` in buffer order,
+    /// for the bucketed all-reduce (`dist::grad_buckets`).
+    pub fn grad_layout(&self) -> Vec<GradBuffer> {
+        self.groups
+            .iter()
+            .map(|g| {
+                let members = (0..g.names.len())
+                    .map(|i| (g.vars[i].shallow_clone(), g.offsets[i], g.shapes[i].iter().product::<i64>()))
+                    .collect();
+                (g.grads.shallow_clone(), members)
+            })
+            .collect()
     }
 
     /// Global L2 norm of all gradients (0-dim fp32 tensor, no host sync), as
