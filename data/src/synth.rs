@@ -1,11 +1,17 @@
 //! The project's own demo/test dataset: WebDataset tar shards of colored shapes with captions.
 //!
-//! Each sample is a JPEG of one shape (8 colors × 4 shapes = 32 classes) at a random position
-//! and size on a noisy neutral background (64–112 px, never square), a caption from varied
-//! templates (`{key}.txt`), img2dataset-style metadata (`{key}.json`) and, optionally, the class
-//! index (`{key}.cls`). Keys are `{shard:05}{idx:04}` as img2dataset writes them. Color is the
-//! easy signal (a large uniform area), shape the harder one, so a small CLIP learns colors in
-//! seconds and shapes in minutes. Output is a pure function of the seed.
+//! Each sample is a JPEG of one shape (8 colors × 4 shapes = 32 classes) on a noisy neutral
+//! background (64–112 px, never square), a caption from varied templates (`{key}.txt`),
+//! img2dataset-style metadata (`{key}.json`) and, optionally, the class index (`{key}.cls`). Keys
+//! are `{shard:05}{idx:04}` as img2dataset writes them. Output is a pure function of the seed.
+//!
+//! The shape sits near the center (within 6 % of the shorter side) and spans 60–85 % of the
+//! shorter side, so the evaluation's center crop and mild training crops keep it whole: a shape
+//! cut in half no longer matches its caption. Color is the easy signal (a large uniform area) and
+//! is learned first; shape is learned from where that color lies in the frame. That takes a small
+//! ConvNeXt, whose blocks start close to identity (layer scale 1e-6), a few hundred steps. With
+//! shapes anywhere in the frame and partly cropped away, `convnext_demo` learned colors only in
+//! 600 steps: 30–35 % zero-shot top-1, where colors and shapes make 90 % and more.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -84,10 +90,10 @@ fn sample(rng: &mut Xoshiro256PlusPlus) -> (Vec<u8>, String, u32, u32, usize) {
         *c = (*c as i32 + rng.gen_range(-15..=15)).clamp(0, 255) as u8;
     }
     let min_side = w.min(h) as f32;
-    let frac = rng.gen_range(0.35..0.75f32);
+    let frac = rng.gen_range(0.6..0.85f32);
     let r = frac * min_side / 2.0;
-    let cx = rng.gen_range(r..=(w as f32 - r));
-    let cy = rng.gen_range(r..=(h as f32 - r));
+    let cx = w as f32 / 2.0 + rng.gen_range(-0.06..0.06f32) * min_side;
+    let cy = h as f32 / 2.0 + rng.gen_range(-0.06..0.06f32) * min_side;
     let mut px = vec![0u8; (w * h * 3) as usize];
     for y in 0..h {
         for x in 0..w {
@@ -108,7 +114,7 @@ fn sample(rng: &mut Xoshiro256PlusPlus) -> (Vec<u8>, String, u32, u32, usize) {
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 90)
         .encode(&px, w, h, image::ExtendedColorType::Rgb8)
         .expect("encoding an in-memory RGB buffer cannot fail");
-    let cap = caption(rng, COLORS[ci].0, SHAPES[si], bg_name, frac > 0.55);
+    let cap = caption(rng, COLORS[ci].0, SHAPES[si], bg_name, frac > 0.72);
     (jpg, cap, w, h, ci * SHAPES.len() + si)
 }
 
@@ -260,6 +266,32 @@ mod tests {
             let want = COLORS[label / 4].1;
             let dist = (0..3).map(|c| (mean[c] - want[c] as f32).abs()).fold(0.0, f32::max);
             assert!(dist < 45.0, "label {label}: mean {mean:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn the_shape_lies_whole_inside_the_center_square_the_eval_crop_keeps() {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(12);
+        for _ in 0..40 {
+            let (jpg, _, w, h, label) = sample(&mut rng);
+            let img = crate::decode::decode_rgb(&jpg, "jpg", 1 << 30).unwrap();
+            let want = COLORS[label / 4].1;
+            // Pixels of the shape's color (the backgrounds are gray, far from every color).
+            let (mut x_range, mut y_range) = ((u32::MAX, 0), (u32::MAX, 0));
+            for (i, p) in img.pixels.chunks_exact(3).enumerate() {
+                if (0..3).all(|c| (p[c] as i32 - want[c] as i32).abs() < 40) {
+                    let (x, y) = (i as u32 % w, i as u32 / w);
+                    x_range = (x_range.0.min(x), x_range.1.max(x));
+                    y_range = (y_range.0.min(y), y_range.1.max(y));
+                }
+            }
+            let side = w.min(h);
+            let (cx0, cy0) = ((w - side) / 2, (h - side) / 2);
+            assert!(x_range.0 >= cx0 && x_range.1 < cx0 + side, "label {label}, {w}x{h}: x {x_range:?}");
+            assert!(y_range.0 >= cy0 && y_range.1 < cy0 + side, "label {label}, {w}x{h}: y {y_range:?}");
+            // And it is large: at least half the crop across.
+            let across = (x_range.1 - x_range.0).max(y_range.1 - y_range.0);
+            assert!(across >= side / 2, "{x_range:?} {y_range:?} in {side}");
         }
     }
 }

@@ -12,6 +12,7 @@ use ferroclip_data::augment::{EvalTransform, TrainTransform};
 use ferroclip_data::tokenize::{ClipTokenizer, Tokenizer};
 
 use crate::config::Config;
+use crate::eval::EvalInputs;
 use crate::model::clip::Clip;
 use crate::model::ContrastiveModel;
 use crate::loss::l2_normalize;
@@ -30,7 +31,8 @@ fn eval_device(cfg: &Config) -> Device {
     crate::device::select(0, cfg.train.device == "cpu")
 }
 
-/// `trainer eval`
+/// `trainer eval`: every rank the launcher started takes part (see [`crate::eval::split`]); rank 0
+/// prints the results and writes `out`.
 pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
     if !cfg.eval.any() {
         bail!(crate::config::ConfigError {
@@ -38,9 +40,33 @@ pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
             message: "key `eval`: set at least one of eval.zeroshot_data, eval.retrieval_data, eval.val_data".into(),
         });
     }
-    let device = eval_device(cfg);
-    let (_vs, model) = load_model(cfg, checkpoint, device)?;
-    let results = crate::eval::run::evaluate(cfg, &model, device)?;
+    // Before any rank joins the others or loads weights: a wrong path ends every rank with status 2.
+    let inputs = EvalInputs::open(cfg)?;
+    let s = session::Session::start(cfg)?;
+    let result = eval_on_ranks(cfg, &inputs, &s, checkpoint, out);
+    if s.collective.world_size() > 1 {
+        // The other ranks would wait forever for this one in their next collective: end the job.
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
+        crate::dist::fail_fast::exit_on_error(s.collective.as_ref(), outcome);
+    }
+    result
+}
+
+fn eval_on_ranks(
+    cfg: &Config,
+    inputs: &EvalInputs,
+    s: &session::Session,
+    checkpoint: &Path,
+    out: Option<&Path>,
+) -> Result<()> {
+    let (_vs, model) = load_model(cfg, checkpoint, s.device)?;
+    // Without a handler SIGTERM ends the process at once, which is what a standalone evaluation wants.
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let results = crate::eval::run::evaluate(cfg, inputs, &model, s.collective.as_ref(), s.control.as_ref(), s.device, &never)?
+        .expect("no stop flag is ever set");
+    if s.collective.rank() != 0 {
+        return Ok(());
+    }
     println!("{results}");
     if let Some(line) = crate::eval::run::zero_shot_summary(&results) {
         println!("{line}");
@@ -63,10 +89,10 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
     tch::no_grad(|| -> Result<()> {
         if let Some(dir) = images {
             let transform = EvalTransform::new(size, cfg.data.max_image_pixels);
-            let files = crate::eval::run::image_files(dir)?;
+            let files = crate::eval::inputs::image_files(dir).map_err(anyhow::Error::msg)?;
             let mut feats = Vec::new();
             for chunk in files.chunks(cfg.eval.batch_size) {
-                let batch = crate::eval::run::load_images(chunk, &transform)?;
+                let batch = crate::eval::run::load_images(chunk, &transform, cfg.data.workers)?;
                 feats.push(l2_normalize(&model.encode_image(&batch.to_device(device), false)));
             }
             named.push(("image_features".into(), Tensor::cat(&feats, 0).to_device(Device::Cpu)));
@@ -152,12 +178,13 @@ pub fn tokenize(cfg: Option<&Config>) -> Result<()> {
     Ok(())
 }
 
-/// `trainer make-demo-data`: training shards, held-out labelled shards and the class names.
+/// `trainer make-demo-data`: training shards, held-out labelled shards (1000 samples, another
+/// seed, so no training image is among them) and the class names in label order.
 pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) -> Result<()> {
     use ferroclip_data::synth;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let train = synth::write_shards(&out.join("train"), "", shards, per_shard, seed, false)?;
-    let eval = synth::write_shards(&out.join("eval"), "", 2, 200, seed.wrapping_add(1_000_003), true)?;
+    let eval = synth::write_shards(&out.join("eval"), "", 4, 250, seed.wrapping_add(1_000_003), true)?;
     std::fs::write(out.join("classnames.txt"), synth::class_names().join("\n") + "\n")?;
     std::fs::write(out.join("templates.txt"), "a photo of a {}.\na {}.\n")?;
     eprintln!("ferroclip: wrote {} training and {} evaluation shards under {}", train.len(), eval.len(), out.display());

@@ -261,13 +261,17 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
-    /// Zero-shot data: a folder of class sub-folders, or shards with an image and a `cls` member. Default `""`.
+    /// Zero-shot data: a folder of class sub-folders (`root/<class>/<image>`), or shards with an
+    /// image, a caption and a `cls` member (the class index). Default `""`.
     pub zeroshot_data: String,
-    /// Class names, one per line in label order; `""` uses the ImageNet-1k names. Default `""`.
+    /// Class names. For a class-folder set: lines `folder<TAB>class name` (or `class name` for a
+    /// folder of that name), matched to the folders by name, in any order; `""`: each folder's
+    /// name is its class name. For `cls` shards: one name per line in index order (the part after
+    /// a tab if any); `""`: the ImageNet-1k names. Default `""`.
     pub zeroshot_classnames: String,
     /// Prompt templates, one per line with `{}`; `""` uses the 80 OpenAI templates. Default `""`.
     pub zeroshot_templates: String,
-    /// Image–caption shards for recall@k. Default `""`.
+    /// Image–caption shards, or a folder of images with `captions.tsv`, for recall@k. Default `""`.
     pub retrieval_data: String,
     /// Held-out shards for the validation loss. Default `""`.
     pub val_data: String,
@@ -433,6 +437,15 @@ impl Config {
         }
         if self.eval.batch_size == 0 {
             return Err("key `eval.batch_size`: must be at least 1".into());
+        }
+        let zero_shot_lists = [
+            ("zeroshot_classnames", &self.eval.zeroshot_classnames),
+            ("zeroshot_templates", &self.eval.zeroshot_templates),
+        ];
+        for (key, value) in zero_shot_lists {
+            if !value.is_empty() && self.eval.zeroshot_data.is_empty() {
+                return Err(format!("key `eval.{key}`: set, but eval.zeroshot_data is empty (nothing would use it)"));
+            }
         }
         if crate::model::ClipConfig::from_arch(&self.model.arch).is_none() {
             return Err(format!(

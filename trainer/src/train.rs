@@ -37,8 +37,10 @@ pub struct Counters {
 pub fn run(cfg: &Config) -> Result<()> {
     // First thing: a preemption signal during set-up must not kill the process unsaved.
     let stop = preempt::install_signal_flag().context("installing the SIGTERM/SIGUSR1 handler")?;
+    // Everything `[eval]` names is checked now, not after the last step (exit status 2).
+    let eval_inputs = eval::EvalInputs::open(cfg)?;
     let s = session::Session::start(cfg)?;
-    let result = train(cfg, &s, &stop);
+    let result = train(cfg, &s, &eval_inputs, &stop);
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
         dist::fail_fast::exit_on_error(s.collective.as_ref(), result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
@@ -65,7 +67,12 @@ fn requeue_after_preemption(cfg: &Config, step: u64) {
 }
 
 /// Trains to `train.max_steps`; returns the step it stopped at when a preemption signal ended it early.
-fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBool) -> Result<Option<u64>> {
+fn train(
+    cfg: &Config,
+    s: &session::Session,
+    eval_inputs: &eval::EvalInputs,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<u64>> {
     let collective = s.collective.as_ref();
     let control = s.control.as_ref();
     let (rank, world) = (collective.rank(), collective.world_size());
@@ -271,9 +278,11 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             logger.tick(&stats);
         }
 
-        let preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
+        let mut preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
         let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
-        if due || last || preempted {
+        // Rank 0 writes; returns the model file it wrote. The sample key log is flushed first, so it
+        // covers every step the checkpoint does.
+        let mut checkpoint_now = || -> Result<Option<std::path::PathBuf>> {
             if let Some(log) = key_log.as_mut() {
                 log.flush().context("writing the sample key log")?;
             }
@@ -281,24 +290,44 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
             let cursors = control.all_gather_bytes(&cursor_json);
             control.check_same_u64(counters.step, "the step being saved")?;
-            if is_main {
-                let saved = save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?;
-                logger.println(&format!("ferroclip: saved {}", saved.model.display()));
-            }
+            let saved = if is_main { Some(save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?.model) } else { None };
             s.job.after_rank0(rank, &format!("checkpoint/{}", counters.step))?;
+            Ok(saved)
+        };
+        let saved = due || last || preempted;
+        if saved {
+            if let Some(model_file) = checkpoint_now()? {
+                logger.println(&format!("ferroclip: saved {}", model_file.display()));
+            }
         }
         let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
-        if cfg.eval.any() && (eval_due || last) {
+        if cfg.eval.any() && (eval_due || last) && !preempted {
+            logger.println(&format!("ferroclip: evaluating at step {}", counters.step));
             let _phase = watchdog::enter(Phase::Evaluating, "");
-            if is_main {
-                let results = eval::run::evaluate(cfg, &model, device)?;
-                logger.println(&results.to_string());
-                if let Some(line) = eval::run::zero_shot_summary(&results) {
-                    logger.println(&line);
+            // Every rank evaluates its share; a stop signal (also one that came while the
+            // checkpoint above was written) ends the evaluation, and the job stops as on preemption.
+            match eval::run::evaluate(cfg, eval_inputs, &model, collective, control, device, stop)? {
+                Some(results) => {
+                    logger.println(&results.to_string());
+                    if let Some(line) = eval::run::zero_shot_summary(&results) {
+                        logger.println(&line);
+                    }
+                    logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
                 }
-                logger.log_eval(counters.step, &results.metrics).context("writing the run logs")?;
+                None => {
+                    let step = counters.step;
+                    logger.println(&format!("ferroclip: evaluation at step {step} stopped by a preemption signal"));
+                    if !saved {
+                        if let Some(model_file) = checkpoint_now()? {
+                            logger.println(&format!("ferroclip: saved {}", model_file.display()));
+                        }
+                    }
+                    preempted = true;
+                }
             }
-            s.job.after_rank0(rank, &format!("eval/{}", counters.step))?;
+        }
+        if preempted && last {
+            logger.println("ferroclip: training is complete; `trainer eval --checkpoint` evaluates the saved model");
         }
         if preempted && !last {
             logger.println(&format!(

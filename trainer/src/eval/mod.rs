@@ -1,26 +1,33 @@
 //! Evaluation: zero-shot classification ([`zeroshot`], after OpenCLIP's
 //! `open_clip/zero_shot_classifier.py` and `open_clip_train/zero_shot.py`), image–text retrieval
 //! ([`retrieval`], after clip_benchmark's `zeroshot_retrieval.py`) and the result table
-//! ([`report`]). The functions work on embeddings and tensors, so the caller drives the model and
-//! the data loader (batched, under `no_grad`, with whatever autocast the run uses).
+//! ([`report`]). [`inputs`] opens and checks what `[eval]` names before training starts
+//! ([`classes`] matches class folders to class names by name); [`run`] drives the model over
+//! them on all ranks together, as [`split`] shares the work out.
 //!
 //! The ImageNet-1k class names and the 80 OpenAI prompt templates ship in the binary
-//! ([`imagenet_classnames`], [`openai_templates`]); other lists load with [`read_lines`].
+//! ([`imagenet_classnames`], [`openai_templates`]); a template file loads with [`read_templates`].
 
+pub mod classes;
+pub mod inputs;
 pub mod report;
 pub mod retrieval;
 pub mod run;
-
+pub mod split;
 pub mod zeroshot;
 
 use std::path::Path;
 
+pub use inputs::EvalInputs;
 pub use report::EvalResults;
 pub use retrieval::recall_at_k;
 pub use zeroshot::{accuracy, build_classifier, zero_shot_logits, ZeroShotMeter};
 
 const IMAGENET_CLASSNAMES: &str = include_str!("../../assets/imagenet_classnames.txt");
 const OPENAI_TEMPLATES: &str = include_str!("../../assets/openai_templates.txt");
+/// The ImageNet-1k WordNet ids in label order (sorted, as ImageNet's `val/<wnid>/` folders sort;
+/// timm's `imagenet_synsets.txt`).
+const IMAGENET_SYNSETS: &str = include_str!("../../assets/imagenet_synsets.txt");
 
 /// Errors reading a class-name or template list.
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +47,20 @@ pub fn imagenet_classnames() -> Vec<String> {
     parse_lines(IMAGENET_CLASSNAMES, "imagenet_classnames.txt").expect("embedded class names are valid")
 }
 
+/// The ImageNet-1k synset ids (`n01440764`, …), in the label order of [`imagenet_classnames`].
+pub fn imagenet_synsets() -> Vec<String> {
+    parse_lines(IMAGENET_SYNSETS, "imagenet_synsets.txt").expect("embedded synsets are valid")
+}
+
 /// OpenCLIP's `OPENAI_IMAGENET_TEMPLATES`, the 80 prompts of the CLIP paper, with `{}` where the
 /// class name goes.
 pub fn openai_templates() -> Vec<String> {
     parse_lines(OPENAI_TEMPLATES, "openai_templates.txt").expect("embedded templates are valid")
 }
 
-/// One entry per line (a `\r\n` ending and a final newline are fine). Empty lines are an error,
-/// since for class names the line number is the label.
-pub fn read_lines(path: impl AsRef<Path>) -> Result<Vec<String>, ListError> {
+/// One entry per line (a `\r\n` ending and a final newline are fine). Empty lines are an error:
+/// a blank template line would be a prompt without the class name.
+fn read_lines(path: impl AsRef<Path>) -> Result<Vec<String>, ListError> {
     let path = path.as_ref();
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ListError::Io { path: name.clone(), source })?;
@@ -94,6 +106,9 @@ mod tests {
         let names = imagenet_classnames();
         assert_eq!(names.len(), 1000);
         assert_eq!((names[0].as_str(), names[1].as_str(), names[999].as_str()), ("tench", "goldfish", "toilet paper"));
+        let synsets = imagenet_synsets();
+        assert_eq!((synsets.len(), synsets[0].as_str(), synsets[999].as_str()), (1000, "n01440764", "n15075141"));
+        assert!(synsets.windows(2).all(|w| w[0] < w[1]), "label order is sorted order");
         let templates = openai_templates();
         assert_eq!(templates.len(), 80);
         check_templates(&templates, "openai_templates.txt").unwrap();

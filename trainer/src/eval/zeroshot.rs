@@ -25,25 +25,36 @@ pub fn build_classifier(
     batch: usize,
 ) -> Tensor {
     assert!(!classnames.is_empty(), "zero-shot classifier needs at least one class name");
+    let columns: Vec<Tensor> = classnames
+        .chunks(batch.max(1))
+        .map(|chunk| class_embeddings(model, tokenizer, chunk, templates, device).tr())
+        .collect();
+    Tensor::cat(&columns, 1) // [d, classes]
+}
+
+/// The classifier rows of `classnames` (one forward over all their prompts): `[classes, embed_dim]`,
+/// float32, each the normalized mean of its normalized prompt features. Panics if `templates` is empty.
+pub fn class_embeddings(
+    model: &dyn ContrastiveModel,
+    tokenizer: &dyn Tokenizer,
+    classnames: &[String],
+    templates: &[String],
+    device: Device,
+) -> Tensor {
     assert!(!templates.is_empty(), "zero-shot classifier needs at least one template");
     let _guard = tch::no_grad_guard();
     let context = tokenizer.context_length();
-    let num_templates = templates.len() as i64;
-    let mut columns = Vec::new();
-    for chunk in classnames.chunks(batch.max(1)) {
-        let mut ids = vec![0i64; chunk.len() * templates.len() * context];
-        let rows = chunk.iter().flat_map(|c| templates.iter().map(move |t| fill_template(t, c)));
-        for (text, out) in rows.zip(ids.chunks_mut(context)) {
-            tokenizer.encode_into(&text, out);
-        }
-        let tokens = Tensor::from_slice(&ids).view([-1, context as i64]).to_device(device); // [c*t, ctx]
-        let features = l2_normalize(&model.encode_text(&tokens, false).to_kind(Kind::Float)); // [c*t, d]
-        let per_class = features.view([chunk.len() as i64, num_templates, -1]).mean_dim(1, false, Kind::Float); // [c, d]
-        // OpenCLIP divides by the norm here without an eps; a mean of unit vectors is never 0 in practice.
-        let per_class = &per_class / per_class.norm_scalaropt_dim(2.0, [1i64], true);
-        columns.push(per_class.tr()); // [d, c]
+    let mut ids = vec![0i64; classnames.len() * templates.len() * context];
+    let rows = classnames.iter().flat_map(|c| templates.iter().map(move |t| fill_template(t, c)));
+    for (text, out) in rows.zip(ids.chunks_mut(context)) {
+        tokenizer.encode_into(&text, out);
     }
-    Tensor::cat(&columns, 1) // [d, classes]
+    let tokens = Tensor::from_slice(&ids).view([-1, context as i64]).to_device(device); // [c*t, ctx]
+    let features = l2_normalize(&model.encode_text(&tokens, false).to_kind(Kind::Float)); // [c*t, d]
+    let per_template = features.view([classnames.len() as i64, templates.len() as i64, -1]); // [c, t, d]
+    let per_class = per_template.mean_dim(1, false, Kind::Float); // [c, d]
+    // OpenCLIP divides by the norm here without an eps; a mean of unit vectors is never 0 in practice.
+    &per_class / per_class.norm_scalaropt_dim(2.0, [1i64], true)
 }
 
 /// Classification logits `100 · l2_normalize(image_features) @ classifier` (`[b, classes]`, float32),
@@ -92,6 +103,16 @@ impl ZeroShotMeter {
     /// Images seen so far.
     pub fn count(&self) -> usize {
         self.count
+    }
+
+    /// `[top-1 hits, top-5 hits, images]`, to be summed over meters (e.g. over ranks).
+    pub fn counts(&self) -> [f64; 3] {
+        [self.top1, self.top5, self.count as f64]
+    }
+
+    /// A meter that has seen what [`counts`](Self::counts) says.
+    pub fn from_counts([top1, top5, count]: [f64; 3]) -> Self {
+        Self { top1, top5, count: count as usize }
     }
 
     /// `(top1, top5)` as fractions in [0, 1] (NaN before any image).
@@ -216,6 +237,8 @@ mod tests {
         meter.update(&features.narrow(0, 0, 2), &labels.narrow(0, 0, 2), &classifier);
         meter.update(&features.narrow(0, 2, 2), &labels.narrow(0, 2, 2), &classifier);
         assert_eq!(meter.count(), 4);
+        assert_eq!(meter.counts(), [2.0, 4.0, 4.0]);
+        assert_eq!(ZeroShotMeter::from_counts(meter.counts()).accuracies(), meter.accuracies());
         // 3 classes: top-5 covers them all.
         assert_eq!(meter.accuracies(), (0.5, 1.0));
         let logits = zero_shot_logits(&features, &classifier);
