@@ -7,9 +7,11 @@
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
+pub mod cuda;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod input;
 pub mod lock;
 pub mod log;
 pub mod loss;
@@ -17,5 +19,6 @@ pub mod model;
 pub mod optim;
 pub mod precision;
 pub mod session;
+pub mod skips;
 pub mod step;
 pub mod train;

@@ -37,6 +37,10 @@ impl Session {
             tch::set_num_threads(cfg.train.threads as i32);
         }
         let d = joined.connect(device, &cfg.dist)?;
+        if device.is_cuda() {
+            // As OpenCLIP's main.py: TF32 matmuls and convolutions, cuDNN picks its fastest kernels.
+            crate::cuda::enable_tf32_and_cudnn_benchmark();
+        }
         if rank_env.rank == 0 {
             eprintln!(
                 "ferroclip: {} rank(s) via {:?}, {}; rank 0 on {device:?}, {} libtorch threads",
