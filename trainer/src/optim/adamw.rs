@@ -207,8 +207,12 @@ impl AdamW {
     /// One line per group for the start-up log: the decay rule and what it selected.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "AdamW lr={} betas=({}, {}) eps={}; no weight decay where ndim < 2 or the name contains bn/ln/bias/logit_scale (OpenCLIP v3.3.0)",
-            self.cfg.lr, self.cfg.betas.0, self.cfg.betas.1, self.cfg.eps
+            "AdamW ({}) lr={} betas=({}, {}) eps={}; no weight decay where ndim < 2 or the name contains bn/ln/bias/logit_scale (OpenCLIP v3.3.0)",
+            if self.fused { "torch's fused kernel" } else { "chunked update" },
+            self.cfg.lr,
+            self.cfg.betas.0,
+            self.cfg.betas.1,
+            self.cfg.eps
         );
         for g in &self.groups {
             s.push_str(&format!(
