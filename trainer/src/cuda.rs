@@ -25,12 +25,22 @@ extern "C" {
     fn ferroclip_sync_debug_mode() -> c_int;
     fn ferroclip_copy_stream_new(device: c_int) -> *mut RawCopyStream;
     fn ferroclip_copy_stream_free(s: *mut RawCopyStream);
-    fn ferroclip_copy_stream_upload(s: *mut RawCopyStream, srcs: *const RawTensor, dsts: *const RawTensor, n: usize) -> *mut RawEvent;
+    fn ferroclip_copy_stream_upload(
+        s: *mut RawCopyStream,
+        srcs: *const RawTensor,
+        dsts: *const RawTensor,
+        n: usize,
+    ) -> *mut RawEvent;
     fn ferroclip_event_query(e: *mut RawEvent) -> c_int;
     fn ferroclip_event_synchronize(e: *mut RawEvent) -> c_int;
     fn ferroclip_event_free(e: *mut RawEvent);
     fn ferroclip_pinned_empty(bytes: i64) -> RawTensor;
-    fn ferroclip_cuda_memory_stats(device: c_int, allocated: *mut i64, peak_allocated: *mut i64, peak_reserved: *mut i64) -> c_int;
+    fn ferroclip_cuda_memory_stats(
+        device: c_int,
+        allocated: *mut i64,
+        peak_allocated: *mut i64,
+        peak_reserved: *mut i64,
+    ) -> c_int;
     fn ferroclip_cuda_reset_peak_memory(device: c_int) -> c_int;
 }
 
@@ -122,7 +132,9 @@ impl CopyStream {
         let Device::Cuda(index) = device else { bail!("a copy stream needs a CUDA device, not {device:?}") };
         // SAFETY: returns a new handle or null.
         let s = unsafe { ferroclip_copy_stream_new(index as c_int) };
-        NonNull::new(s).map(CopyStream).ok_or_else(|| anyhow::anyhow!("creating a copy stream on {device:?}: {}", last_error()))
+        NonNull::new(s)
+            .map(CopyStream)
+            .ok_or_else(|| anyhow::anyhow!("creating a copy stream on {device:?}: {}", last_error()))
     }
 
     /// Copies each `src` (pinned host) into its `dst` (on the device, allocated on the compute stream)
@@ -193,7 +205,9 @@ pub fn memory_stats(device: Device) -> Option<MemoryStats> {
     let Device::Cuda(index) = device else { return None };
     let mut s = MemoryStats { allocated: 0, peak_allocated: 0, peak_reserved: 0 };
     // SAFETY: writes three i64s.
-    let rc = unsafe { ferroclip_cuda_memory_stats(index as c_int, &mut s.allocated, &mut s.peak_allocated, &mut s.peak_reserved) };
+    let rc = unsafe {
+        ferroclip_cuda_memory_stats(index as c_int, &mut s.allocated, &mut s.peak_allocated, &mut s.peak_reserved)
+    };
     (rc == 0).then_some(s)
 }
 

@@ -30,7 +30,11 @@ pub fn launcher_gpus(env: impl Fn(&str) -> Option<String>) -> Option<(&'static s
     GPU_ALLOCATION_VARS.into_iter().find_map(|var| {
         let value = env(var)?;
         let v = value.trim();
-        let none = v.is_empty() || v == "-1" || v == "0" || v.eq_ignore_ascii_case("NoDevFiles") || v.eq_ignore_ascii_case("none");
+        let none = v.is_empty()
+            || v == "-1"
+            || v == "0"
+            || v.eq_ignore_ascii_case("NoDevFiles")
+            || v.eq_ignore_ascii_case("none");
         (!none).then(|| (var, value.clone()))
     })
 }
@@ -87,7 +91,13 @@ mod tests {
     #[test]
     fn auto_uses_the_cpu_when_no_gpu_was_allocated() {
         assert_eq!(auto(0, false, env(&[])), Ok(Device::Cpu));
-        for (var, value) in [("CUDA_VISIBLE_DEVICES", ""), ("CUDA_VISIBLE_DEVICES", "-1"), ("SLURM_JOB_GPUS", "NoDevFiles"), ("SLURM_GPUS_ON_NODE", "0")] {
+        let none = [
+            ("CUDA_VISIBLE_DEVICES", ""),
+            ("CUDA_VISIBLE_DEVICES", "-1"),
+            ("SLURM_JOB_GPUS", "NoDevFiles"),
+            ("SLURM_GPUS_ON_NODE", "0"),
+        ];
+        for (var, value) in none {
             assert_eq!(auto(0, false, env(&[(var, value)])), Ok(Device::Cpu), "{var}={value}");
         }
     }

@@ -140,7 +140,8 @@ pub struct Normalizer {
 impl Normalizer {
     pub fn new(device: Device) -> Self {
         let channel = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
-        Normalizer { mean: channel(OPENAI_MEAN), std: channel(OPENAI_STD), scale: Tensor::from(255f32).to_device(device) }
+        let scale = Tensor::from(255f32).to_device(device);
+        Normalizer { mean: channel(OPENAI_MEAN), std: channel(OPENAI_STD), scale }
     }
 
     /// `images`: `[n, 3, s, s]` uint8; `table`: the `[k, 7]` int64 erase table of [`erase_table`]

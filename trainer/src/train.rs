@@ -173,6 +173,10 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
     // FERROCLIP_SYNC_DEBUG: CUDA's sync debug mode over the steady-state steps (from the second on,
     // off while logging, checkpointing and evaluating, which read values back on purpose).
     let sync_debug = SyncDebug::from_env()?;
+    if sync_debug != SyncDebug::Off && is_main {
+        let effect = if SyncDebug::current().is_some() { "" } else { " (no effect: this libtorch has no CUDA)" };
+        eprintln!("ferroclip: FERROCLIP_SYNC_DEBUG={sync_debug:?} over the steady-state steps{effect}");
+    }
     let first_step = counters.step;
 
     let mut stopped_at = None;
@@ -235,7 +239,8 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
         window.steps += 1;
         // The interval's mean loss over the applied steps: (loss or 0, applied).
         let applied = found_inf.neg() + 1.0;
-        pending_loss.push(Tensor::stack(&[out.loss.detach().where_self(&applied.gt(0.5), &Tensor::zeros_like(&out.loss)), applied], 0));
+        let loss = out.loss.detach().where_self(&applied.gt(0.5), &Tensor::zeros_like(&out.loss));
+        pending_loss.push(Tensor::stack(&[loss, applied], 0));
 
         let last = counters.step == cfg.train.max_steps;
         let mut stats = StepStats {

@@ -336,7 +336,8 @@ impl AdamW {
             let bias_correction1 = Tensor::pow_scalar(beta1, &step).neg() + 1.0;
             let bias_correction2_sqrt = (Tensor::pow_scalar(beta2, &step).neg() + 1.0).sqrt().to_kind(Kind::Float);
             // -lr / bc1 where applied, 0 where skipped (then exp_avg * 0 adds nothing).
-            let neg_step_size = (bias_correction1.reciprocal() * (-lr) * keep.to_kind(Kind::Double)).to_kind(Kind::Float);
+            let neg_step_size =
+                (bias_correction1.reciprocal() * (-lr) * keep.to_kind(Kind::Double)).to_kind(Kind::Float);
             // Exactly the scalars of an applied step when keep = 1, exactly identities when 0.
             let blend = |applied: f64, skipped: f64| &keep * applied + (keep.neg() + 1.0) * skipped;
             let avg_weight = blend(1.0 - beta1, 0.0);
