@@ -5,7 +5,10 @@
 //! - `csrc/`: the few functions tch 0.24 does not bind, one file per concept — `autocast.cpp` (bf16
 //!   autocast on CUDA), `store.cpp` and `process_group.cpp` (c10d's TCPStore and ProcessGroupGloo, the
 //!   library torch.distributed runs on), `nccl_group.cpp` (ProcessGroupNCCL), `grad_buckets.cpp`
-//!   (gradient all-reduce overlapped with backward).
+//!   (gradient all-reduce overlapped with backward), `fused_adamw.cpp` (torch's fused AdamW kernel),
+//!   `backend_flags.cpp` (TF32, cuDNN benchmark), `copy_stream.cpp` (pinned memory, host-to-device copies
+//!   on a side stream with events), `allocator_stats.cpp` (the caching allocator's peak memory), and
+//!   `sync_debug.cpp` (CUDA's sync debug mode; compiled with the CUDA headers, a no-op without CUDA).
 //!
 //! What the wheel lacks for the shim: gloo's headers (Debian's `libgloo-dev`, headers only: gloo itself
 //! is inside libtorch_cpu) and, for ProcessGroupNCCL, CUDA 13.0's `crt/` and CCCL headers (header-only
@@ -15,7 +18,19 @@
 use std::path::{Path, PathBuf};
 
 /// The shim files compiled without CUDA headers.
-const HOST_FILES: [&str; 4] = ["csrc/autocast.cpp", "csrc/store.cpp", "csrc/process_group.cpp", "csrc/grad_buckets.cpp"];
+const HOST_FILES: [&str; 8] = [
+    "csrc/autocast.cpp",
+    "csrc/store.cpp",
+    "csrc/process_group.cpp",
+    "csrc/grad_buckets.cpp",
+    "csrc/fused_adamw.cpp",
+    "csrc/backend_flags.cpp",
+    "csrc/copy_stream.cpp",
+    "csrc/allocator_stats.cpp",
+];
+
+/// The shim files that need the CUDA headers when libtorch has CUDA (and build as no-ops without).
+const CUDA_FILES: [&str; 2] = ["csrc/nccl_group.cpp", "csrc/sync_debug.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -56,7 +71,9 @@ fn main() {
     host.compile("ferroclip_shim");
 
     let mut nccl = base();
-    nccl.file("csrc/nccl_group.cpp");
+    for f in CUDA_FILES {
+        nccl.file(f);
+    }
     if cuda {
         let nvidia = lib.join("../../nvidia");
         let headers = std::env::var_os("FERROCLIP_CUDA_HEADERS").map(PathBuf::from).unwrap_or_else(|| {

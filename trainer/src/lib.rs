@@ -4,12 +4,16 @@
 //! [`model`] (OpenCLIP-compatible towers) → [`step`] (exact global InfoNCE step, [`loss`]) →
 //! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] → [`log`] / [`eval`].
 //! [`train`] is the one loop that strings them together; [`commands`] the other subcommands.
+//! On the GPU: [`input`] (uint8 batches to normalized device tensors), [`skips`] (non-finite steps
+//! skipped and counted on the device), [`cuda`] (the CUDA pieces tch does not bind).
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
+pub mod cuda;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod input;
 pub mod lock;
 pub mod log;
 pub mod loss;
@@ -17,5 +21,6 @@ pub mod model;
 pub mod optim;
 pub mod precision;
 pub mod session;
+pub mod skips;
 pub mod step;
 pub mod train;

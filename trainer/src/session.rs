@@ -37,6 +37,10 @@ impl Session {
             tch::set_num_threads(cfg.train.threads as i32);
         }
         let d = joined.connect(device, &cfg.dist)?;
+        if device.is_cuda() {
+            // As OpenCLIP's main.py: TF32 matmuls and convolutions, cuDNN picks its fastest kernels.
+            crate::cuda::enable_tf32_and_cudnn_benchmark();
+        }
         if rank_env.rank == 0 {
             eprintln!(
                 "ferroclip: {} rank(s) via {:?}, {}; rank 0 on {device:?}, {} libtorch threads",
@@ -58,7 +62,8 @@ impl Session {
     }
 }
 
-/// `train.device`: `cpu`, `cuda` (an error without a usable GPU) or `auto` (this rank's GPU if any).
+/// `train.device`: `cpu`, `cuda` (an error without a usable GPU) or `auto` (this rank's GPU if any; an
+/// error when the launcher allocated GPUs that libtorch does not see, [`crate::device::auto`]).
 pub fn device(cfg: &Config, local_rank: usize) -> Result<Device> {
     match cfg.train.device.as_str() {
         "cpu" => Ok(Device::Cpu),
@@ -66,7 +71,8 @@ pub fn device(cfg: &Config, local_rank: usize) -> Result<Device> {
             "train.device = \"cuda\", but libtorch sees no CUDA device (a CPU-only torch wheel, no driver, \
              or CUDA_VISIBLE_DEVICES empty)"
         ),
-        _ => Ok(crate::device::select(local_rank, false)),
+        _ => crate::device::auto(local_rank, tch::Cuda::is_available(), |var| std::env::var(var).ok())
+            .map_err(anyhow::Error::msg),
     }
 }
 

@@ -23,7 +23,10 @@ use crate::dist::{self, preempt, Collective, Control};
 use crate::log::{RunLogger, SampleKeyLog, StepStats};
 use crate::loss::ClipLoss;
 use crate::model::{Clip, ContrastiveModel};
+use crate::cuda::SyncDebug;
+use crate::input::{self, DeviceInput};
 use crate::optim::adamw::{AdamW, AdamWConfig};
+use crate::skips::SkippedSteps;
 use crate::{eval, session, step};
 
 /// Counters that, with the model, the optimizer and every rank's data cursor, make up the state.
@@ -159,7 +162,7 @@ fn train(
             tokenizer: session::tokenizer(cfg)?,
             label_key: None,
             resume: data_resume,
-            host_alloc: None,
+            host_alloc: input::host_alloc(device),
         },
     )
     .with_context(|| format!("opening data.train `{}`", cfg.data.train))?;
@@ -172,13 +175,25 @@ fn train(
     let global_batch = (cfg.data.batch_size * cfg.train.accum_freq * world) as u64;
     let mut window = Window::new();
     let mut pending_loss: Vec<Tensor> = Vec::new();
-    let mut bad_in_row = 0u64;
+    let mut skips = SkippedSteps::new(counters.skipped_steps, device);
+    let mut input = DeviceInput::new(device)?;
+    // FERROCLIP_SYNC_DEBUG: CUDA's sync debug mode over the steady-state steps (from the second on,
+    // off while logging, checkpointing and evaluating, which read values back on purpose).
+    let sync_debug = SyncDebug::from_env()?;
+    if sync_debug != SyncDebug::Off && is_main {
+        let effect = if SyncDebug::current().is_some() { "" } else { " (no effect: this libtorch has no CUDA)" };
+        eprintln!("ferroclip: FERROCLIP_SYNC_DEBUG={sync_debug:?} over the steady-state steps{effect}");
+    }
+    let first_step = counters.step;
 
     let mut stopped_at = None;
     let mut stop_vote = preempt::StopVote::new(s.job.store_client()?);
     let mut buckets_reported = false;
     watchdog::step_done(counters.step);
     while counters.step < cfg.train.max_steps {
+        if counters.step > first_step && sync_debug != SyncDebug::Off {
+            sync_debug.apply();
+        }
         let t_wait = Instant::now();
         watchdog::set_phase(Phase::WaitingForData);
         let mut micro = Vec::with_capacity(cfg.train.accum_freq);
@@ -193,7 +208,7 @@ fn train(
             if let Some(log) = key_log.as_mut() {
                 log.record(counters.step + 1, &batch).context("writing the sample key log")?;
             }
-            let (images, tokens) = to_device(&batch, device);
+            let (images, tokens) = input.upload(batch)?;
             micro.push(if cfg.dist.test_slices { own_slice(&images, &tokens, rank, world) } else { (images, tokens) });
         }
         window.data_wait += t_wait.elapsed().as_secs_f64();
@@ -221,28 +236,18 @@ fn train(
             );
         }
 
-        // Read back once per step: the step has to decide here whether to apply the update.
-        let finite = opt.grads_finite().logical_and(&out.loss.isfinite()).int64_value(&[]) != 0;
-        if !finite {
-            counters.skipped_steps += 1;
-            bad_in_row += 1;
-            if is_main {
-                eprintln!("ferroclip: step {} skipped: non-finite loss or gradient ({bad_in_row} in a row)", counters.step + 1);
-            }
-            if bad_in_row >= cfg.train.max_bad_steps {
-                bail!("{bad_in_row} consecutive steps with a non-finite loss or gradient (train.max_bad_steps): stopping");
-            }
-            continue;
-        }
-        bad_in_row = 0;
-        let grad_norm = (cfg.train.grad_clip_norm > 0.0).then(|| opt.clip_grad_norm(cfg.train.grad_clip_norm));
-        opt.step();
+        // Decided on the device: a non-finite step leaves weights, moments and the optimizer's step
+        // count unchanged, and is counted there; the host reads the counts at log steps.
+        let (found_inf, grad_norm) = crate::skips::update(&mut opt, &out.loss, cfg.train.grad_clip_norm, &mut skips);
         step::clamp_logit_scale(&model, 100f64.ln());
         counters.step += 1;
         counters.samples_seen += global_batch;
         watchdog::step_done(counters.step);
         window.steps += 1;
-        pending_loss.push(out.loss.detach());
+        // The interval's mean loss over the applied steps: (loss or 0, applied).
+        let applied = found_inf.neg() + 1.0;
+        let loss = out.loss.detach().where_self(&applied.gt(0.5), &Tensor::zeros_like(&out.loss));
+        pending_loss.push(Tensor::stack(&[loss, applied], 0));
 
         let last = counters.step == cfg.train.max_steps;
         let mut stats = StepStats {
@@ -252,8 +257,16 @@ fn train(
             lr,
             ..Default::default()
         };
-        if counters.step % cfg.log.every_steps == 0 || last {
-            stats.loss = Tensor::stack(&pending_loss, 0).mean(Kind::Float).double_value(&[]);
+        let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
+        let log_due = counters.step % cfg.log.every_steps == 0 || last;
+        if log_due || due {
+            SyncDebug::Off.apply();
+            check_skipped(&mut skips, &mut counters, cfg.train.max_bad_steps, is_main)?;
+        }
+        if log_due {
+            let sums = Tensor::stack(&pending_loss, 0).sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+            let (loss_sum, applied) = (sums.double_value(&[0]), sums.double_value(&[1]));
+            stats.loss = if applied > 0.0 { loss_sum / applied } else { f64::NAN };
             pending_loss.clear();
             let elapsed = window.start.elapsed().as_secs_f64().max(1e-9);
             stats.samples_per_s = (window.steps * global_batch) as f64 / elapsed;
@@ -268,6 +281,10 @@ fn train(
             if let Some(n) = &grad_norm {
                 extra.push(("grad_norm".into(), n.double_value(&[])));
             }
+            if let Some(mem) = crate::cuda::memory_stats(device) {
+                extra.push(("gpu_peak_allocated_gib".into(), mem.peak_allocated as f64 / (1u64 << 30) as f64));
+                extra.push(("gpu_peak_reserved_gib".into(), mem.peak_reserved as f64 / (1u64 << 30) as f64));
+            }
             for (reason, n) in &data.skipped {
                 extra.push((format!("data/skipped_{reason}"), *n as f64));
             }
@@ -279,7 +296,14 @@ fn train(
         }
 
         let mut preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
-        let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
+        let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
+        let eval_now = cfg.eval.any() && (eval_due || last) && !preempted;
+        if due || last || preempted || eval_now {
+            // A checkpoint and an evaluation read values back anyway; the skipped-step count the
+            // checkpoint stores is current.
+            SyncDebug::Off.apply();
+            check_skipped(&mut skips, &mut counters, cfg.train.max_bad_steps, is_main)?;
+        }
         // Rank 0 writes; returns the model file it wrote. The sample key log is flushed first, so it
         // covers every step the checkpoint does.
         let mut checkpoint_now = || -> Result<Option<std::path::PathBuf>> {
@@ -300,8 +324,7 @@ fn train(
                 logger.println(&format!("ferroclip: saved {}", model_file.display()));
             }
         }
-        let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
-        if cfg.eval.any() && (eval_due || last) && !preempted {
+        if eval_now {
             logger.println(&format!("ferroclip: evaluating at step {}", counters.step));
             let _phase = watchdog::enter(Phase::Evaluating, "");
             // Every rank evaluates its share; a stop signal (also one that came while the
@@ -398,18 +421,27 @@ impl Window {
     }
 }
 
-/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`. The uint8 images are
-/// normalized and erased by the data crate's CPU reference (`Batch::normalized_images`).
+/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`, normalized and erased on the
+/// device ([`input::to_device`], synchronous copies; the loop itself uses [`DeviceInput`]).
 pub fn to_device(batch: &Batch, device: Device) -> (Tensor, Tensor) {
-    let s = batch.image_size as i64;
-    let images = Tensor::from_slice(&batch.normalized_images()).view([batch.len as i64, 3, s, s]);
-    let tokens = Tensor::from_slice(batch.tokens()).view([batch.len as i64, batch.context_length as i64]);
-    if device == Device::Cpu {
-        (images, tokens)
-    } else {
-        // Pinned host memory lets the copies overlap with compute.
-        (images.pin_memory(device).to_device_(device, Kind::Float, true, false), tokens.pin_memory(device).to_device_(device, Kind::Int64, true, false))
+    input::to_device(batch, device)
+}
+
+/// At a log or checkpoint step: reads the device-side skip counters into `counters`, reports the
+/// steps skipped since the last read, and stops the run after `max_bad` consecutive ones.
+fn check_skipped(skips: &mut SkippedSteps, counters: &mut Counters, max_bad: u64, is_main: bool) -> Result<()> {
+    let n = skips.read();
+    counters.skipped_steps = n.total;
+    if n.since_last_read > 0 && is_main {
+        eprintln!(
+            "ferroclip: {} step(s) up to step {} skipped: non-finite loss or gradient ({} in a row at most)",
+            n.since_last_read, counters.step, n.longest_run
+        );
     }
+    if n.longest_run >= max_bad {
+        bail!("{} consecutive steps with a non-finite loss or gradient (train.max_bad_steps): stopping", n.longest_run);
+    }
+    Ok(())
 }
 
 fn broadcast_parameters(vs: &VarStore, collective: &dyn Collective) {

@@ -11,8 +11,32 @@
 //! order backward completes their gradients, so that buckets fill one after the other.
 //!
 //! Moments are saved and restored by parameter name ([`AdamW::state`] / [`AdamW::restore`]), bitwise.
+//!
+//! No host synchronization: the step count is a device tensor (torch's `state_steps`), the learning
+//! rate a kernel argument, and a step with a non-finite loss or gradient ([`AdamW::non_finite`]) is
+//! skipped on the device ([`AdamW::step_unless`]): parameters, moments and the step count stay as
+//! they were, and the host never reads the flag. On CUDA the update is torch's fused kernel
+//! (`at::_fused_adamw_` through `csrc/fused_adamw.cpp`, which takes the flag as `found_inf`); on the
+//! CPU the chunked update below, masked by the same flag.
 
 use tch::{Device, Kind, Tensor};
+
+extern "C" {
+    fn ferroclip_fused_adamw(
+        param: *mut torch_sys::C_tensor,
+        grad: *mut torch_sys::C_tensor,
+        exp_avg: *mut torch_sys::C_tensor,
+        exp_avg_sq: *mut torch_sys::C_tensor,
+        step: *mut torch_sys::C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        found_inf: *mut torch_sys::C_tensor,
+    ) -> std::ffi::c_int;
+    fn ferroclip_last_error() -> *const std::ffi::c_char;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
@@ -85,7 +109,12 @@ pub type GradBuffer = (Tensor, Vec<(Tensor, i64, i64)>);
 pub struct AdamW {
     groups: Vec<FlatGroup>,
     cfg: AdamWConfig,
-    step: i64,
+    /// Steps taken, a 0-dim fp32 tensor on the parameters' device (exact up to 2^24 steps).
+    step: Tensor,
+    /// 0.0 on the device: the `found_inf` of an unconditional [`AdamW::step`].
+    no_skip: Tensor,
+    /// torch's fused kernel (the default on CUDA) instead of the chunked update.
+    fused: bool,
 }
 
 impl AdamW {
@@ -126,7 +155,9 @@ impl AdamW {
                 groups.push(Self::flatten_group(members, wd, device));
             }
         }
-        Ok(AdamW { groups, cfg, step: 0 })
+        let step = Tensor::zeros([], (Kind::Float, device));
+        let no_skip = Tensor::zeros([], (Kind::Float, device));
+        Ok(AdamW { groups, cfg, step, no_skip, fused: device.is_cuda() })
     }
 
     fn flatten_group(members: Vec<(String, Tensor)>, weight_decay: f64, device: Device) -> FlatGroup {
@@ -176,8 +207,12 @@ impl AdamW {
     /// One line per group for the start-up log: the decay rule and what it selected.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "AdamW lr={} betas=({}, {}) eps={}; no weight decay where ndim < 2 or the name contains bn/ln/bias/logit_scale (OpenCLIP v3.3.0)",
-            self.cfg.lr, self.cfg.betas.0, self.cfg.betas.1, self.cfg.eps
+            "AdamW ({}) lr={} betas=({}, {}) eps={}; no weight decay where ndim < 2 or the name contains bn/ln/bias/logit_scale (OpenCLIP v3.3.0)",
+            if self.fused { "torch's fused kernel" } else { "chunked update" },
+            self.cfg.lr,
+            self.cfg.betas.0,
+            self.cfg.betas.1,
+            self.cfg.eps
         );
         for g in &self.groups {
             s.push_str(&format!(
@@ -203,9 +238,19 @@ impl AdamW {
         self.cfg.lr
     }
 
-    /// Number of steps taken (torch's `state['step']`).
+    /// Number of steps taken (torch's `state['step']`). Reads a device value back: for checkpoints.
     pub fn step_count(&self) -> i64 {
-        self.step
+        self.step.double_value(&[]) as i64
+    }
+
+    /// Whether the update runs torch's fused kernel (default: on CUDA).
+    pub fn fused(&self) -> bool {
+        self.fused
+    }
+
+    /// Chooses the fused kernel (it has a CPU implementation too) or the chunked update.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
     }
 
     /// The flat gradient buffers (one per group); every parameter's `.grad()` is a view into one.
@@ -255,26 +300,51 @@ impl AdamW {
         total
     }
 
-    /// A 0-dim bool tensor: all gradients finite. One reduction per group; sync only when read.
-    pub fn grads_finite(&self) -> Tensor {
-        let mut all = Tensor::from(true);
+    /// A 0-dim fp32 tensor on the device, 1.0 when `loss` or any gradient is not finite (else 0.0):
+    /// the `found_inf` of [`AdamW::step_unless`]. One reduction per group (a sum: inf and NaN
+    /// propagate through it); nothing is read back.
+    pub fn non_finite(&self, loss: &Tensor) -> Tensor {
+        let mut bad = loss.isfinite().logical_not();
         for g in &self.groups {
-            all = all.to_device(g.grads.device()).logical_and(&g.grads.isfinite().all());
+            bad = bad.logical_or(&g.grads.sum(Kind::Float).isfinite().logical_not());
         }
-        all
+        bad.to_kind(Kind::Float)
     }
 
     /// One AdamW step with the current learning rate.
     pub fn step(&mut self) {
-        self.step += 1;
+        let none = self.no_skip.shallow_clone();
+        self.step_unless(&none);
+    }
+
+    /// One AdamW step, or none where `found_inf` (0-dim fp32 on the device, from
+    /// [`AdamW::non_finite`]) is 1.0: then parameters, moments and the step count keep their values
+    /// (and the gradients, which are zeroed before the next step anyway, are set to zero). Decided
+    /// on the device, without a host sync.
+    pub fn step_unless(&mut self, found_inf: &Tensor) {
         let (beta1, beta2) = self.cfg.betas;
-        let lr = self.cfg.lr;
-        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bias_correction1;
-        let eps = self.cfg.eps;
+        let (lr, eps) = (self.cfg.lr, self.cfg.eps);
+        let keep = found_inf.neg() + 1.0; // [] fp32: 1 = apply
         tch::no_grad(|| {
+            let _ = self.step.g_add_(&keep);
+            if self.fused {
+                self.fused_step(lr, found_inf);
+                return;
+            }
+            // Bias corrections from the device step count, in f64 as torch's (host) float math.
+            let step = self.step.to_kind(Kind::Double);
+            let bias_correction1 = Tensor::pow_scalar(beta1, &step).neg() + 1.0;
+            let bias_correction2_sqrt = (Tensor::pow_scalar(beta2, &step).neg() + 1.0).sqrt().to_kind(Kind::Float);
+            // -lr / bc1 where applied, 0 where skipped (then exp_avg * 0 adds nothing).
+            let neg_step_size =
+                (bias_correction1.reciprocal() * (-lr) * keep.to_kind(Kind::Double)).to_kind(Kind::Float);
+            // Exactly the scalars of an applied step when keep = 1, exactly identities when 0.
+            let blend = |applied: f64, skipped: f64| &keep * applied + (keep.neg() + 1.0) * skipped;
+            let avg_weight = blend(1.0 - beta1, 0.0);
+            let sq_decay = blend(beta2, 1.0);
+            let skip = found_inf.gt(0.5);
             for g in &mut self.groups {
+                let decay = (g.weight_decay != 0.0).then(|| blend(1.0 - lr * g.weight_decay, 1.0));
                 // On the CPU, run the whole update on one cache-sized chunk at a time: a dozen
                 // passes over each chunk while it is in cache instead of a dozen trips through
                 // memory for buffers of hundreds of MB. On a GPU one pass over the whole buffer
@@ -287,19 +357,51 @@ impl AdamW {
                     let mut params = g.params.narrow(0, start, len);
                     let mut exp_avg = g.exp_avg.narrow(0, start, len);
                     let mut exp_avg_sq = g.exp_avg_sq.narrow(0, start, len);
-                    let grads = g.grads.narrow(0, start, len);
-                    if g.weight_decay != 0.0 {
-                        let _ = params.g_mul_scalar_(1.0 - lr * g.weight_decay);
+                    let mut grads = g.grads.narrow(0, start, len);
+                    // A skipped step's gradients may hold inf/NaN, which would survive `* 0`.
+                    let _ = grads.masked_fill_(&skip, 0.0);
+                    if let Some(decay) = &decay {
+                        let _ = params.g_mul_(decay);
                     }
-                    let _ = exp_avg.lerp_(&grads, 1.0 - beta1);
-                    let _ = exp_avg_sq.g_mul_scalar_(beta2);
+                    let _ = exp_avg.lerp_tensor_(&grads, &avg_weight);
+                    let _ = exp_avg_sq.g_mul_(&sq_decay);
                     let _ = exp_avg_sq.addcmul_(&grads, &(&grads * (1.0 - beta2)));
-                    let denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) + eps;
-                    let _ = params.addcdiv_(&(&exp_avg * (-step_size)), &denom);
+                    let denom = (exp_avg_sq.sqrt() / &bias_correction2_sqrt) + eps;
+                    let _ = params.addcdiv_(&(&exp_avg * &neg_step_size), &denom);
                     start += len;
                 }
             }
         });
+    }
+
+    /// torch's fused AdamW kernel per group (it reads the already incremented step count).
+    fn fused_step(&self, lr: f64, found_inf: &Tensor) {
+        let (beta1, beta2) = self.cfg.betas;
+        let raw = |t: &Tensor| t.as_ptr() as *mut torch_sys::C_tensor;
+        for g in &self.groups {
+            // SAFETY: all tensors are live, fp32, on one device, of equal length (and 0-dim for the
+            // step and found_inf), as the kernel requires.
+            let rc = unsafe {
+                ferroclip_fused_adamw(
+                    raw(&g.params),
+                    raw(&g.grads),
+                    raw(&g.exp_avg),
+                    raw(&g.exp_avg_sq),
+                    raw(&self.step),
+                    lr,
+                    beta1,
+                    beta2,
+                    g.weight_decay,
+                    self.cfg.eps,
+                    raw(found_inf),
+                )
+            };
+            if rc != 0 {
+                // SAFETY: a NUL-terminated thread-local message from the shim.
+                let msg = unsafe { std::ffi::CStr::from_ptr(ferroclip_last_error()) }.to_string_lossy().into_owned();
+                panic!("the fused AdamW kernel failed: {msg}");
+            }
+        }
     }
 
     /// Moments keyed `exp_avg.{name}` and `exp_avg_sq.{name}`. The tensors are views of the live
@@ -349,7 +451,7 @@ impl AdamW {
                 }
             }
         }
-        self.step = step;
+        let _ = self.step.fill_(step as f64);
         Ok(())
     }
 }
@@ -398,11 +500,13 @@ mod tests {
         assert!(!weight_decay_applies("logit_scale", 0));
     }
 
-    #[test]
-    fn matches_torch_adamw_fixture() {
+    /// The optimizer, stepped through the fixture's steps with the chunked or the fused update,
+    /// against `torch.optim.AdamW`.
+    fn check_against_torch_fixture(fused: bool) {
         let fx = fixture();
         let named = params_from(&fx);
         let mut opt = AdamW::new(&named, AdamWConfig { lr: 0.0, betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 }, &[]).unwrap();
+        opt.set_fused(fused);
         let lrs = &fx["lr"];
         for step in 0..lrs.size()[0] as usize {
             opt.zero_grad();
@@ -410,15 +514,79 @@ mod tests {
             opt.set_lr(lrs.double_value(&[step as i64]));
             opt.step();
         }
+        assert_eq!(opt.step_count(), lrs.size()[0]);
         for (n, p) in &named {
             let d = max_diff(p, &fx[&format!("out.{n}")]);
-            assert!(d < 1e-6, "{n}: parameter differs by {d}");
+            assert!(d < 1e-6, "{n} (fused: {fused}): parameter differs by {d}");
         }
         for (k, v) in opt.state() {
             let d = max_diff(&v, &fx[&k]);
-            assert!(d < 1e-6, "{k}: differs by {d}");
+            assert!(d < 1e-6, "{k} (fused: {fused}): differs by {d}");
         }
         assert!(opt.describe().contains("weight_decay=0.2"));
+    }
+
+    #[test]
+    fn matches_torch_adamw_fixture() {
+        check_against_torch_fixture(false);
+    }
+
+    /// torch 2.11's `_fused_adamw_` has a CPU kernel: the CUDA path's binding runs here too.
+    #[test]
+    fn fused_kernel_matches_torch_adamw_fixture() {
+        check_against_torch_fixture(true);
+    }
+
+    /// A step whose gradients hold inf (or whose loss is NaN) is skipped on the device: parameters,
+    /// both moments and the step count keep their values, and the next good step continues exactly
+    /// as if the bad one had never been there. For the chunked and the fused update.
+    #[test]
+    fn a_non_finite_step_changes_nothing() {
+        let fx = fixture();
+        for fused in [false, true] {
+            let run = |bad_at: Option<usize>| {
+                let named = params_from(&fx);
+                let mut opt = AdamW::new(&named, AdamWConfig::default(), &[]).unwrap();
+                opt.set_fused(fused);
+                let finite_loss = Tensor::from(1.5f32);
+                let mut snapshots = Vec::new();
+                for s in 0..3 {
+                    if bad_at == Some(s) {
+                        let before: Vec<Tensor> = named.iter().map(|(_, p)| p.detach().copy()).collect();
+                        let moments: Vec<Tensor> = opt.state().into_iter().map(|(_, v)| v.copy()).collect();
+                        let steps = opt.step_count();
+                        opt.zero_grad();
+                        load_grads(&named, &fx, s);
+                        let g = named[0].1.grad();
+                        let _ = g.view([-1]).get(0).fill_(f64::INFINITY);
+                        let found = opt.non_finite(&finite_loss);
+                        assert_eq!(found.double_value(&[]), 1.0);
+                        assert_eq!(opt.non_finite(&Tensor::from(f32::NAN)).double_value(&[]), 1.0);
+                        opt.step_unless(&found);
+                        for ((n, p), b) in named.iter().zip(&before) {
+                            assert!(p.equal(b), "{n} changed by a skipped step (fused: {fused})");
+                        }
+                        for ((k, v), b) in opt.state().iter().zip(&moments) {
+                            assert!(v.equal(b), "{k} changed by a skipped step (fused: {fused})");
+                        }
+                        assert_eq!(opt.step_count(), steps, "the step count moved (fused: {fused})");
+                    }
+                    opt.zero_grad();
+                    load_grads(&named, &fx, s);
+                    let found = opt.non_finite(&finite_loss);
+                    assert_eq!(found.double_value(&[]), 0.0);
+                    opt.step_unless(&found);
+                    snapshots.push(named.iter().map(|(_, p)| p.detach().copy()).collect::<Vec<_>>());
+                }
+                (snapshots, opt.step_count())
+            };
+            let (clean, n_clean) = run(None);
+            let (with_bad, n_bad) = run(Some(1));
+            assert_eq!((n_clean, n_bad), (3, 3));
+            for (a, b) in clean.iter().flatten().zip(with_bad.iter().flatten()) {
+                assert!(a.equal(b), "a skipped step changed what followed (fused: {fused})");
+            }
+        }
     }
 
     #[test]
@@ -451,9 +619,10 @@ mod tests {
         let norm = opt.clip_grad_norm(1.0).double_value(&[]);
         assert!((norm - 5.0).abs() < 1e-6);
         assert!((opt.grad_norm().double_value(&[]) - 1.0).abs() < 1e-5);
-        assert!(bool::try_from(opt.grads_finite()).unwrap());
+        let loss = Tensor::from(0.5f32);
+        assert_eq!(opt.non_finite(&loss).double_value(&[]), 0.0);
         b.grad().copy_(&Tensor::from_slice(&[f32::NAN]));
-        assert!(!bool::try_from(opt.grads_finite()).unwrap());
+        assert_eq!(opt.non_finite(&loss).double_value(&[]), 1.0);
     }
 
     #[test]
