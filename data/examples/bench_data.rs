@@ -6,7 +6,7 @@
 //! OpenCLIP's pipeline on the very same files.
 
 use ferroclip_data::augment::{AugmentConfig, TrainTransform};
-use ferroclip_data::bench::{bench_transform, laion_like_jpegs};
+use ferroclip_data::bench::{bench_transform, laion_like_jpegs, thread_cpu_ns};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -58,12 +58,4 @@ fn main() -> anyhow::Result<()> {
         println!("{}", bench_transform(&samples, &t, th, seconds));
     }
     Ok(())
-}
-
-/// CPU time of the calling thread (Linux `/proc/thread-self/schedstat`, first field, ns).
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }

@@ -329,6 +329,23 @@ impl ImageTransform for TrainTransform {
     }
 
     fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError> {
+        let (img, region) = self.decode_crop(encoded, ext, rng)?;
+        let erase = self.finish(&img, region, rng, out);
+        recycle(img);
+        Ok(erase)
+    }
+}
+
+impl TrainTransform {
+    /// The decode stage of [`ImageTransform::apply`]: draws the crop (the first draw of `rng`) and
+    /// decodes what it needs; returns the pixels and the crop's window in them. Public so that
+    /// benchmarks can time decoding apart from resampling.
+    pub fn decode_crop(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        rng: &mut SampleRng,
+    ) -> Result<(RgbImage, ResizeBox), DecodeError> {
         // Crop parameters depend only on the full size, so they are drawn from the header and
         // the decode scale chosen from them: the random stream is the same at every scale.
         let (w, h) = probe_size(encoded, ext)?;
@@ -336,11 +353,21 @@ impl ImageTransform for TrainTransform {
             return Err(DecodeError::TooLarge { width: w, height: h, limit: self.max_pixels });
         }
         let crop = random_resized_crop_params(w, h, self.cfg.scale, self.cfg.ratio, rng);
-        let m = if self.reduced_decode { dct_scale(&crop, self.size as u32) } else { 8 };
-        let (_, rect) = scaled_window(&crop, m);
+        self.decode_crop_rect(encoded, ext, &crop)
+    }
+
+    /// [`TrainTransform::decode_crop`] for a given crop (of the full-size image).
+    pub fn decode_crop_rect(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        crop: &CropRect,
+    ) -> Result<(RgbImage, ResizeBox), DecodeError> {
+        let m = if self.reduced_decode { dct_scale(crop, self.size as u32) } else { 8 };
+        let (_, rect) = scaled_window(crop, m);
         let d = decode_rgb_region(encoded, ext, self.max_pixels, m, rect)?;
         // What came back (PNG and WebP: the whole image, full size), from (d.left, d.top) on.
-        let ([x0, y0, x1, y1], (l, t, w, h)) = scaled_window(&crop, d.scale_num);
+        let ([x0, y0, x1, y1], (l, t, w, h)) = scaled_window(crop, d.scale_num);
         let (ox, oy) = (d.left, d.top);
         let (r, b) = ((l + w - ox).min(d.img.width), (t + h - oy).min(d.img.height));
         let region = ResizeBox {
@@ -350,10 +377,7 @@ impl ImageTransform for TrainTransform {
             y1: (y1 - oy as f64).min(b as f64),
             clip: (l - ox, t - oy, r - (l - ox), b - (t - oy)),
         };
-        let img = d.img;
-        let erase = self.finish(&img, region, rng, out);
-        recycle(img);
-        Ok(erase)
+        Ok((d.img, region))
     }
 }
 
