@@ -1,6 +1,13 @@
 #!/usr/bin/env python3
-"""Time OpenCLIP's own train-time image pipeline: PIL decode + convert('RGB') + the augreg
-train transform, the baseline for ferroclip's `bench-data` / `bench_data` example.
+"""Time OpenCLIP's own train-time input pipeline, the baseline for ferroclip's `bench-data`.
+
+    .venv/bin/python scripts/bench-openclip-data.py --shards PATTERN [--workers 1] [--batch 160]
+        [--seconds 10] [--no-resampled]
+
+runs OpenCLIP's loader, `open_clip_train.data.get_wds_dataset` (WebDataset shards → PIL decode →
+augreg train transform → tokenizer → batched tensors, through a `WebLoader` with N worker
+processes), on the same shards `trainer bench-data --config FILE` reads, and prints one JSON line
+last (`images_per_s`, `workers`), timed after the first batch as ferroclip's is.
 
     .venv/bin/python scripts/bench-openclip-data.py --dir DIR [--workers 1] [--seconds 10]
 
@@ -68,8 +75,51 @@ def worker(args):
     return n, time.perf_counter() - start, time.process_time() - cpu0
 
 
+def transform(size, use_timm=True):
+    import open_clip
+
+    aug = dict(scale=(0.33, 1.0), re_prob=0.35)
+    if use_timm:
+        aug["use_timm"] = True
+    return open_clip.image_transform(size, is_train=True, aug_cfg=aug)
+
+
+def bench_shards(a):
+    """OpenCLIP's get_wds_dataset end to end, as its training loop consumes it."""
+    import json
+    from types import SimpleNamespace
+
+    import open_clip
+    import torch
+    from open_clip_train.data import get_wds_dataset
+
+    torch.set_num_threads(1)
+    args = SimpleNamespace(
+        train_data=a.shards, val_data=None, dataset_resampled=not a.no_resampled, train_data_upsampling_factors=None,
+        train_num_samples=10**9, seed=0, batch_size=a.batch, world_size=1, workers=a.workers,
+    )
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    data = get_wds_dataset(args, transform(a.size, not a.no_timm), is_train=True, epoch=0, tokenizer=tokenizer)
+    batches = iter(data.dataloader)
+    next(batches)  # warm-up: worker processes starting, shuffle buffers filling
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < a.seconds:
+        images, _texts = next(batches)
+        n += images.shape[0]
+    seconds = time.perf_counter() - start
+    print(f"open_clip get_wds_dataset on {a.shards}: {a.workers} workers, batch {a.batch}, {a.size}px, "
+          f"timm={not a.no_timm}, resampled={not a.no_resampled}")
+    print(f"end to end: {n} images in {seconds:.2f} s; {n / seconds / a.workers:.1f} images/s per worker")
+    print(json.dumps({"impl": "open_clip", "kind": "data", "source": "shards", "shards": a.shards,
+                      "threads": a.workers, "workers": a.workers, "batch_size": a.batch, "image_size": a.size,
+                      "images": n, "seconds": seconds, "images_per_s": n / seconds}))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", help="WebDataset shard pattern: time get_wds_dataset on it")
+    ap.add_argument("--batch", type=int, default=160)
+    ap.add_argument("--no-resampled", action="store_true")
     ap.add_argument("--dir")
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--workers", type=int, default=1)
@@ -77,6 +127,8 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--no-timm", action="store_true")
     a = ap.parse_args()
+    if a.shards:
+        return bench_shards(a)
     tmp = None
     if a.dir is None:
         tmp = tempfile.TemporaryDirectory()

@@ -6,7 +6,7 @@
 //! OpenCLIP's pipeline on the very same files.
 
 use ferroclip_data::augment::{AugmentConfig, TrainTransform};
-use ferroclip_data::bench::{bench_transform, laion_like_jpegs};
+use ferroclip_data::bench::{bench_transform, laion_like_jpegs, thread_cpu_ns};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,18 +40,22 @@ fn main() -> anyhow::Result<()> {
         }
         let t2 = thread_cpu_ns();
         let ms = |d: u64| d as f64 / 1e6 / n as f64;
+        // Whole-image decode at each DCT scale m/8 (libjpeg-turbo has SIMD IDCTs for 8/8, 4/8,
+        // 2/8 and 1/8 only).
+        let mut line = String::from("cpu ms/image, whole-image decode at scale m/8:");
+        for m in 1..=8 {
+            let t = thread_cpu_ns();
+            for (b, e) in &samples {
+                let whole = (0, 0, u32::MAX, u32::MAX);
+                std::hint::black_box(ferroclip_data::decode::decode_rgb_region(b, e, u64::MAX, m, whole)?);
+            }
+            line += &format!(" {m}:{:.2}", ms(thread_cpu_ns() - t));
+        }
+        println!("{line}");
         println!("cpu ms/image: decode {:.2}, full transform {:.2} (= {:.0} images/s per busy core)", ms(t1 - t0), ms(t2 - t1), 1e3 / ms(t2 - t1));
     }
     for th in threads {
         println!("{}", bench_transform(&samples, &t, th, seconds));
     }
     Ok(())
-}
-
-/// CPU time of the calling thread (Linux `/proc/thread-self/schedstat`, first field, ns).
-fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }

@@ -15,7 +15,7 @@
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{decode_rgb, decode_rgb_reduced, probe_size, recycle, DecodeError, RgbImage};
+use crate::decode::{decode_rgb, decode_rgb_region, probe_size, recycle, DecodeError, RgbImage};
 use crate::erase::EraseBox;
 use crate::resize::{resize_bicubic_into, ResizeBox};
 use crate::rng::SampleRng;
@@ -244,13 +244,29 @@ fn color_jitter(rgb: &mut [u8], strength: f64, rng: &mut SampleRng) {
     }
 }
 
-/// The largest DCT reduction (1, 2, 4 or 8) that keeps the crop at least `size` on each side.
-fn jpeg_reduction(crop: &CropRect, size: u32) -> u32 {
-    let mut d = 1;
-    while d < 8 && crop.width / (d * 2) >= size && crop.height / (d * 2) >= size {
-        d *= 2;
-    }
-    d
+/// The JPEG DCT scale `m/8` to decode a crop at: the smallest `m` in {1, 2, 4, 8} that keeps the
+/// scaled crop at least `size` on each side, so the resize still only shrinks (or keeps) it.
+///
+/// Only powers of two: libjpeg-turbo has SIMD IDCTs for 1/8, 2/8, 4/8 and 8/8 only, and its plain-C
+/// scaled IDCTs for the others are slower than a full decode (measured with
+/// `cargo run -p data --release --example bench_data -- --breakdown`, whole-image decode of
+/// LAION-like JPEGs, CPU ms/image: 3/8 1.29, 4/8 1.26, 5/8 1.82, 6/8 2.16, 7/8 2.66, 8/8 1.44).
+pub fn dct_scale(crop: &CropRect, size: u32) -> u32 {
+    let need = |side: u32| (8 * size as u64).div_ceil(side.max(1) as u64);
+    (need(crop.width).max(need(crop.height)).clamp(1, 8) as u32).next_power_of_two()
+}
+
+/// `crop` in the image scaled by `m/8`: the (fractional) window, and the integer rectangle of
+/// the pixels covering it (at full size, exactly the crop, as PIL's `crop` keeps).
+fn scaled_window(crop: &CropRect, m: u32) -> ([f64; 4], (u32, u32, u32, u32)) {
+    let s = m as f64 / 8.0;
+    let x0 = crop.left as f64 * s;
+    let y0 = crop.top as f64 * s;
+    let x1 = (crop.left + crop.width) as f64 * s;
+    let y1 = (crop.top + crop.height) as f64 * s;
+    let (l, t) = (x0.floor() as u32, y0.floor() as u32);
+    let (r, b) = (x1.ceil() as u32, y1.ceil() as u32);
+    ([x0, y0, x1, y1], (l, t, r - l, b - t))
 }
 
 /// augreg train transform: RandomResizedCrop(bicubic) → [color jitter] → [grayscale] → uint8
@@ -313,6 +329,23 @@ impl ImageTransform for TrainTransform {
     }
 
     fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError> {
+        let (img, region) = self.decode_crop(encoded, ext, rng)?;
+        let erase = self.finish(&img, region, rng, out);
+        recycle(img);
+        Ok(erase)
+    }
+}
+
+impl TrainTransform {
+    /// The decode stage of [`ImageTransform::apply`]: draws the crop (the first draw of `rng`) and
+    /// decodes what it needs; returns the pixels and the crop's window in them. Public so that
+    /// benchmarks can time decoding apart from resampling.
+    pub fn decode_crop(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        rng: &mut SampleRng,
+    ) -> Result<(RgbImage, ResizeBox), DecodeError> {
         // Crop parameters depend only on the full size, so they are drawn from the header and
         // the decode scale chosen from them: the random stream is the same at every scale.
         let (w, h) = probe_size(encoded, ext)?;
@@ -320,25 +353,31 @@ impl ImageTransform for TrainTransform {
             return Err(DecodeError::TooLarge { width: w, height: h, limit: self.max_pixels });
         }
         let crop = random_resized_crop_params(w, h, self.cfg.scale, self.cfg.ratio, rng);
-        let denom = if self.reduced_decode { jpeg_reduction(&crop, self.size as u32) } else { 1 };
-        let img = decode_rgb_reduced(encoded, ext, self.max_pixels, denom)?;
-        let region = if img.width == w && img.height == h {
-            ResizeBox::crop(crop.left, crop.top, crop.width, crop.height)
-        } else {
-            // The same window in the reduced image's coordinates; the pixels it may read are
-            // those covering the original crop (as PIL's crop would keep).
-            let (sx, sy) = (img.width as f64 / w as f64, img.height as f64 / h as f64);
-            let x0 = crop.left as f64 * sx;
-            let y0 = crop.top as f64 * sy;
-            let x1 = ((crop.left + crop.width) as f64 * sx).min(img.width as f64);
-            let y1 = ((crop.top + crop.height) as f64 * sy).min(img.height as f64);
-            let (cl, ct) = (x0.floor() as u32, y0.floor() as u32);
-            let (cr, cb) = ((x1.ceil() as u32).min(img.width), (y1.ceil() as u32).min(img.height));
-            ResizeBox { x0, y0, x1, y1, clip: (cl, ct, cr - cl, cb - ct) }
+        self.decode_crop_rect(encoded, ext, &crop)
+    }
+
+    /// [`TrainTransform::decode_crop`] for a given crop (of the full-size image).
+    pub fn decode_crop_rect(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        crop: &CropRect,
+    ) -> Result<(RgbImage, ResizeBox), DecodeError> {
+        let m = if self.reduced_decode { dct_scale(crop, self.size as u32) } else { 8 };
+        let (_, rect) = scaled_window(crop, m);
+        let d = decode_rgb_region(encoded, ext, self.max_pixels, m, rect)?;
+        // What came back (PNG and WebP: the whole image, full size), from (d.left, d.top) on.
+        let ([x0, y0, x1, y1], (l, t, w, h)) = scaled_window(crop, d.scale_num);
+        let (ox, oy) = (d.left, d.top);
+        let (r, b) = ((l + w - ox).min(d.img.width), (t + h - oy).min(d.img.height));
+        let region = ResizeBox {
+            x0: x0 - ox as f64,
+            y0: y0 - oy as f64,
+            x1: (x1 - ox as f64).min(r as f64),
+            y1: (y1 - oy as f64).min(b as f64),
+            clip: (l - ox, t - oy, r - (l - ox), b - (t - oy)),
         };
-        let erase = self.finish(&img, region, rng, out);
-        recycle(img);
-        Ok(erase)
+        Ok((d.img, region))
     }
 }
 
@@ -389,12 +428,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jpeg_reduction_keeps_the_crop_at_least_the_output_size() {
+    fn dct_scale_keeps_the_crop_at_least_the_output_size() {
         let crop = |width, height| CropRect { top: 0, left: 0, width, height };
-        assert_eq!(jpeg_reduction(&crop(511, 2000), 256), 1);
-        assert_eq!(jpeg_reduction(&crop(512, 600), 256), 2);
-        assert_eq!(jpeg_reduction(&crop(1024, 1100), 256), 4);
-        assert_eq!(jpeg_reduction(&crop(4000, 4000), 256), 8);
-        assert_eq!(jpeg_reduction(&crop(4000, 1023), 256), 2);
+        assert_eq!(dct_scale(&crop(511, 2000), 256), 8); // 511·4/8 < 256
+        assert_eq!(dct_scale(&crop(512, 600), 256), 4);
+        assert_eq!(dct_scale(&crop(1024, 1100), 256), 2);
+        assert_eq!(dct_scale(&crop(4000, 4000), 256), 1);
+        assert_eq!(dct_scale(&crop(4000, 1023), 256), 4); // 1023·2/8 < 256
+        assert_eq!(dct_scale(&crop(300, 257), 256), 8);
+        assert_eq!(dct_scale(&crop(100, 100), 256), 8); // an upscale: full size
+        for (w, h) in [(300u32, 700u32), (256, 256), (999, 401), (2000, 3000), (1792, 1800), (1791, 4000)] {
+            let m = dct_scale(&crop(w, h), 224);
+            assert!([1, 2, 4, 8].contains(&m), "{w}x{h}: {m}");
+            assert!(w * m >= 8 * 224 && h * m >= 8 * 224 || m == 8, "{w}x{h}: {m}");
+            assert!(m == 1 || w * (m / 2) < 8 * 224 || h * (m / 2) < 8 * 224, "{w}x{h}: {m} is not the smallest");
+        }
     }
 }

@@ -12,8 +12,8 @@
 //! The pixel limit is checked on the header before any pixel is decoded, so a decompression
 //! bomb costs a few hundred bytes of parsing (PIL's `DecompressionBombError`).
 //!
-//! JPEGs can also be decoded at a reduced DCT scale (1/2, 1/4, 1/8, [`decode_rgb_reduced`]),
-//! which the train transform uses when the crop it keeps stays at least the output size.
+//! JPEGs go through libjpeg-turbo ([`crate::jpeg`]), also at a reduced DCT scale (M/8) and only
+//! for the rectangle a crop needs ([`decode_rgb_region`]), which the train transform uses.
 
 use std::io::Cursor;
 
@@ -84,17 +84,6 @@ fn corrupt(e: impl std::fmt::Display) -> DecodeError {
     DecodeError::Corrupt(e.to_string())
 }
 
-fn zune_options() -> zune_jpeg::zune_core::options::DecoderOptions {
-    use zune_jpeg::zune_core::colorspace::ColorSpace;
-    // Dimension limits well above any pixel limit we enforce ourselves. Strict mode: PIL
-    // raises on truncated JPEGs by default, so such samples are dropped here too.
-    zune_jpeg::zune_core::options::DecoderOptions::default()
-        .jpeg_set_out_colorspace(ColorSpace::RGB)
-        .set_max_width(1 << 16)
-        .set_max_height(1 << 16)
-        .set_strict_mode(true)
-}
-
 fn check_limit(width: u32, height: u32, limit: u64) -> Result<(), DecodeError> {
     if width == 0 || height == 0 {
         return Err(DecodeError::Corrupt(format!("zero-sized image {width}x{height}")));
@@ -109,13 +98,8 @@ fn check_limit(width: u32, height: u32, limit: u64) -> Result<(), DecodeError> {
 pub fn probe_size(bytes: &[u8], ext: &str) -> Result<(u32, u32), DecodeError> {
     match format_of(bytes, ext)? {
         ImageFormat::Jpeg => {
-            let mut dec = zune_jpeg::JpegDecoder::new_with_options(
-                zune_jpeg::zune_core::bytestream::ZCursor::new(bytes),
-                zune_options(),
-            );
-            dec.decode_headers().map_err(corrupt)?;
-            let (w, h) = dec.dimensions().ok_or_else(|| corrupt("no JPEG frame header"))?;
-            Ok((w as u32, h as u32))
+            let head = crate::jpeg::header(bytes)?;
+            Ok((head.width, head.height))
         }
         ImageFormat::Png => {
             // IHDR is always the first chunk: signature(8) len(4) "IHDR"(4) width(4) height(4).
@@ -136,40 +120,53 @@ pub fn probe_size(bytes: &[u8], ext: &str) -> Result<(u32, u32), DecodeError> {
 /// Decode to 8-bit RGB as PIL's `convert('RGB')`; images over `max_pixels` are refused from
 /// their header ([`DecodeError::TooLarge`]).
 pub fn decode_rgb(bytes: &[u8], ext: &str, max_pixels: u64) -> Result<RgbImage, DecodeError> {
-    decode_rgb_reduced(bytes, ext, max_pixels, 1)
+    Ok(decode_rgb_region(bytes, ext, max_pixels, 8, (0, 0, u32::MAX, u32::MAX))?.img)
 }
 
-/// Like [`decode_rgb`], but a JPEG is decoded at `1/denom` of its size (`denom` ∈ {1, 2, 4, 8})
-/// in the DCT domain: `ceil(w/denom) × ceil(h/denom)`. Other formats, and CMYK JPEGs, are
-/// decoded at full size; callers look at the returned size to know the scale they got.
-pub fn decode_rgb_reduced(bytes: &[u8], ext: &str, max_pixels: u64, denom: u32) -> Result<RgbImage, DecodeError> {
+/// A decoded image, or the part of it a crop needs, possibly at a reduced scale.
+#[derive(Debug)]
+pub struct Decoded {
+    pub img: RgbImage,
+    /// The image was scaled by `scale_num / 8` (8: full size; always 8 for PNG and WebP).
+    pub scale_num: u32,
+    /// Where `img`'s first pixel lies in the scaled image.
+    pub left: u32,
+    pub top: u32,
+}
+
+/// Decode the rectangle `(left, top, width, height)` of the image scaled by `scale_num / 8`
+/// (coordinates of the scaled image, clamped to it; `scale_num` in 1..=8). JPEGs are decoded
+/// at that scale and only as far as the rectangle needs ([`crate::jpeg`]); PNG and WebP are
+/// decoded whole at full size. The result says what it holds.
+pub fn decode_rgb_region(
+    bytes: &[u8],
+    ext: &str,
+    max_pixels: u64,
+    scale_num: u32,
+    region: (u32, u32, u32, u32),
+) -> Result<Decoded, DecodeError> {
     let format = format_of(bytes, ext)?;
+    if format == ImageFormat::Jpeg {
+        let head = crate::jpeg::header(bytes)?;
+        check_limit(head.width, head.height, max_pixels)?;
+        let (left, top, width, height) = region;
+        let r = crate::jpeg::decode_region(bytes, &head, scale_num, (left, top, width, height))?;
+        return Ok(Decoded { img: r.img, scale_num, left: r.left, top: r.top });
+    }
     let (w, h) = probe_size(bytes, ext)?;
     check_limit(w, h, max_pixels)?;
     // Decoders may still panic on adversarial input in paths we cannot audit; a bad member
     // must cost one sample, never the worker thread.
     let result = std::panic::catch_unwind(|| match format {
-        ImageFormat::Jpeg if denom > 1 => decode_jpeg_scaled(bytes, w, h, denom),
-        ImageFormat::Jpeg => decode_jpeg(bytes),
         ImageFormat::Png => decode_png(bytes),
         ImageFormat::Webp => decode_webp(bytes),
+        ImageFormat::Jpeg => unreachable!("decoded above"),
     });
     let img = result.unwrap_or_else(|_| Err(corrupt("decoder panicked")))?;
     if img.pixels.len() != img.width as usize * img.height as usize * 3 {
         return Err(corrupt("decoder returned a short buffer"));
     }
-    Ok(img)
-}
-
-fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
-    let mut dec =
-        zune_jpeg::JpegDecoder::new_with_options(zune_jpeg::zune_core::bytestream::ZCursor::new(bytes), zune_options());
-    dec.decode_headers().map_err(corrupt)?;
-    let (w, h) = dec.dimensions().ok_or_else(|| corrupt("no JPEG frame header"))?;
-    let len = dec.output_buffer_size().ok_or_else(|| corrupt("no JPEG frame header"))?;
-    let mut pixels = take_buffer(len);
-    dec.decode_into(&mut pixels).map_err(corrupt)?;
-    Ok(RgbImage { width: w as u32, height: h as u32, pixels })
+    Ok(Decoded { img, scale_num: 8, left: 0, top: 0 })
 }
 
 thread_local! {
@@ -179,7 +176,7 @@ thread_local! {
 }
 
 /// A buffer of exactly `len` bytes with unspecified contents (the decoder overwrites them).
-fn take_buffer(len: usize) -> Vec<u8> {
+pub(crate) fn take_buffer(len: usize) -> Vec<u8> {
     let mut v = POOL.with(|p| std::mem::take(&mut *p.borrow_mut()));
     if v.len() < len {
         v.resize(len, 0);
@@ -196,28 +193,6 @@ pub fn recycle(img: RgbImage) {
             *p = img.pixels;
         }
     });
-}
-
-/// Reduced-size IDCT decode via `jpeg-decoder` (zune-jpeg has no DCT scaling).
-fn decode_jpeg_scaled(bytes: &[u8], w: u32, h: u32, denom: u32) -> Result<RgbImage, DecodeError> {
-    let mut dec = jpeg_decoder::Decoder::new(bytes);
-    dec.read_info().map_err(corrupt)?;
-    let info = dec.info().ok_or_else(|| corrupt("no JPEG frame header"))?;
-    if info.pixel_format == jpeg_decoder::PixelFormat::CMYK32 {
-        return decode_jpeg(bytes);
-    }
-    let want_w = w.div_ceil(denom).min(u16::MAX as u32) as u16;
-    let want_h = h.div_ceil(denom).min(u16::MAX as u32) as u16;
-    let (sw, sh) = dec.scale(want_w, want_h).map_err(corrupt)?;
-    let data = dec.decode().map_err(corrupt)?;
-    let (sw, sh) = (sw as u32, sh as u32);
-    let pixels = match info.pixel_format {
-        jpeg_decoder::PixelFormat::RGB24 => data,
-        jpeg_decoder::PixelFormat::L8 => data.iter().flat_map(|&v| [v, v, v]).collect(),
-        jpeg_decoder::PixelFormat::L16 => data.chunks_exact(2).flat_map(|c| [c[0], c[0], c[0]]).collect(),
-        jpeg_decoder::PixelFormat::CMYK32 => unreachable!("handled above"),
-    };
-    Ok(RgbImage { width: sw, height: sh, pixels })
 }
 
 fn decode_png(bytes: &[u8]) -> Result<RgbImage, DecodeError> {

@@ -148,15 +148,46 @@ pub fn data_check(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `trainer bench-data`: decode + augreg at the model's image size over LAION-like JPEGs
-/// (or the first samples of `data.train` when it is set and readable).
-pub fn bench_data(cfg: &Config, threads: Option<usize>, seconds: f64) -> Result<()> {
+/// `trainer bench-data`: the real loader end to end on the config's `data.train` shards (tar
+/// reading, decode, augreg, tokenization, batching into the pooled buffers the trainer consumes),
+/// with the stage costs and the loader's efficiency; `--synthetic`: decode + augreg alone over
+/// LAION-like JPEGs made in memory. Both print a human summary, then one JSON line.
+pub fn bench_data(cfg: &Config, threads: Option<usize>, seconds: f64, synthetic: bool) -> Result<()> {
     let size = session::model_config(cfg).image_size() as usize;
-    let threads = threads.unwrap_or(cfg.data.workers);
-    let transform = TrainTransform::new(size, &cfg.data.augment, cfg.data.max_image_pixels);
-    let samples = ferroclip_data::bench::laion_like_jpegs(256, cfg.seed);
-    let report = ferroclip_data::bench::bench_transform(&samples, &transform, threads, seconds);
+    let mut data = cfg.data.clone();
+    if let Some(t) = threads {
+        data.workers = t;
+    }
+    let transform = TrainTransform::new(size, &data.augment, data.max_image_pixels);
+    if synthetic {
+        let samples = ferroclip_data::bench::laion_like_jpegs(256, cfg.seed);
+        let report = ferroclip_data::bench::bench_transform(&samples, &transform, data.workers, seconds);
+        println!("{report}");
+        let json = serde_json::json!({
+            "impl": "ferroclip", "kind": "data", "source": "synthetic", "image_size": size,
+            "threads": report.threads, "images_per_s": report.images_per_s,
+        });
+        println!("{json}");
+        return Ok(());
+    }
+    let tokenizer = session::tokenizer(cfg)?;
+    let report = ferroclip_data::bench::bench_loader(&data, Arc::new(transform), tokenizer, cfg.seed, seconds)
+        .with_context(|| format!("bench-data on data.train `{}`", data.train))?;
     println!("{report}");
+    let mut json = serde_json::to_value(&report)?;
+    json["impl"] = "ferroclip".into();
+    json["kind"] = "data".into();
+    json["source"] = "shards".into();
+    json["threads"] = report.workers.into();
+    println!("{json}");
+    Ok(())
+}
+
+/// `trainer bench-data --write-shards DIR`: LAION-like WebDataset shards to benchmark on.
+pub fn write_bench_shards(dir: &Path, shards: usize, per_shard: usize, seed: u64) -> Result<()> {
+    let paths = ferroclip_data::bench::write_laion_like_shards(dir, shards, per_shard, seed)
+        .with_context(|| format!("writing shards under {}", dir.display()))?;
+    eprintln!("ferroclip: wrote {} shards of {per_shard} samples under {}", paths.len(), dir.display());
     Ok(())
 }
 

@@ -62,16 +62,27 @@ enum Command {
     },
     /// Walk the configured training shards and report counts, extensions and bad samples.
     DataCheck(ConfigArgs),
-    /// Measure the input pipeline (decode + augreg) in images/s.
+    /// Measure the input pipeline in images/s: the loader end to end on data.train's shards.
     BenchData {
         #[command(flatten)]
         cfg: ConfigArgs,
         /// Worker threads (default: data.workers).
         #[arg(long)]
         threads: Option<usize>,
-        /// Minimum seconds to measure.
+        /// Minimum seconds to measure (each of: worker-only rate, end to end).
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Decode + augreg alone over LAION-like JPEGs generated in memory (data.train unused).
+        #[arg(long)]
+        synthetic: bool,
+        /// Instead of measuring, write LAION-like shards (DIR/00000.tar ...) to measure on.
+        #[arg(long, value_name = "DIR")]
+        write_shards: Option<PathBuf>,
+        /// With --write-shards: how many shards, and samples per shard.
+        #[arg(long, default_value_t = 8)]
+        shards: usize,
+        #[arg(long, default_value_t = 250)]
+        per_shard: usize,
     },
     /// Time full training steps on synthetic inputs (one JSON line; see scripts/bench-vs-openclip).
     BenchTrain {
@@ -172,7 +183,13 @@ fn run(cli: Cli) -> Result<()> {
             commands::embed(&load(&cfg)?, &checkpoint, images.as_deref(), texts.as_deref(), &out)
         }
         Some(Command::DataCheck(args)) => commands::data_check(&load(&args)?),
-        Some(Command::BenchData { cfg, threads, seconds }) => commands::bench_data(&load(&cfg)?, threads, seconds),
+        Some(Command::BenchData { cfg, threads, seconds, synthetic, write_shards, shards, per_shard }) => {
+            let cfg = load(&cfg)?;
+            match write_shards {
+                Some(dir) => commands::write_bench_shards(&dir, shards, per_shard, cfg.seed),
+                None => commands::bench_data(&cfg, threads, seconds, synthetic),
+            }
+        }
         Some(Command::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device }) => {
             let precision = match precision.as_str() {
                 "fp32" => ferroclip::config::Precision::Fp32,
