@@ -15,7 +15,8 @@ use ferroclip_data::augment::TrainTransform;
 use ferroclip_data::loader::{Loader, LoaderOptions, Mode};
 use ferroclip_data::{Batch, ResumeFrom, StreamCursor};
 
-use crate::checkpoint::{self, CheckpointDir};
+use crate::checkpoint::{self, CheckpointDir, Saved, Snapshot};
+use crate::checkpoint_writer::CheckpointWriter;
 use crate::config::Config;
 use crate::dist::grad_buckets::{self, GradSync};
 use crate::dist::watchdog::{self, Phase};
@@ -170,6 +171,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
     let mut stopped_at = None;
     let mut stop_vote = preempt::StopVote::new(s.job.store_client()?);
     let mut buckets_reported = false;
+    let mut writer = CheckpointWriter::new(ckpt.clone(), cfg.checkpoint.keep);
     watchdog::step_done(counters.step);
     while counters.step < cfg.train.max_steps {
         let t_wait = Instant::now();
@@ -271,6 +273,9 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             logger.tick(&stats);
         }
 
+        if is_main {
+            report_saved(&logger, writer.poll()?);
+        }
         let preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
         let due = cfg.checkpoint.every_steps > 0 && counters.step % cfg.checkpoint.every_steps == 0;
         if due || last || preempted {
@@ -282,8 +287,12 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
             let cursors = control.all_gather_bytes(&cursor_json);
             control.check_same_u64(counters.step, "the step being saved")?;
             if is_main {
-                let saved = save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?;
-                logger.println(&format!("ferroclip: saved {}", saved.model.display()));
+                // Rank 0 copies the state to host memory and writes it on a thread; training goes on.
+                report_saved(&logger, writer.start(snapshot(cfg, &vs, &opt, &counters, &cursors)?)?);
+                if last || preempted {
+                    // The job ends after this step: the checkpoint is on disk before any rank exits.
+                    report_saved(&logger, writer.wait()?);
+                }
             }
             s.job.after_rank0(rank, &format!("checkpoint/{}", counters.step))?;
         }
@@ -310,6 +319,7 @@ fn train(cfg: &Config, s: &session::Session, stop: &std::sync::atomic::AtomicBoo
         }
     }
     watchdog::set_phase(Phase::Finishing);
+    report_saved(&logger, writer.wait()?);
     logger.finish().context("writing the run logs")?;
     Ok(stopped_at)
 }
@@ -396,7 +406,14 @@ fn broadcast_parameters(vs: &VarStore, collective: &dyn Collective) {
     });
 }
 
-fn save(ckpt: &CheckpointDir, cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[Vec<u8>]) -> Result<checkpoint::Saved> {
+fn report_saved(logger: &RunLogger, saved: Option<Saved>) {
+    if let Some(saved) = saved {
+        logger.println(&format!("ferroclip: saved {}", saved.model.display()));
+    }
+}
+
+/// The checkpoint of this step in host memory, for the background writer.
+fn snapshot(cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[Vec<u8>]) -> Result<Snapshot> {
     let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     model.sort_by(|a, b| a.0.cmp(&b.0));
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
@@ -410,7 +427,7 @@ fn save(ckpt: &CheckpointDir, cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Coun
         ("rng".to_string(), format!("derived from seed {} and the step", cfg.seed)),
         ("config".to_string(), toml::to_string(cfg)?),
     ]);
-    ckpt.save(c.step, &model, &model_meta, &opt.state(), &state_meta, cfg.checkpoint.keep)
+    Snapshot::take(c.step, &model, &model_meta, &opt.state(), &state_meta)
 }
 
 fn restore_state(path: &Path, opt: &mut AdamW) -> Result<(Counters, Vec<StreamCursor>)> {
