@@ -5,21 +5,29 @@
 //! - `csrc/`: the few functions tch 0.24 does not bind, one file per concept — `autocast.cpp` (bf16
 //!   autocast on CUDA), `store.cpp` and `process_group.cpp` (c10d's TCPStore and ProcessGroupGloo, the
 //!   library torch.distributed runs on), `nccl_group.cpp` (ProcessGroupNCCL), `grad_buckets.cpp`
-//!   (gradient all-reduce overlapped with backward).
+//!   (gradient all-reduce overlapped with backward), `activation_checkpoint.cpp` (a block recomputed in
+//!   backward, `train.grad_checkpointing`).
 //!
 //! What the wheel lacks for the shim: gloo's headers (Debian's `libgloo-dev`, headers only: gloo itself
-//! is inside libtorch_cpu) and, for ProcessGroupNCCL, CUDA 13.0's `crt/` and CCCL headers (header-only
+//! is inside libtorch_cpu; elsewhere `$FERROCLIP_GLOO_INCLUDE`, the folder holding `gloo/`) and, for ProcessGroupNCCL, CUDA 13.0's `crt/` and CCCL headers (header-only
 //! wheels that `scripts/setup` installs into `.deps/cuda-headers`, or `$FERROCLIP_CUDA_HEADERS`).
 //! The NCCL file is compiled whenever libtorch has CUDA, so every such build has the NCCL path.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The shim files compiled without CUDA headers.
-const HOST_FILES: [&str; 4] = ["csrc/autocast.cpp", "csrc/store.cpp", "csrc/process_group.cpp", "csrc/grad_buckets.cpp"];
+const HOST_FILES: [&str; 5] = [
+    "csrc/autocast.cpp",
+    "csrc/store.cpp",
+    "csrc/process_group.cpp",
+    "csrc/grad_buckets.cpp",
+    "csrc/activation_checkpoint.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=FERROCLIP_CUDA_HEADERS");
+    println!("cargo:rerun-if-env-changed=FERROCLIP_GLOO_INCLUDE");
     println!("cargo:rerun-if-changed=csrc");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports libtorch's lib dir (DEP_TCH_LIBTORCH_LIB)"),
@@ -34,8 +42,16 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     let include = lib.parent().expect("lib dir has a parent").join("include");
-    if !Path::new("/usr/include/gloo/algorithm.h").exists() {
-        panic!("gloo's headers are missing (/usr/include/gloo): run scripts/install-system-deps (Debian's libgloo-dev)");
+    // Only a non-system folder goes on the include path: `-I /usr/include` would break libstdc++'s
+    // `#include_next`.
+    let gloo = std::env::var_os("FERROCLIP_GLOO_INCLUDE").map(PathBuf::from);
+    let gloo_dir = gloo.clone().unwrap_or_else(|| "/usr/include".into());
+    if !gloo_dir.join("gloo/algorithm.h").exists() {
+        panic!(
+            "gloo's headers are missing ({}/gloo): run scripts/install-system-deps (Debian's libgloo-dev), \
+             or set FERROCLIP_GLOO_INCLUDE to the folder that holds gloo/ (README, \"GPU nodes older than the build machine\")",
+            gloo_dir.display()
+        );
     }
 
     let base = || {
@@ -46,6 +62,9 @@ fn main() {
             .flag("-std=c++17")
             .flag("-w")
             .define("_GLIBCXX_USE_CXX11_ABI", "1");
+        if let Some(dir) = &gloo {
+            b.include(dir);
+        }
         b
     };
     let mut host = base();
