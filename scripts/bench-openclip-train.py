@@ -25,6 +25,11 @@ Data pipeline (`--data`): PIL decode + convert('RGB') + OpenCLIP's train transfo
   torch thread each; prints `{"impl":"open_clip","kind":"data","images_per_s":..,"threads":T}`.
   OpenCLIP ignores `re_prob` unless `use_timm=True` (it warns "Unused augmentation cfg items"), so
   the timm path is the default; `--no-timm` times the cheaper torchvision path without erasing.
+
+Shards of the same JPEGs (`--write-shards DIR --shards N --per-shard M`): N webdataset tars
+  `DIR/{00000..}.tar` of M samples each (`{key}.jpg`, `{key}.txt`), cycling through `--images`
+  distinct JPEGs, for the end-to-end step of `scripts/gpu-check` (the trainer's real loader on
+  LAION-like images, where the demo data's small images would hide the decoding cost).
 """
 import argparse
 import io
@@ -44,9 +49,29 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def register_small_archs():
+    """The repository's tiny archs (convnext_test, vit_test, ...) as gen-model-fixtures.py registers
+    them with timm and OpenCLIP, for dry runs on a CPU (absent from a GPU package; nothing is downloaded)."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    path = Path(__file__).with_name("gen-model-fixtures.py")
+    if not path.exists():
+        return
+    spec = importlib.util.spec_from_file_location("gen_model_fixtures", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # timm's register_model looks the module up
+    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory(prefix="ferroclip-archs-") as tmp:
+        mod.register_small(Path(tmp), None)
+
+
 def build(arch, image_size, device):
     import open_clip
 
+    if arch not in open_clip.list_models():
+        register_small_archs()
     model, _, _ = open_clip.create_model_and_transforms(
         arch, pretrained=None, force_image_size=image_size, device=device, output_dict=True
     )
@@ -190,6 +215,7 @@ def flops_mode(a):
             total = sum(loss_fn(**out, output_dict=True).values())
         total.backward()
     print(json.dumps({
+        "kind": "flops",
         "impl": "open_clip",
         "arch": a.arch,
         "image_size": a.image_size,
@@ -225,6 +251,29 @@ def make_jpegs(n, seed=0):
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
         blobs.append(buf.getvalue())
     return blobs
+
+
+def write_shards_mode(a):
+    import tarfile
+
+    blobs = make_jpegs(a.images)
+    os.makedirs(a.write_shards, exist_ok=True)
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        tar.addfile(info, io.BytesIO(data))
+
+    for shard in range(a.shards):
+        path = os.path.join(a.write_shards, f"{shard:05d}.tar")
+        with tarfile.open(path + ".tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(a.per_shard):
+                key = f"{shard:05d}{i:05d}"
+                add(tar, f"{key}.jpg", blobs[(shard * a.per_shard + i) % len(blobs)])
+                add(tar, f"{key}.txt", f"a photo number {i} of shard {shard}".encode())
+        os.replace(path + ".tmp", path)
+    print(json.dumps({"kind": "shards", "dir": a.write_shards, "shards": a.shards, "per_shard": a.per_shard}))
 
 
 def data_worker(job):
@@ -291,10 +340,15 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0, help="--data: seconds per worker")
     ap.add_argument("--images", type=int, default=64, help="--data: distinct JPEGs generated")
     ap.add_argument("--no-timm", action="store_true", help="--data: torchvision transform (no erasing)")
+    ap.add_argument("--write-shards", metavar="DIR", help="write webdataset shards of the JPEGs instead")
+    ap.add_argument("--shards", type=int, default=4, help="--write-shards: number of shards")
+    ap.add_argument("--per-shard", type=int, default=256, help="--write-shards: samples per shard")
     a = ap.parse_args()
     if a.image_size is None:
         a.image_size = 256 if a.data else 224
-    if a.data:
+    if a.write_shards:
+        write_shards_mode(a)
+    elif a.data:
         data_mode(a)
     elif a.flops:
         flops_mode(a)

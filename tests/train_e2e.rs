@@ -1,7 +1,8 @@
 //! End-to-end tests of the `trainer` binary on the project's own synthetic shards: the loss falls,
-//! config errors name their key, a run killed with SIGKILL resumes to bitwise the same parameters,
-//! SIGTERM checkpoints and stops (also during an evaluation), a fine-tune loads weights from a
-//! smaller image size, and evaluation labels class folders by name and checks its inputs first.
+//! config errors name their key, a run killed with SIGKILL (also while the background checkpoint
+//! writer is half done) resumes to bitwise the same parameters, SIGTERM checkpoints and stops (also
+//! during an evaluation), a fine-tune loads weights from a smaller image size, evaluation labels
+//! class folders by name and checks its inputs first, and the GPU check's dry run passes on the CPU.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -190,20 +191,76 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_uninterrupted_run() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resumed from"), "{err}");
 
-    let a = f.run_dir("whole").join("checkpoints");
-    let b = f.run_dir("cut").join("checkpoints");
-    for file in ["step_00000016.safetensors", "step_00000016.state.safetensors"] {
-        let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
+    assert_same_end("whole", "cut", &f, 16);
+}
+
+/// Runs `a` and `b` of `f` ended with bitwise the same model and optimizer state at `step`, and
+/// (the data stream resumed exactly: the same samples were seen) the same last logged loss.
+fn assert_same_end(a: &str, b: &str, f: &Fixture, step: u64) {
+    let (da, db) = (f.run_dir(a).join("checkpoints"), f.run_dir(b).join("checkpoints"));
+    for file in [format!("step_{step:08}.safetensors"), format!("step_{step:08}.state.safetensors")] {
+        let (ta, tb) = (tensors(&da.join(&file)), tensors(&db.join(&file)));
         assert_eq!(ta.len(), tb.len());
-        for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
+        for ((na, xa), (nb, xb)) in ta.iter().zip(&tb) {
             assert_eq!(na, nb);
-            assert!(da == db, "{file}: `{na}` differs after resume");
+            assert!(xa == xb, "{file}: `{na}` differs after resume");
         }
     }
-    // The data stream resumed exactly: the same samples were seen, so the logged losses agree.
-    let (ma, mb) = (metrics(&f.run_dir("whole")), metrics(&f.run_dir("cut")));
+    let (ma, mb) = (metrics(&f.run_dir(a)), metrics(&f.run_dir(b)));
     let last = |m: &[serde_json::Value]| m.last().unwrap()["loss"].as_f64().unwrap();
     assert_eq!(last(&ma), last(&mb));
+}
+
+/// The last step in `metrics.jsonl` (0 before the first line).
+fn logged_step(run_dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).max().unwrap_or(0)
+}
+
+#[test]
+fn killed_while_the_background_writer_runs_leaves_the_previous_checkpoint_and_resumes_bitwise() {
+    let f = Fixture::new();
+    let steps = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
+    let whole = f.config("whole", "");
+    let out = run(&[&["--config", whole.to_str().unwrap()][..], &steps[..]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The writer of step 4 stops between its two files (a test-only pause) until the kill.
+    let cut = f.config("cut", "");
+    let mut args = vec!["--config", cut.to_str().unwrap()];
+    args.extend_from_slice(&steps);
+    let mut child = Command::new(TRAINER)
+        .args(&args)
+        .env("FERROCLIP_TEST_CHECKPOINT_PAUSE", "4:600")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = checkpoint::CheckpointDir::new(f.run_dir("cut").join("checkpoints"));
+    assert!(wait_for(&dir.model_path(4), &mut child, Duration::from_secs(120)), "no model file at step 4");
+    // Training goes on while step 4 is half written: the save does not stall the step.
+    let t = Instant::now();
+    while logged_step(&f.run_dir("cut")) < 5 && t.elapsed() < Duration::from_secs(120) {
+        assert!(child.try_wait().unwrap().is_none(), "the trainer exited while its checkpoint writer was paused");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(logged_step(&f.run_dir("cut")) >= 5, "training stalled while the checkpoint of step 4 was written");
+    assert!(!dir.state_path(4).exists(), "the writer of step 4 did not pause between its files");
+    child.kill().unwrap(); // SIGKILL, with the writer between the two files of step 4
+    child.wait().unwrap();
+
+    // The previous checkpoint is the newest complete one, and loads.
+    assert_eq!(dir.latest().unwrap(), Some(2));
+    let (model, state) = checkpoint::resolve_resume("latest", &dir).unwrap().unwrap();
+    assert!(!tensors(&model).is_empty() && !tensors(&state).is_empty());
+
+    let mut args = vec!["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
+    args.extend_from_slice(&steps);
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("at step 2"), "{err}");
+    assert_same_end("whole", "cut", &f, 16);
 }
 
 #[test]
@@ -580,4 +637,34 @@ fn demo_recipe_learns_colours_and_shapes() {
     assert_eq!(eval["eval/zeroshot_images"].as_f64(), Some(1000.0));
     let pct = 100.0 * top1;
     assert!(top1 >= MIN_TOP1, "the demo recipe scored {pct:.1} % top-1 after {DEMO_CHECK_STEPS} steps: {err}");
+}
+
+#[test]
+fn gpu_check_dry_run_runs_every_stage_on_the_cpu_and_writes_the_report() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tempfile::tempdir().unwrap();
+    let report = out.path().join("report");
+    let run = Command::new(root.join("scripts/gpu-check"))
+        .args(["--dry-run", report.to_str().unwrap()])
+        .env("TRAINER", TRAINER)
+        .stdin(Stdio::null())
+        .output()
+        .expect("scripts/gpu-check runs");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "gpu-check --dry-run failed:\n{err}");
+    let md = std::fs::read_to_string(report.join("gpu-check.md")).expect("gpu-check.md written");
+    let summary = std::fs::read_to_string(report.join("summary.txt")).unwrap();
+    for stage in ["torch", "demo-data", "train-debug", "bench", "e2e-data", "e2e"] {
+        assert!(summary.lines().any(|l| l.starts_with(&format!("PASS {stage}"))), "stage {stage} did not pass:\n{summary}");
+    }
+    // The sync-debug stage runs whenever the trainer has the mode, and says so when it has not.
+    assert!(summary.contains("sync-debug"), "{summary}");
+    assert!(!summary.contains("FAIL"), "{summary}");
+    // Both sides of the benchmark measured, with a ratio and an MFU cell.
+    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ferroclip |") || l.starts_with("| open_clip |")).collect();
+    assert_eq!(rows.len(), 2, "{md}");
+    assert!(rows.iter().all(|r| !r.contains("**") && r.trim_end().trim_end_matches('|').trim().ends_with('%')), "{md}");
+    // The end-to-end row: steps after the first window, a data-wait percentage.
+    let e2e = md.split("## End to end").nth(1).expect("an end-to-end section");
+    assert!(e2e.lines().any(|l| l.starts_with("| 4..6 |") && l.trim_end().ends_with("% |")), "{e2e}");
 }

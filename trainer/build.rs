@@ -8,17 +8,19 @@
 //!   (gradient all-reduce overlapped with backward), `fused_adamw.cpp` (torch's fused AdamW kernel),
 //!   `backend_flags.cpp` (TF32, cuDNN benchmark), `copy_stream.cpp` (pinned memory, host-to-device copies
 //!   on a side stream with events), `allocator_stats.cpp` (the caching allocator's peak memory), and
-//!   `sync_debug.cpp` (CUDA's sync debug mode; compiled with the CUDA headers, a no-op without CUDA).
+//!   `sync_debug.cpp` (CUDA's sync debug mode; compiled with the CUDA headers, a no-op without CUDA),
+//!   `activation_checkpoint.cpp` (a block recomputed in backward, `train.grad_checkpointing`).
 //!
 //! What the wheel lacks for the shim: gloo's headers (Debian's `libgloo-dev`, headers only: gloo itself
-//! is inside libtorch_cpu) and, for ProcessGroupNCCL, CUDA 13.0's `crt/` and CCCL headers (header-only
-//! wheels that `scripts/setup` installs into `.deps/cuda-headers`, or `$FERROCLIP_CUDA_HEADERS`).
+//! is inside libtorch_cpu; elsewhere `$FERROCLIP_GLOO_INCLUDE`, the folder holding `gloo/`) and, for
+//! ProcessGroupNCCL, CUDA 13.0's `crt/` and CCCL headers (header-only wheels that `scripts/setup`
+//! installs into `.deps/cuda-headers`, or `$FERROCLIP_CUDA_HEADERS`).
 //! The NCCL file is compiled whenever libtorch has CUDA, so every such build has the NCCL path.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The shim files compiled without CUDA headers.
-const HOST_FILES: [&str; 8] = [
+const HOST_FILES: [&str; 9] = [
     "csrc/autocast.cpp",
     "csrc/store.cpp",
     "csrc/process_group.cpp",
@@ -27,6 +29,7 @@ const HOST_FILES: [&str; 8] = [
     "csrc/backend_flags.cpp",
     "csrc/copy_stream.cpp",
     "csrc/allocator_stats.cpp",
+    "csrc/activation_checkpoint.cpp",
 ];
 
 /// The shim files that need the CUDA headers when libtorch has CUDA (and build as no-ops without).
@@ -35,6 +38,7 @@ const CUDA_FILES: [&str; 2] = ["csrc/nccl_group.cpp", "csrc/sync_debug.cpp"];
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=FERROCLIP_CUDA_HEADERS");
+    println!("cargo:rerun-if-env-changed=FERROCLIP_GLOO_INCLUDE");
     println!("cargo:rerun-if-changed=csrc");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports libtorch's lib dir (DEP_TCH_LIBTORCH_LIB)"),
@@ -49,8 +53,16 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     let include = lib.parent().expect("lib dir has a parent").join("include");
-    if !Path::new("/usr/include/gloo/algorithm.h").exists() {
-        panic!("gloo's headers are missing (/usr/include/gloo): run scripts/install-system-deps (Debian's libgloo-dev)");
+    // Only a non-system folder goes on the include path: `-I /usr/include` would break libstdc++'s
+    // `#include_next`.
+    let gloo = std::env::var_os("FERROCLIP_GLOO_INCLUDE").map(PathBuf::from);
+    let gloo_dir = gloo.clone().unwrap_or_else(|| "/usr/include".into());
+    if !gloo_dir.join("gloo/algorithm.h").exists() {
+        panic!(
+            "gloo's headers are missing ({}/gloo): run scripts/install-system-deps (Debian's libgloo-dev), \
+             or set FERROCLIP_GLOO_INCLUDE to the folder that holds gloo/ (README, \"GPU nodes older than the build machine\")",
+            gloo_dir.display()
+        );
     }
 
     let base = || {
@@ -64,6 +76,9 @@ fn main() {
             // compile time of a dev build.
             .debug(false)
             .define("_GLIBCXX_USE_CXX11_ABI", "1");
+        if let Some(dir) = &gloo {
+            b.include(dir);
+        }
         b
     };
     let mut host = base();

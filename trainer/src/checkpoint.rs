@@ -4,11 +4,11 @@
 //!
 //! Crash safety: each file is written under a temporary name, fsynced and renamed into place,
 //! model file first. A step counts as saved only once both of its files exist, so a crash at any
-//! point of a save leaves the previous checkpoint as the newest complete one.
+//! point of a save leaves the previous checkpoint as the newest complete one. Training writes
+//! them in the background ([`crate::checkpoint_writer`]) from a [`Snapshot`] in host memory.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -85,10 +85,18 @@ impl CheckpointDir {
         state_meta: &BTreeMap<String, String>,
         keep: usize,
     ) -> Result<Saved> {
+        self.write(&Snapshot::take(step, model, model_meta, state, state_meta)?, keep)
+    }
+
+    /// Write a snapshot's two files atomically, model file first, then drop all but the newest
+    /// `keep` checkpoints (0 keeps all). [`crate::checkpoint_writer`] calls this on its thread.
+    pub fn write(&self, snapshot: &Snapshot, keep: usize) -> Result<Saved> {
+        let step = snapshot.step;
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let saved = Saved { step, model: self.model_path(step), state: self.state_path(step) };
-        write_atomic(&saved.model, model, model_meta)?;
-        write_atomic(&saved.state, state, state_meta)?;
+        write_atomic(&saved.model, &snapshot.model)?;
+        test_pause_between_files(step);
+        write_atomic(&saved.state, &snapshot.state)?;
         if keep > 0 {
             let steps = self.complete_steps()?;
             for old in steps.iter().take(steps.len().saturating_sub(keep)) {
@@ -98,6 +106,50 @@ impl CheckpointDir {
             }
         }
         Ok(saved)
+    }
+}
+
+/// `FERROCLIP_TEST_CHECKPOINT_PAUSE=STEP:SECONDS`, for the crash tests only: the write of step
+/// STEP sleeps between its model file and its state file, so that a test can kill the process
+/// exactly while a (background) write is half done. Unset, it costs one environment lookup per save.
+fn test_pause_between_files(step: u64) {
+    let Ok(spec) = std::env::var("FERROCLIP_TEST_CHECKPOINT_PAUSE") else { return };
+    let parsed = spec.split_once(':').and_then(|(s, t)| Some((s.parse::<u64>().ok()?, t.parse::<f64>().ok()?)));
+    match parsed {
+        Some((s, seconds)) if s == step => std::thread::sleep(std::time::Duration::from_secs_f64(seconds.max(0.0))),
+        Some(_) => {}
+        None => eprintln!("ferroclip: ignoring FERROCLIP_TEST_CHECKPOINT_PAUSE=`{spec}` (expected STEP:SECONDS)"),
+    }
+}
+
+/// A checkpoint's two files in host memory: copies, so the live model and optimizer may change
+/// while a background thread writes them.
+pub struct Snapshot {
+    pub step: u64,
+    model: HostFile,
+    state: HostFile,
+}
+
+impl Snapshot {
+    /// Copies the tensors to host memory (from a GPU: one device-to-host copy each, which waits
+    /// for the step that produced them).
+    pub fn take(
+        step: u64,
+        model: &[(String, Tensor)],
+        model_meta: &BTreeMap<String, String>,
+        state: &[(String, Tensor)],
+        state_meta: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        Ok(Self {
+            step,
+            model: HostFile::copy_from(model, model_meta).context("copying the model to host memory")?,
+            state: HostFile::copy_from(state, state_meta).context("copying the optimizer state to host memory")?,
+        })
+    }
+
+    /// Bytes of tensor data held.
+    pub fn bytes(&self) -> usize {
+        self.model.bytes() + self.state.bytes()
     }
 }
 
@@ -130,17 +182,17 @@ pub fn resolve_resume(spec: &str, dir: &CheckpointDir) -> Result<Option<(PathBuf
     }
 }
 
-fn write_atomic(path: &Path, tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) -> Result<()> {
+fn write_atomic(path: &Path, file: &HostFile) -> Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
     ));
-    let bytes = serialize(tensors, meta).with_context(|| format!("serializing {}", path.display()))?;
-    {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    }
+    // Streamed from the host copy: no second buffer of the whole file.
+    safetensors::serialize_to_file(file.views(), &Some(file.meta()), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Some(parent) = path.parent() {
         if let Ok(d) = fs::File::open(parent) {
@@ -180,44 +232,71 @@ fn kind_of(dtype: safetensors::Dtype) -> Result<Kind> {
     })
 }
 
+/// One tensor's bytes in host memory, in safetensors' terms.
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// One safetensors file's contents: named tensors copied to host memory, and the metadata.
+struct HostFile {
+    tensors: Vec<(String, HostTensor)>,
+    meta: BTreeMap<String, String>,
+}
+
+impl HostFile {
+    fn copy_from(tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) -> Result<Self> {
+        let mut out = Vec::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+            let (dtype, width) = dtype_of(t.kind()).with_context(|| format!("tensor `{name}`"))?;
+            let numel = t.numel();
+            let mut data = vec![0u8; numel * width];
+            if numel > 0 {
+                // SAFETY: `t` is a contiguous CPU tensor of exactly numel * width bytes. The copy
+                // owns its bytes: on the CPU `to_device` and `contiguous` return `t` itself.
+                let src = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, numel * width) };
+                data.copy_from_slice(src);
+            }
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            out.push((name.clone(), HostTensor { dtype, shape, data }));
+        }
+        Ok(Self { tensors: out, meta: meta.clone() })
+    }
+
+    fn views(&self) -> Vec<(&str, &HostTensor)> {
+        self.tensors.iter().map(|(n, v)| (n.as_str(), v)).collect()
+    }
+
+    fn meta(&self) -> std::collections::HashMap<String, String> {
+        self.meta.clone().into_iter().collect()
+    }
+
+    fn bytes(&self) -> usize {
+        self.tensors.iter().map(|(_, t)| t.data.len()).sum()
+    }
+}
+
 /// The safetensors encoding of named tensors (copied to contiguous CPU memory) with metadata.
 pub fn serialize(tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) -> Result<Vec<u8>> {
-    struct View {
-        dtype: safetensors::Dtype,
-        shape: Vec<usize>,
-        data: Vec<u8>,
-    }
-    impl safetensors::View for &View {
-        fn dtype(&self) -> safetensors::Dtype {
-            self.dtype
-        }
-        fn shape(&self) -> &[usize] {
-            &self.shape
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            std::borrow::Cow::Borrowed(&self.data)
-        }
-        fn data_len(&self) -> usize {
-            self.data.len()
-        }
-    }
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
-        let (dtype, width) = dtype_of(t.kind()).with_context(|| format!("tensor `{name}`"))?;
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * width];
-        if numel > 0 {
-            // SAFETY: `t` is a contiguous CPU tensor of exactly numel * width bytes.
-            let src = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, numel * width) };
-            data.copy_from_slice(src);
-        }
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        views.push((name.clone(), View { dtype, shape, data }));
-    }
-    let meta: std::collections::HashMap<String, String> = meta.clone().into_iter().collect();
-    let refs: Vec<(&str, &View)> = views.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    Ok(safetensors::serialize(refs, &Some(meta))?)
+    let file = HostFile::copy_from(tensors, meta)?;
+    Ok(safetensors::serialize(file.views(), &Some(file.meta()))?)
 }
 
 /// Read every tensor (on the CPU) and the metadata of a safetensors file.

@@ -285,6 +285,8 @@ pub struct BenchTrain {
     pub precision: crate::config::Precision,
     pub threads: usize,
     pub device: String,
+    /// Activation checkpointing, as `train.grad_checkpointing`.
+    pub grad_checkpointing: bool,
 }
 
 /// `trainer bench-train`: full training steps (forward, InfoNCE, backward, AdamW) on synthetic
@@ -302,7 +304,8 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
     };
     let mcfg = crate::model::ClipConfig::from_arch(&b.arch)
         .with_context(|| format!("--arch {}: unknown (known: {})", b.arch, crate::model::ClipConfig::ARCHS.join(", ")))?
-        .with_image_size(b.image_size);
+        .with_image_size(b.image_size)
+        .with_grad_checkpointing(b.grad_checkpointing);
     tch::manual_seed(0);
     let vs = VarStore::new(device);
     let model = Clip::new(&vs.root(), &mcfg);
@@ -343,6 +346,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         "precision": b.precision,
         "threads": tch::get_num_threads(),
         "device": b.device,
+        "grad_checkpointing": b.grad_checkpointing,
         "steps": b.steps,
         "step_time_s": secs,
         "samples_per_s": b.batch as f64 / secs,

@@ -116,6 +116,10 @@ pub struct TrainConfig {
     pub device: String,
     /// libtorch intra-op threads per rank; 0 keeps libtorch's choice. Default 0.
     pub threads: usize,
+    /// Recompute each ConvNeXt block and transformer block in backward instead of keeping its
+    /// activations (OpenCLIP `--grad-checkpointing`): far less activation memory for one more
+    /// forward pass; same gradients. Default false.
+    pub grad_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -133,6 +137,7 @@ impl Default for TrainConfig {
             max_bad_steps: 20,
             device: "auto".into(),
             threads: 0,
+            grad_checkpointing: false,
         }
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! [`config`] (the typed run config) → [`session`] (ranks, device, model config, tokenizer) →
 //! [`model`] (OpenCLIP-compatible towers) → [`step`] (exact global InfoNCE step, [`loss`]) →
-//! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] → [`log`] / [`eval`].
+//! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] (written by
+//! [`checkpoint_writer`] in the background) → [`log`] / [`eval`].
 //! [`train`] is the one loop that strings them together; [`commands`] the other subcommands.
 //! On the GPU: [`input`] (uint8 batches to normalized device tensors), [`skips`] (non-finite steps
 //! skipped and counted on the device), [`cuda`] (the CUDA pieces tch does not bind).
 pub mod checkpoint;
+pub mod checkpoint_writer;
 pub mod commands;
 pub mod config;
 pub mod cuda;

@@ -108,6 +108,9 @@ enum Command {
         /// cpu or cuda.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Activation checkpointing (train.grad_checkpointing).
+        #[arg(long)]
+        grad_checkpointing: bool,
     },
     /// Print the token ids of each stdin line as a JSON array.
     Tokenize {
@@ -190,7 +193,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => commands::bench_data(&cfg, threads, seconds, synthetic),
             }
         }
-        Some(Command::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device }) => {
+        Some(Command::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device, grad_checkpointing }) => {
             let precision = match precision.as_str() {
                 "fp32" => ferroclip::config::Precision::Fp32,
                 "amp_bf16" => ferroclip::config::Precision::AmpBf16,
@@ -198,7 +201,17 @@ fn run(cli: Cli) -> Result<()> {
                     return Err(ConfigError { file: "<command line>".into(), message: format!("--precision {other}: expected fp32 or amp_bf16") }.into())
                 }
             };
-            commands::bench_train(&commands::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device })
+            commands::bench_train(&commands::BenchTrain {
+                arch,
+                image_size,
+                batch,
+                steps,
+                warmup,
+                precision,
+                threads,
+                device,
+                grad_checkpointing,
+            })
         }
         Some(Command::Tokenize { config, set }) => {
             let cfg = match config {

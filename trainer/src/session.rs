@@ -86,7 +86,7 @@ pub fn model_config(cfg: &Config) -> ClipConfig {
     if cfg.model.drop_path >= 0.0 {
         m = m.with_drop_path(cfg.model.drop_path);
     }
-    m
+    m.with_grad_checkpointing(cfg.train.grad_checkpointing)
 }
 
 /// Load an OpenCLIP-compatible model file into `vs`.

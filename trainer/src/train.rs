@@ -15,7 +15,8 @@ use ferroclip_data::augment::TrainTransform;
 use ferroclip_data::loader::{Loader, LoaderOptions, Mode};
 use ferroclip_data::{Batch, ResumeFrom, StreamCursor};
 
-use crate::checkpoint::{self, CheckpointDir};
+use crate::checkpoint::{self, CheckpointDir, Saved, Snapshot};
+use crate::checkpoint_writer::CheckpointWriter;
 use crate::config::Config;
 use crate::dist::grad_buckets::{self, GradSync};
 use crate::dist::watchdog::{self, Phase};
@@ -189,6 +190,7 @@ fn train(
     let mut stopped_at = None;
     let mut stop_vote = preempt::StopVote::new(s.job.store_client()?);
     let mut buckets_reported = false;
+    let mut writer = CheckpointWriter::new(ckpt.clone(), cfg.checkpoint.keep);
     watchdog::step_done(counters.step);
     while counters.step < cfg.train.max_steps {
         if counters.step > first_step && sync_debug != SyncDebug::Off {
@@ -295,6 +297,9 @@ fn train(
             logger.tick(&stats);
         }
 
+        if is_main {
+            report_saved(&logger, writer.poll()?);
+        }
         let mut preempted = stop_vote.stop_now(counters.step, stop.load(Ordering::Relaxed))?;
         let eval_due = cfg.eval.every_steps > 0 && counters.step % cfg.eval.every_steps == 0;
         let eval_now = cfg.eval.any() && (eval_due || last) && !preempted;
@@ -304,9 +309,10 @@ fn train(
             SyncDebug::Off.apply();
             check_skipped(&mut skips, &mut counters, cfg.train.max_bad_steps, is_main)?;
         }
-        // Rank 0 writes; returns the model file it wrote. The sample key log is flushed first, so it
-        // covers every step the checkpoint does.
-        let mut checkpoint_now = || -> Result<Option<std::path::PathBuf>> {
+        // Every rank's cursor to rank 0, which snapshots the state and writes it in the background;
+        // `wait`: the job ends after this step, so the checkpoint is on disk before any rank exits.
+        // The sample key log is flushed first, so it covers every step the checkpoint does.
+        let mut checkpoint_now = |wait: bool| -> Result<()> {
             if let Some(log) = key_log.as_mut() {
                 log.flush().context("writing the sample key log")?;
             }
@@ -314,15 +320,19 @@ fn train(
             let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
             let cursors = control.all_gather_bytes(&cursor_json);
             control.check_same_u64(counters.step, "the step being saved")?;
-            let saved = if is_main { Some(save(&ckpt, cfg, &vs, &opt, &counters, &cursors)?.model) } else { None };
+            if is_main {
+                // Rank 0 copies the state to host memory and writes it on a thread; training goes on.
+                report_saved(&logger, writer.start(snapshot(cfg, &vs, &opt, &counters, &cursors)?)?);
+                if wait {
+                    report_saved(&logger, writer.wait()?);
+                }
+            }
             s.job.after_rank0(rank, &format!("checkpoint/{}", counters.step))?;
-            Ok(saved)
+            Ok(())
         };
         let saved = due || last || preempted;
         if saved {
-            if let Some(model_file) = checkpoint_now()? {
-                logger.println(&format!("ferroclip: saved {}", model_file.display()));
-            }
+            checkpoint_now(last || preempted)?;
         }
         if eval_now {
             logger.println(&format!("ferroclip: evaluating at step {}", counters.step));
@@ -341,9 +351,7 @@ fn train(
                     let step = counters.step;
                     logger.println(&format!("ferroclip: evaluation at step {step} stopped by a preemption signal"));
                     if !saved {
-                        if let Some(model_file) = checkpoint_now()? {
-                            logger.println(&format!("ferroclip: saved {}", model_file.display()));
-                        }
+                        checkpoint_now(true)?;
                     }
                     preempted = true;
                 }
@@ -362,6 +370,7 @@ fn train(
         }
     }
     watchdog::set_phase(Phase::Finishing);
+    report_saved(&logger, writer.wait()?);
     logger.finish().context("writing the run logs")?;
     Ok(stopped_at)
 }
@@ -457,7 +466,14 @@ fn broadcast_parameters(vs: &VarStore, collective: &dyn Collective) {
     });
 }
 
-fn save(ckpt: &CheckpointDir, cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[Vec<u8>]) -> Result<checkpoint::Saved> {
+fn report_saved(logger: &RunLogger, saved: Option<Saved>) {
+    if let Some(saved) = saved {
+        logger.println(&format!("ferroclip: saved {}", saved.model.display()));
+    }
+}
+
+/// The checkpoint of this step in host memory, for the background writer.
+fn snapshot(cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[Vec<u8>]) -> Result<Snapshot> {
     let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     model.sort_by(|a, b| a.0.cmp(&b.0));
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
@@ -471,7 +487,7 @@ fn save(ckpt: &CheckpointDir, cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Coun
         ("rng".to_string(), format!("derived from seed {} and the step", cfg.seed)),
         ("config".to_string(), toml::to_string(cfg)?),
     ]);
-    ckpt.save(c.step, &model, &model_meta, &opt.state(), &state_meta, cfg.checkpoint.keep)
+    Snapshot::take(c.step, &model, &model_meta, &opt.state(), &state_meta)
 }
 
 fn restore_state(path: &Path, opt: &mut AdamW) -> Result<(Counters, Vec<StreamCursor>)> {

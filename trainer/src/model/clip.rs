@@ -84,6 +84,9 @@ pub struct ClipConfig {
     pub vision: VisionConfig,
     /// Text tower.
     pub text: TextTower,
+    /// Recompute each ConvNeXt block / transformer block in backward instead of keeping its
+    /// activations (OpenCLIP `--grad-checkpointing`); the XLM-RoBERTa text tower is not covered.
+    pub grad_checkpointing: bool,
 }
 
 fn text(width: i64, heads: i64, layers: i64) -> TextTower {
@@ -189,6 +192,7 @@ impl ClipConfig {
             embed_dim,
             vision,
             text,
+            grad_checkpointing: false,
         })
     }
 
@@ -217,6 +221,12 @@ impl ClipConfig {
             VisionConfig::ConvNext(c) => c.image_size = image_size,
             VisionConfig::Vit(c) => c.image_size = image_size,
         }
+        self
+    }
+
+    /// Same model with activation checkpointing on or off (no effect on the parameters).
+    pub fn with_grad_checkpointing(mut self, on: bool) -> Self {
+        self.grad_checkpointing = on;
         self
     }
 
@@ -255,11 +265,23 @@ impl Clip {
     pub fn new(root: &nn::Path, cfg: &ClipConfig) -> Self {
         let vp = root / "visual";
         let visual = match &cfg.vision {
-            VisionConfig::ConvNext(c) => Visual::ConvNext(ConvNext::new(&vp, c, cfg.embed_dim)),
-            VisionConfig::Vit(c) => Visual::Vit(VisionTransformer::new(&vp, c, cfg.embed_dim)),
+            VisionConfig::ConvNext(c) => {
+                let mut m = ConvNext::new(&vp, c, cfg.embed_dim);
+                m.set_grad_checkpointing(cfg.grad_checkpointing);
+                Visual::ConvNext(m)
+            }
+            VisionConfig::Vit(c) => {
+                let mut m = VisionTransformer::new(&vp, c, cfg.embed_dim);
+                m.set_grad_checkpointing(cfg.grad_checkpointing);
+                Visual::Vit(m)
+            }
         };
         let text = match &cfg.text {
-            TextTower::Clip(c) => Text::Clip(TextTransformer::new(root, c, cfg.embed_dim)),
+            TextTower::Clip(c) => {
+                let mut m = TextTransformer::new(root, c, cfg.embed_dim);
+                m.set_grad_checkpointing(cfg.grad_checkpointing);
+                Text::Clip(m)
+            }
             TextTower::XlmRoberta(c) => {
                 Text::XlmRoberta(XlmRobertaText::new(&(root / "text"), c, cfg.embed_dim))
             }

@@ -12,6 +12,8 @@
 use tch::nn::{self, Init};
 use tch::Tensor;
 
+use super::grad_checkpointing::checkpoint;
+
 /// ConvNeXt image tower hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvNextConfig {
@@ -159,6 +161,9 @@ pub struct ConvNext {
     stages: Vec<Stage>,
     head_norm: LayerNorm2d,
     proj: Head,
+    /// Each block recomputed in backward instead of keeping its activations (OpenCLIP
+    /// `set_grad_checkpointing`, timm `checkpoint_seq` over each stage's blocks).
+    grad_checkpointing: bool,
 }
 
 #[derive(Debug)]
@@ -220,7 +225,13 @@ impl ConvNext {
             stages,
             head_norm,
             proj,
+            grad_checkpointing: false,
         }
+    }
+
+    /// Activation checkpointing per block (see [`crate::model::grad_checkpointing`]).
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.grad_checkpointing = on;
     }
 
     /// `images`: `[b, 3, h, w]` normalized -> `[b, embed_dim]`.
@@ -231,7 +242,10 @@ impl ConvNext {
                 x = norm.forward(&x).apply(conv); // [b, c, h/2, w/2]
             }
             for blk in &stage.blocks {
-                x = blk.forward(&x, train);
+                x = match self.grad_checkpointing && train {
+                    true => checkpoint(&x, move |x| blk.forward(x, train)),
+                    false => blk.forward(&x, train),
+                };
             }
         }
         let kind = x.kind();

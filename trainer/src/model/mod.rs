@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod convnext;
+pub(crate) mod grad_checkpointing;
 pub mod hf_text;
 pub mod text;
 pub mod vit;

@@ -9,6 +9,8 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+use super::grad_checkpointing::checkpoint;
+
 /// Text tower hyper-parameters, as OpenCLIP's `CLIPTextCfg`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextConfig {
@@ -149,10 +151,19 @@ struct ResidualAttentionBlock {
     mlp: Mlp,
 }
 
+impl ResidualAttentionBlock {
+    fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        let x = x + self.attn.forward(&x.apply(&self.ln_1), causal);
+        &x + self.mlp.forward(&x.apply(&self.ln_2))
+    }
+}
+
 /// OpenCLIP `Transformer`: `resblocks.N.*`.
 #[derive(Debug)]
 pub(crate) struct Transformer {
     resblocks: Vec<ResidualAttentionBlock>,
+    /// Each block recomputed in backward (OpenCLIP `Transformer.grad_checkpointing`).
+    pub(crate) grad_checkpointing: bool,
 }
 
 impl Transformer {
@@ -173,15 +184,17 @@ impl Transformer {
                 }
             })
             .collect();
-        Self { resblocks }
+        Self { resblocks, grad_checkpointing: false }
     }
 
     /// `x`: `[b, n, w]`; `causal` applies OpenCLIP's upper-triangular `-inf` mask.
     pub(crate) fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for blk in &self.resblocks {
-            x = &x + blk.attn.forward(&x.apply(&blk.ln_1), causal);
-            x = &x + blk.mlp.forward(&x.apply(&blk.ln_2));
+            x = match self.grad_checkpointing {
+                true => checkpoint(&x, move |x| blk.forward(x, causal)),
+                false => blk.forward(&x, causal),
+            };
         }
         x
     }
@@ -237,6 +250,11 @@ impl TextTransformer {
             ln_final,
             text_projection,
         }
+    }
+
+    /// Activation checkpointing per residual block (see [`crate::model::grad_checkpointing`]).
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.transformer.grad_checkpointing = on;
     }
 
     /// `tokens`: `[b, context_length]` int64 -> `[b, embed_dim]` (not normalized).

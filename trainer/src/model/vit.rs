@@ -57,6 +57,11 @@ fn ln(p: nn::Path, w: i64) -> nn::LayerNorm {
 
 impl VisionTransformer {
     /// `p` is the `visual` path.
+    /// Activation checkpointing per residual block (see [`crate::model::grad_checkpointing`]).
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.transformer.grad_checkpointing = on;
+    }
+
     pub fn new(p: &nn::Path, cfg: &VitConfig, embed_dim: i64) -> Self {
         let w = cfg.width;
         let scale = (w as f64).powf(-0.5);
