@@ -610,25 +610,21 @@ fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
     assert!(err.contains("model.text_init") && err.contains("word_embeddings"), "{err}");
 }
 
-/// The README demo's recipe, shortened to fit CI: `configs/demo.toml` as it is, on the data
-/// `trainer make-demo-data` writes, for DEMO_CHECK_STEPS of its steps (its cosine schedule ends
-/// there). Those 200 steps scored 52.8 % top-1 on the 1000 held-out samples (the whole 400-step
-/// recipe: 91.5 %). A model that learns the colours but not the shapes stays near 25 % (8 colours
-/// x 4 shapes; the demo before its data kept shapes whole scored 30.2 %), so a change to the demo
-/// data, its config or the trainer that loses the shapes fails here;
-/// `scripts/demo` runs the whole recipe.
+/// The README demo's recipe as `scripts/demo` runs it: `configs/demo.toml` on the data `trainer
+/// make-demo-data` writes, all of its steps, and the demo's own bar of 90 % zero-shot top-1 on the
+/// 1000 held-out samples (measured: 97.1 % after its 600 steps; 81.0 % when it stopped at 400). A
+/// model that learns the colours but not the shapes stays near 25 % (8 colours x 4 shapes), so a
+/// change to the demo data, its config or the trainer that loses what the demo shows fails here.
 #[test]
 fn demo_recipe_learns_colours_and_shapes() {
-    const DEMO_CHECK_STEPS: u64 = 200;
-    const MIN_TOP1: f64 = 0.45;
+    const MIN_TOP1: f64 = 0.90;
     let dir = tempfile::tempdir().unwrap();
     let in_dir =
         |args: &[&str]| Command::new(TRAINER).args(args).current_dir(dir.path()).stdin(Stdio::null()).output().unwrap();
     let out = in_dir(&["make-demo-data", "--out", "demo-data"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("configs/demo.toml");
-    let steps = format!("train.max_steps={DEMO_CHECK_STEPS}");
-    let out = in_dir(&["--config", config.to_str().unwrap(), "--set", &steps]);
+    let out = in_dir(&["--config", config.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let m = metrics(&dir.path().join("runs/demo"));
@@ -636,7 +632,7 @@ fn demo_recipe_learns_colours_and_shapes() {
     let top1 = eval["eval/zeroshot_top1"].as_f64().unwrap();
     assert_eq!(eval["eval/zeroshot_images"].as_f64(), Some(1000.0));
     let pct = 100.0 * top1;
-    assert!(top1 >= MIN_TOP1, "the demo recipe scored {pct:.1} % top-1 after {DEMO_CHECK_STEPS} steps: {err}");
+    assert!(top1 >= MIN_TOP1, "the demo recipe scored {pct:.1} % top-1: {err}");
 }
 
 #[test]
