@@ -13,7 +13,7 @@
 
 use std::ffi::{c_char, c_int, CStr};
 
-use crate::decode::{take_buffer, DecodeError, RgbImage};
+use crate::decoded::{take_buffer, DecodeError, RgbImage};
 
 #[repr(C)]
 #[derive(Default)]
@@ -143,7 +143,7 @@ pub fn decode_region(
     let n = region.width as usize * region.height as usize;
     let pixels = if head.cmyk {
         let rgb = cmyk_to_rgb(&out[..n * 4], head.adobe);
-        crate::decode::recycle(RgbImage { width: 0, height: 0, pixels: out });
+        crate::decoded::recycle(RgbImage { width: 0, height: 0, pixels: out });
         rgb
     } else {
         out.truncate(n * 3);

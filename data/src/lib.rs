@@ -24,6 +24,7 @@ pub mod source;
 pub mod tar;
 pub mod sample;
 pub mod decode;
+pub mod decoded;
 pub mod jpeg;
 pub mod resize;
 pub mod augment;

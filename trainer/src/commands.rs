@@ -105,7 +105,7 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
             let lines: Vec<&str> = text.lines().collect();
             let mut feats = Vec::new();
             for chunk in lines.chunks(cfg.eval.batch_size) {
-                let ids = tokens(tok.as_ref(), chunk);
+                let ids = crate::input::tokens(tok.as_ref(), chunk);
                 feats.push(l2_normalize(&model.encode_text(&ids.to_device(device), false)));
             }
             named.push(("text_features".into(), Tensor::cat(&feats, 0).to_device(Device::Cpu)));
@@ -117,16 +117,6 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
     std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("ferroclip: wrote {}", out.display());
     Ok(())
-}
-
-/// Token ids of `texts`, `[n, context]`.
-pub fn tokens(tok: &dyn Tokenizer, texts: &[impl AsRef<str>]) -> Tensor {
-    let c = tok.context_length();
-    let mut ids = vec![0i64; texts.len() * c];
-    for (row, t) in ids.chunks_mut(c).zip(texts) {
-        tok.encode_into(t.as_ref(), row);
-    }
-    Tensor::from_slice(&ids).view([texts.len() as i64, c as i64])
 }
 
 /// `trainer data-check`: each sample goes through what training does to it (the train

@@ -25,6 +25,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use ferroclip_data::augment::{OPENAI_MEAN, OPENAI_STD};
+use ferroclip_data::tokenize::Tokenizer;
 use ferroclip_data::{Batch, EraseBox, HostAlloc, HostBuf, HostMemory, PooledBuf};
 
 use crate::cuda::{self, CopyStream, Event};
@@ -173,6 +174,16 @@ impl Normalizer {
         let _ = x.view([-1]).scatter_(0, &dest, &noise);
         x
     }
+}
+
+/// Token ids of `texts`, `[n, context]`.
+pub fn tokens(tok: &dyn Tokenizer, texts: &[impl AsRef<str>]) -> Tensor {
+    let c = tok.context_length();
+    let mut ids = vec![0i64; texts.len() * c];
+    for (row, t) in ids.chunks_mut(c).zip(texts) {
+        tok.encode_into(t.as_ref(), row);
+    }
+    Tensor::from_slice(&ids).view([texts.len() as i64, c as i64])
 }
 
 /// A batch as `(images [n,3,s,s] f32, tokens [n,ctx] i64)` on `device`, normalized and erased there

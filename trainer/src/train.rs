@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{nn::VarStore, Kind, Tensor};
 
 use ferroclip_data::augment::TrainTransform;
 use ferroclip_data::loader::{Loader, LoaderOptions, Mode};
-use ferroclip_data::{Batch, ResumeFrom, StreamCursor};
+use ferroclip_data::{ResumeFrom, StreamCursor};
 
 use crate::checkpoint::{self, CheckpointDir, Saved, Snapshot};
 use crate::checkpoint_writer::CheckpointWriter;
@@ -428,12 +428,6 @@ impl Window {
     fn new() -> Self {
         Self { start: Instant::now(), steps: 0, data_wait: 0.0 }
     }
-}
-
-/// A batch as `(images [b,3,s,s] f32, tokens [b,ctx] i64)` on `device`, normalized and erased on the
-/// device ([`input::to_device`], synchronous copies; the loop itself uses [`DeviceInput`]).
-pub fn to_device(batch: &Batch, device: Device) -> (Tensor, Tensor) {
-    input::to_device(batch, device)
 }
 
 /// At a log or checkpoint step: reads the device-side skip counters into `counters`, reports the

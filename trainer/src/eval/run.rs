@@ -153,7 +153,7 @@ impl Evaluation<'_> {
                     if self.stopped() {
                         return Ok(false);
                     }
-                    let (images, tokens) = crate::train::to_device(&batch, device);
+                    let (images, tokens) = crate::input::to_device(&batch, device);
                     let items = from_shard(&batch);
                     let keys = batch.keys.iter().map(|k| format!("shard `{shard}` key `{k}`")).collect();
                     f(EvalBatch { images, items, tokens: Some(tokens), keys })?;
@@ -318,7 +318,7 @@ impl Evaluation<'_> {
                     image_index += 1;
                 }
                 for chunk in batch_texts.chunks(self.cfg.eval.batch_size) {
-                    let ids = crate::commands::tokens(self.tokenizer.as_ref(), chunk).to_device(self.ranks.device);
+                    let ids = crate::input::tokens(self.tokenizer.as_ref(), chunk).to_device(self.ranks.device);
                     text_feats.push(l2_normalize(&self.model.encode_text(&ids, false)));
                 }
                 Ok(())
