@@ -189,7 +189,7 @@ fn two_ranks_equal_one_process(local_loss: bool, flat_adamw: bool) {
             let mine = (data.0.narrow(0, 4 * rank as i64, 4).copy(), data.1.narrow(0, 4 * rank as i64, 4).copy());
             std::thread::spawn(move || {
                 let m = Tiny::new(&init, 0.0);
-                let opt = flat_adamw.then(|| AdamW::new(&m.params, AdamWConfig::default(), &[]).unwrap());
+                let opt = flat_adamw.then(|| AdamW::new(&m.params, AdamWConfig::default()).unwrap());
                 // A tiny bucket cap: several buckets, each summed on its own.
                 let mut sync = opt.as_ref().map(|opt| GradSync::new(opt, &coll, 1e-4, true).unwrap());
                 let out = contrastive_step(&m, &split(&mine, 2), &coll, &ClipLoss { local_loss }, 3, sync.as_ref());

@@ -13,7 +13,6 @@
 //! round-half-to-even, hence `round_ties_even` throughout.
 
 use rand::{Rng, RngCore};
-use serde::{Deserialize, Serialize};
 
 use crate::decode::{decode_rgb, decode_rgb_region, probe_size, recycle, DecodeError, RgbImage};
 use crate::erase::EraseBox;
@@ -28,25 +27,19 @@ pub const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 #[allow(clippy::excessive_precision)]
 pub const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
-/// `[data.augment]`: the train-time augmentation recipe (defaults: augreg).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AugmentConfig {
-    /// RandomResizedCrop area fraction range. Default `[0.33, 1.0]` (augreg).
-    pub scale: [f64; 2],
-    /// RandomResizedCrop aspect ratio range. Default `[0.75, 1.3333333333333333]`.
-    pub ratio: [f64; 2],
-    /// Random erasing probability ('pixel' mode). Default 0.35 (augreg).
-    pub re_prob: f64,
-    /// Color jitter strength (brightness, contrast, saturation); 0 disables. Default 0.
-    pub color_jitter: f64,
-    /// Probability of converting to grayscale; 0 disables. Default 0.
-    pub grayscale_prob: f64,
-}
-
-impl Default for AugmentConfig {
-    fn default() -> Self {
-        Self { scale: [0.33, 1.0], ratio: [3.0 / 4.0, 4.0 / 3.0], re_prob: 0.35, color_jitter: 0.0, grayscale_prob: 0.0 }
+crate::config_section! {
+    /// `[data.augment]`: the train-time augmentation recipe (defaults: augreg).
+    pub struct AugmentConfig {
+        /// RandomResizedCrop area fraction range (augreg: 0.33–1).
+        pub scale: [f64; 2] = [0.33, 1.0],
+        /// RandomResizedCrop aspect ratio range.
+        pub ratio: [f64; 2] = [3.0 / 4.0, 4.0 / 3.0],
+        /// Random erasing probability, 'pixel' mode (augreg: 0.35).
+        pub re_prob: f64 = 0.35,
+        /// Color jitter strength (brightness, contrast, saturation); 0 disables.
+        pub color_jitter: f64 = 0.0,
+        /// Probability of converting to grayscale; 0 disables.
+        pub grayscale_prob: f64 = 0.0,
     }
 }
 

@@ -1,88 +1,60 @@
 //! The `[data]` section of a run config: typed, with defaults and validation in one place.
 
-use serde::{Deserialize, Serialize};
-
 use crate::augment::AugmentConfig;
 
-/// `[data]`: where training samples come from and how they are batched.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// Training shards. Brace patterns (`/data/{00000..41407}.tar`), several sources joined
-    /// with `::`, local paths or `pipe:CMD` (CMD's stdout is the tar stream). Default `""`.
-    pub train: String,
-    /// Sampling weight per `::`-separated source (OpenCLIP's `--train-data-upsampling-factors`).
-    /// Empty: every source weighted by its shard count. Default `[]`.
-    pub train_weights: Vec<f64>,
-    /// Samples per rank per optimizer micro-step. Default 32.
-    pub batch_size: usize,
-    /// Decode/augment threads per rank. Default 4.
-    pub workers: usize,
-    /// Shard reader threads per rank (read-ahead across shards); the rank's shards are split
-    /// between them like webdataset's `split_by_worker`. Default 2.
-    pub readers: usize,
-    /// Image member extensions in priority order, `;`-separated. Default `"jpg;jpeg;png;webp"`.
-    pub image_keys: String,
-    /// Caption member: an extension (`"txt"`) or a field of a JSON member (`"json:caption"`).
-    /// Default `"txt"`.
-    pub caption_key: String,
-    /// Sample shuffle buffer size, in samples held encoded in memory (0 disables; eval never
-    /// shuffles). Default 2000.
-    pub shuffle_buffer: usize,
-    /// The shuffle buffer also stops filling at this many bytes of encoded samples. Default 1 GiB.
-    pub shuffle_buffer_bytes: u64,
-    /// Each reader thread reads ahead of the merge by at most this many bytes (and 64 samples);
-    /// the candidates of a batch being transformed are bounded by it too. Default 128 MiB.
-    pub read_ahead_bytes: u64,
-    /// Tar members larger than this are passed over unread (the sample is skipped as
-    /// `member_too_large`). Default 256 MiB.
-    pub max_member_bytes: u64,
-    /// Captions are cut to this many bytes (at a character boundary) before cleaning and
-    /// tokenization. Default 16384.
-    pub max_caption_bytes: usize,
-    /// A reader that makes no progress for this many seconds (a hung `pipe:` command or
-    /// network filesystem) is abandoned: its shard counts as failed and reading goes on with
-    /// the next one. Default 300.
-    pub read_timeout_s: f64,
-    /// Shuffle the shard order every epoch. Default true.
-    pub shuffle_shards: bool,
-    /// Draw shards with replacement forever (OpenCLIP's `--dataset-resampled`). Default false.
-    pub resampled: bool,
-    /// Samples that make one epoch across all ranks (OpenCLIP's `--train-num-samples`): each
-    /// rank yields `ceil(train_num_samples / (batch_size * world_size))` batches per epoch.
-    /// 0 means one pass over the rank's shards. Required with `resampled`. Default 0.
-    pub train_num_samples: u64,
-    /// Batches prepared ahead of the trainer. Default 4.
-    pub prefetch: usize,
-    /// Images with more pixels than this are skipped (decompression bombs). Default PIL's 89,478,485.
-    pub max_image_pixels: u64,
-    /// Train-time augmentation (`[data.augment]`).
-    pub augment: AugmentConfig,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            train: String::new(),
-            train_weights: Vec::new(),
-            batch_size: 32,
-            workers: 4,
-            readers: 2,
-            image_keys: "jpg;jpeg;png;webp".into(),
-            caption_key: "txt".into(),
-            shuffle_buffer: 2000,
-            shuffle_buffer_bytes: 1 << 30,
-            read_ahead_bytes: 128 << 20,
-            max_member_bytes: 256 << 20,
-            max_caption_bytes: 16 << 10,
-            read_timeout_s: 300.0,
-            shuffle_shards: true,
-            resampled: false,
-            train_num_samples: 0,
-            prefetch: 4,
-            max_image_pixels: 89_478_485,
-            augment: AugmentConfig::default(),
-        }
+crate::config_section! {
+    /// `[data]`: where training samples come from and how they are batched.
+    pub struct DataConfig {
+        /// Training shards: brace patterns (`/data/{00000..41407}.tar`), several sources joined with
+        /// `::`, local paths or `pipe:CMD` (CMD's stdout is the tar stream); `.tar`, `.tar.gz`, `.tar.zst`.
+        pub train: String = "",
+        /// Sampling weight per `::`-separated source (OpenCLIP's `--train-data-upsampling-factors`);
+        /// empty: every source weighted by its shard count.
+        pub train_weights: Vec<f64> = Vec::new(),
+        /// Samples per rank per optimizer micro-step.
+        pub batch_size: usize = 32,
+        /// Decode/augment threads per rank.
+        pub workers: usize = 4,
+        /// Shard reader threads per rank (read-ahead across shards); the rank's shards are split
+        /// between them like webdataset's `split_by_worker`.
+        pub readers: usize = 2,
+        /// Image member extensions in priority order, `;`-separated.
+        pub image_keys: String = "jpg;jpeg;png;webp",
+        /// Caption member: an extension (`"txt"`) or a field of a JSON member (`"json:caption"`).
+        pub caption_key: String = "txt",
+        /// Sample shuffle buffer size, in samples held encoded in memory (0 disables; eval never
+        /// shuffles).
+        pub shuffle_buffer: usize = 2000,
+        /// The shuffle buffer also stops filling at this many bytes of encoded samples.
+        pub shuffle_buffer_bytes: u64 = 1 << 30,
+        /// Each reader thread reads ahead of the merge by at most this many bytes (and 64 samples);
+        /// the candidates of a batch being transformed are bounded by it too.
+        pub read_ahead_bytes: u64 = 128 << 20,
+        /// Tar members larger than this are passed over unread (the sample is skipped as
+        /// `member_too_large`).
+        pub max_member_bytes: u64 = 256 << 20,
+        /// Captions are cut to this many bytes (at a character boundary) before cleaning and
+        /// tokenization.
+        pub max_caption_bytes: usize = 16 << 10,
+        /// A reader that makes no progress for this many seconds (a hung `pipe:` command or
+        /// network filesystem) is abandoned: its shard counts as failed, its command is ended, and
+        /// reading goes on with the next one.
+        pub read_timeout_s: f64 = 300.0,
+        /// Shuffle the shard order every epoch.
+        pub shuffle_shards: bool = true,
+        /// Draw shards with replacement forever (OpenCLIP's `--dataset-resampled`).
+        pub resampled: bool = false,
+        /// Samples that make one epoch across all ranks (OpenCLIP's `--train-num-samples`): each
+        /// rank yields `ceil(train_num_samples / (batch_size × ranks))` batches per epoch. Required
+        /// with `resampled` and with more than one rank; 0 (one rank only) reads the shards once per
+        /// epoch. `trainer data-check` counts the samples.
+        pub train_num_samples: u64 = 0,
+        /// Batches prepared ahead of the trainer.
+        pub prefetch: usize = 4,
+        /// Images with more pixels than this are skipped (decompression bombs); PIL's limit.
+        pub max_image_pixels: u64 = 89_478_485,
+        /// Train-time augmentation (`[data.augment]`).
+        pub augment: AugmentConfig = AugmentConfig::default(),
     }
 }
 

@@ -18,6 +18,7 @@
 //! sample, [`stats`] the counters the trainer logs, [`check`] the dataset report behind
 //! `trainer data-check`, [`error`] what the loader reports.
 
+pub mod section;
 pub mod config;
 pub mod error;
 pub mod source;

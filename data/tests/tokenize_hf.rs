@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferroclip_data::tokenize::{tokenizer_for, HfTokenizer, Tokenizer, TokenizerError};
+use ferroclip_data::tokenize::{HfTokenizer, Tokenizer, TokenizerConfig, TokenizerError};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -65,7 +65,7 @@ fn matches_open_clip_hf_tokenizer() {
 
 #[test]
 fn short_context_truncates_keeping_specials() {
-    let tok = tokenizer_for("hf", Some(&fixture("xlmr_tiny_tokenizer.json")), 6).unwrap();
+    let tok = TokenizerConfig::HuggingFace(fixture("xlmr_tiny_tokenizer.json")).init(6).unwrap();
     assert_eq!(tok.context_length(), 6);
     let long = tok.encode("a photo of a dog on the beach with a red car in the snow");
     assert_eq!(long.len(), 6);

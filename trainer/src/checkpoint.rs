@@ -299,6 +299,13 @@ pub fn serialize(tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) 
     Ok(safetensors::serialize(file.views(), &Some(file.meta()))?)
 }
 
+/// Load an OpenCLIP-compatible model file (a checkpoint's, or `model.init`'s) into `vs`, whose
+/// parameters are those of `arch`; a ViT's positional grid is resized to `arch`'s image size.
+pub fn load_model_file(vs: &mut tch::nn::VarStore, path: &Path, arch: &crate::model::ClipConfig) -> Result<()> {
+    crate::model::load_safetensors(vs, path, arch).with_context(|| format!("loading weights from {}", path.display()))?;
+    Ok(())
+}
+
 /// Read every tensor (on the CPU) and the metadata of a safetensors file.
 pub fn read(path: &Path) -> Result<(Named, BTreeMap<String, String>)> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -11,24 +11,19 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use ferroclip_data::augment::{EvalTransform, TrainTransform};
 use ferroclip_data::tokenize::{ClipTokenizer, Tokenizer};
 
-use crate::config::Config;
+use crate::config::{Config, DeviceConfig, ModelConfig, OptimConfig, Precision};
 use crate::eval::EvalInputs;
 use crate::model::clip::Clip;
 use crate::model::ContrastiveModel;
 use crate::loss::l2_normalize;
-use crate::session;
+use crate::world::World;
 
 /// A model with weights from `checkpoint`, in eval mode semantics (callers pass `train = false`).
 pub fn load_model(cfg: &Config, checkpoint: &Path, device: Device) -> Result<(VarStore, Clip)> {
-    let mcfg = session::model_config(cfg);
     let mut vs = VarStore::new(device);
-    let model = Clip::new(&vs.root(), &mcfg);
-    session::load_weights(&mut vs, checkpoint, &mcfg)?;
+    let (model, arch) = cfg.model.init(&vs, false)?;
+    crate::checkpoint::load_model_file(&mut vs, checkpoint, &arch)?;
     Ok((vs, model))
-}
-
-fn eval_device(cfg: &Config) -> Device {
-    crate::device::select(0, cfg.train.device == "cpu")
 }
 
 /// `trainer eval`: every rank the launcher started takes part (see [`crate::eval::split`]); rank 0
@@ -42,7 +37,7 @@ pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
     }
     // Before any rank joins the others or loads weights: a wrong path ends every rank with status 2.
     let inputs = EvalInputs::open(cfg)?;
-    let s = session::Session::start(cfg)?;
+    let s = World::start(cfg)?;
     let result = eval_on_ranks(cfg, &inputs, &s, checkpoint, out);
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
@@ -55,7 +50,7 @@ pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
 fn eval_on_ranks(
     cfg: &Config,
     inputs: &EvalInputs,
-    s: &session::Session,
+    s: &World,
     checkpoint: &Path,
     out: Option<&Path>,
 ) -> Result<()> {
@@ -82,8 +77,9 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
     if images.is_none() && texts.is_none() {
         bail!(crate::config::ConfigError { file: "<command line>".into(), message: "embed needs --images DIR and/or --texts FILE".into() });
     }
-    let device = eval_device(cfg);
-    let size = session::model_config(cfg).image_size() as usize;
+    // One process: the GPU of local rank 0 (or as `train.device` says).
+    let device = cfg.train.device.resolve(0).map_err(anyhow::Error::msg)?;
+    let size = cfg.model.arch_config()?.image_size() as usize;
     let (_vs, model) = load_model(cfg, checkpoint, device)?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
     tch::no_grad(|| -> Result<()> {
@@ -100,7 +96,7 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
             eprintln!("ferroclip: embedded {} images", list.len());
         }
         if let Some(file) = texts {
-            let tok = session::tokenizer(cfg)?;
+            let tok = cfg.model.tokenizer()?;
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
             let lines: Vec<&str> = text.lines().collect();
             let mut feats = Vec::new();
@@ -123,9 +119,9 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
 /// transform at the model's size, the tokenizer), so whatever would be skipped is reported.
 pub fn data_check(cfg: &Config) -> Result<()> {
     use ferroclip_data::augment::ImageTransform;
-    let size = session::model_config(cfg).image_size() as usize;
+    let size = cfg.model.arch_config()?.image_size() as usize;
     let transform = TrainTransform::new(size, &cfg.data.augment, cfg.data.max_image_pixels);
-    let tokenizer = session::tokenizer(cfg)?;
+    let tokenizer = cfg.model.tokenizer()?;
     let validate = move |s: &ferroclip_data::sample::Sample| -> Result<(), String> {
         let mut out = vec![0u8; 3 * size * size];
         let mut rng = ferroclip_data::rng::SampleRng::for_sample(cfg.seed, 0, &s.key);
@@ -143,7 +139,7 @@ pub fn data_check(cfg: &Config) -> Result<()> {
 /// with the stage costs and the loader's efficiency; `--synthetic`: decode + augreg alone over
 /// LAION-like JPEGs made in memory. Both print a human summary, then one JSON line.
 pub fn bench_data(cfg: &Config, threads: Option<usize>, seconds: f64, synthetic: bool) -> Result<()> {
-    let size = session::model_config(cfg).image_size() as usize;
+    let size = cfg.model.arch_config()?.image_size() as usize;
     let mut data = cfg.data.clone();
     if let Some(t) = threads {
         data.workers = t;
@@ -160,7 +156,7 @@ pub fn bench_data(cfg: &Config, threads: Option<usize>, seconds: f64, synthetic:
         println!("{json}");
         return Ok(());
     }
-    let tokenizer = session::tokenizer(cfg)?;
+    let tokenizer = cfg.model.tokenizer()?;
     let report = ferroclip_data::bench::bench_loader(&data, Arc::new(transform), tokenizer, cfg.seed, seconds)
         .with_context(|| format!("bench-data on data.train `{}`", data.train))?;
     println!("{report}");
@@ -184,7 +180,7 @@ pub fn write_bench_shards(dir: &Path, shards: usize, per_shard: usize, seed: u64
 /// `trainer tokenize`
 pub fn tokenize(cfg: Option<&Config>) -> Result<()> {
     let tok: Arc<dyn Tokenizer> = match cfg {
-        Some(cfg) => session::tokenizer(cfg)?,
+        Some(cfg) => cfg.model.tokenizer()?,
         None => Arc::new(ClipTokenizer::new()),
     };
     let stdin = std::io::stdin();
@@ -216,8 +212,8 @@ pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) ->
 /// What `trainer dist-selftest` checks, and the faults it injects for the distributed tests.
 pub struct DistSelftest {
     pub dist: crate::config::DistConfig,
-    /// `cpu` or `cuda` (this rank's GPU).
-    pub device: String,
+    /// The device collectives run on (`cuda`: this rank's GPU).
+    pub device: DeviceConfig,
     /// This rank fails before its first collective; the job must end within seconds.
     pub fail_rank: Option<usize>,
     /// This rank panics before its first collective.
@@ -235,10 +231,7 @@ pub fn dist_selftest(t: &DistSelftest) -> Result<()> {
     use crate::dist::{self, fail_fast};
     let env = dist::env::detect()?;
     let joined = dist::join(&env, &t.dist)?;
-    let device = match t.device.as_str() {
-        "cuda" => crate::device::select(env.local_rank, false),
-        _ => Device::Cpu,
-    };
+    let device = t.device.resolve(env.local_rank).map_err(anyhow::Error::msg)?;
     let d = joined.connect(device, &t.dist)?;
     let (rank, world) = (env.rank, env.world_size);
     let result = (|| -> Result<()> {
@@ -272,9 +265,9 @@ pub struct BenchTrain {
     pub batch: i64,
     pub steps: usize,
     pub warmup: usize,
-    pub precision: crate::config::Precision,
+    pub precision: Precision,
     pub threads: usize,
-    pub device: String,
+    pub device: DeviceConfig,
     /// Activation checkpointing, as `train.grad_checkpointing`.
     pub grad_checkpointing: bool,
 }
@@ -282,27 +275,17 @@ pub struct BenchTrain {
 /// `trainer bench-train`: full training steps (forward, InfoNCE, backward, AdamW) on synthetic
 /// inputs, timed after warm-up; one JSON line on stdout, the same as `scripts/bench-openclip-train.py`.
 pub fn bench_train(b: &BenchTrain) -> Result<()> {
-    use crate::config::{OptimConfig, Precision};
-    use crate::optim::adamw::{AdamW, AdamWConfig};
     if b.threads > 0 {
         tch::set_num_threads(b.threads as i32);
     }
-    let device = match b.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        other => bail!("--device {other}: expected cpu, or cuda on a machine where libtorch sees a GPU"),
-    };
-    let mcfg = crate::model::ClipConfig::from_arch(&b.arch)
-        .with_context(|| format!("--arch {}: unknown (known: {})", b.arch, crate::model::ClipConfig::ARCHS.join(", ")))?
-        .with_image_size(b.image_size)
-        .with_grad_checkpointing(b.grad_checkpointing);
+    let device = b.device.resolve(0).map_err(anyhow::Error::msg)?;
+    // The constructors training uses, with the config's defaults ([optim] as OpenCLIP's).
+    let model_cfg = ModelConfig { arch: b.arch.clone(), image_size: b.image_size as usize, ..Default::default() };
     tch::manual_seed(0);
     let vs = VarStore::new(device);
-    let model = Clip::new(&vs.root(), &mcfg);
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|x, y| x.0.cmp(&y.0));
-    let (beta2, eps) = OptimConfig::default().resolved_beta2_eps(&b.arch);
-    let mut opt = AdamW::new(&named, AdamWConfig { lr: 5e-4, betas: (0.9, beta2), eps, weight_decay: 0.2 }, &[])?;
+    let (model, mcfg) = model_cfg.init(&vs, b.grad_checkpointing).context("--arch")?;
+    let named = crate::lock::trainable_parameters(&vs, &Default::default(), &mcfg);
+    let mut opt = OptimConfig::default().init(&named, &b.arch)?;
     let images = Tensor::randn([b.batch, 3, b.image_size, b.image_size], (Kind::Float, device));
     let ctx = mcfg.context_length();
     let tokens = Tensor::randint_low(1, mcfg.text.vocab_size(), [b.batch, ctx], (Kind::Int64, device));
@@ -321,7 +304,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
             start = std::time::Instant::now();
         }
         opt.zero_grad();
-        let _autocast = session::autocast(if device == Device::Cpu { Precision::Fp32 } else { b.precision }, device);
+        let _autocast = b.precision.autocast(device);
         crate::step::contrastive_step(&model, &micro, &single, &loss, i as i64, None);
         opt.step();
         crate::step::clamp_logit_scale(&model, 100f64.ln());

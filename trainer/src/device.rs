@@ -14,14 +14,37 @@ pub const GPU_ALLOCATION_VARS: [&str; 7] = [
     "SLURM_STEP_GPUS",
 ];
 
-/// The CUDA device for `local_rank` when CUDA is usable, else the CPU.
-pub fn select(local_rank: usize, force_cpu: bool) -> Device {
-    if !force_cpu && tch::Cuda::is_available() {
-        let n = tch::Cuda::device_count() as usize;
-        Device::Cuda(local_rank % n.max(1))
-    } else {
-        Device::Cpu
+/// `train.device`: where this rank computes. Every command that runs a model resolves it here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceConfig {
+    /// This rank's GPU if libtorch sees one; the CPU when the job has none; an error when the
+    /// launcher allocated GPUs that libtorch does not see ([`auto`]).
+    Auto,
+    Cpu,
+    /// This rank's GPU; an error without a usable one.
+    Cuda,
+}
+
+impl DeviceConfig {
+    /// The device of the rank with `local_rank` on its node.
+    pub fn resolve(self, local_rank: usize) -> Result<Device, String> {
+        let cuda = tch::Cuda::is_available();
+        match self {
+            DeviceConfig::Cpu => Ok(Device::Cpu),
+            DeviceConfig::Cuda if !cuda => Err("train.device = \"cuda\", but libtorch sees no CUDA device (a CPU-only \
+                 torch wheel, no driver, or CUDA_VISIBLE_DEVICES empty)"
+                .into()),
+            DeviceConfig::Cuda => Ok(local_gpu(local_rank)),
+            DeviceConfig::Auto => auto(local_rank, cuda, |var| std::env::var(var).ok()),
+        }
     }
+}
+
+/// The GPU of `local_rank`: ranks on a node share its visible GPUs round-robin.
+fn local_gpu(local_rank: usize) -> Device {
+    let n = tch::Cuda::device_count() as usize;
+    Device::Cuda(local_rank % n.max(1))
 }
 
 /// The first variable of [`GPU_ALLOCATION_VARS`] (read through `env`) that names at least one GPU,
@@ -44,7 +67,7 @@ pub fn launcher_gpus(env: impl Fn(&str) -> Option<String>) -> Option<(&'static s
 /// (`env`, see [`launcher_gpus`]) that libtorch does not see: a 512-rank job must not crawl on CPUs.
 pub fn auto(local_rank: usize, cuda_available: bool, env: impl Fn(&str) -> Option<String>) -> Result<Device, String> {
     if cuda_available {
-        return Ok(select(local_rank, false));
+        return Ok(local_gpu(local_rank));
     }
     match launcher_gpus(env) {
         None => Ok(Device::Cpu),

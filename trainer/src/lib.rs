@@ -1,6 +1,7 @@
 //! ferroclip's trainer: everything between a batch and a checkpoint.
 //!
-//! [`config`] (the typed run config) → [`session`] (ranks, device, model config, tokenizer) →
+//! [`config`] (the typed run config, whose sections build the model, optimizer, schedule,
+//! tokenizer and device) → [`world`] (this rank, its device, the collectives to the others) →
 //! [`model`] (OpenCLIP-compatible towers) → [`step`] (exact global InfoNCE step, [`loss`]) →
 //! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] (written by
 //! [`checkpoint_writer`] in the background) → [`log`] / [`eval`].
@@ -22,7 +23,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod precision;
-pub mod session;
 pub mod skips;
 pub mod step;
 pub mod train;
+pub mod world;

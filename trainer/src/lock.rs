@@ -6,6 +6,36 @@
 //! `[projection]`. timm trunks (`timm_model.py` `TimmModel.lock`): only `visual.trunk.*` is frozen,
 //! grouped coarsely as stem, then one group per stage; the projection head stays trainable.
 
+use tch::{nn::VarStore, Tensor};
+
+use crate::model::{ClipConfig, VisionConfig};
+
+/// The parameters the optimizer updates, sorted by name: the frozen ones (`spec`) are set to
+/// `requires_grad(false)` and left out. The one place that decides what trains.
+pub fn trainable_parameters(vs: &VarStore, spec: &LockSpec, arch: &ClipConfig) -> Vec<(String, Tensor)> {
+    let depths = TowerDepths {
+        text_layers: arch.text_layers() as usize,
+        vit_layers: match &arch.vision {
+            VisionConfig::Vit(v) => v.layers as usize,
+            VisionConfig::ConvNext(_) => 0,
+        },
+        trunk_stages: match &arch.vision {
+            VisionConfig::ConvNext(c) => c.depths.len(),
+            VisionConfig::Vit(_) => 0,
+        },
+    };
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in vs.variables() {
+        if is_trainable(&name, spec, &depths) {
+            out.push((name, t));
+        } else {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// Which tower and layer group a parameter belongs to, with the tower's group count.
 fn group_of(name: &str, text_layers: usize, vit_layers: usize, trunk_stages: usize) -> Option<(Tower, usize, usize)> {
     let block_index = |rest: &str| rest.split('.').next().and_then(|s| s.parse::<usize>().ok());
@@ -151,5 +181,23 @@ mod tests {
         assert!(is_trainable("visual.ln_post.weight", &spec, &D));
         assert!(is_trainable("visual.transformer.resblocks.1.ln_1.weight", &spec, &D));
         assert!(!is_trainable("visual.transformer.resblocks.0.ln_1.weight", &spec, &D));
+    }
+
+    #[test]
+    fn trainable_parameters_leaves_out_and_freezes_the_locked_ones() {
+        let arch = ClipConfig::from_arch("convnext_test").unwrap();
+        let vs = VarStore::new(tch::Device::Cpu);
+        let _model = crate::model::Clip::new(&vs.root(), &arch);
+        let spec = LockSpec { lock_image: true, ..Default::default() };
+        let trainable = trainable_parameters(&vs, &spec, &arch);
+        let names: Vec<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted by name");
+        assert!(names.iter().any(|n| n.starts_with("visual.head.")), "{names:?}");
+        assert!(names.contains(&"logit_scale"), "{names:?}");
+        for (name, t) in vs.variables() {
+            let locked = name.starts_with("visual.trunk.");
+            assert_eq!(names.contains(&name.as_str()), !locked, "{name}");
+            assert_eq!(t.requires_grad(), !locked, "{name}");
+        }
     }
 }

@@ -112,6 +112,8 @@ enum Command {
         #[arg(long)]
         grad_checkpointing: bool,
     },
+    /// Print every config key with its default and meaning (the README's tables).
+    ConfigDocs,
     /// Print the token ids of each stdin line as a JSON array.
     Tokenize {
         /// Run config (for the tokenizer choice); default: the CLIP BPE, context 77.
@@ -167,6 +169,13 @@ enum Command {
     },
 }
 
+/// A command-line value of a config type, spelled as in a config file (`--device cuda`).
+fn config_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T, ConfigError> {
+    toml::Value::String(value.to_string())
+        .try_into()
+        .map_err(|e| ConfigError { file: "<command line>".into(), message: format!("--{flag} {value}: {e}") })
+}
+
 fn load(args: &ConfigArgs) -> Result<Config> {
     Ok(Config::load(&args.config, &args.set)?)
 }
@@ -194,24 +203,21 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Some(Command::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device, grad_checkpointing }) => {
-            let precision = match precision.as_str() {
-                "fp32" => ferroclip::config::Precision::Fp32,
-                "amp_bf16" => ferroclip::config::Precision::AmpBf16,
-                other => {
-                    return Err(ConfigError { file: "<command line>".into(), message: format!("--precision {other}: expected fp32 or amp_bf16") }.into())
-                }
-            };
             commands::bench_train(&commands::BenchTrain {
                 arch,
                 image_size,
                 batch,
                 steps,
                 warmup,
-                precision,
+                precision: config_value("precision", &precision)?,
                 threads,
-                device,
+                device: config_value("device", &device)?,
                 grad_checkpointing,
             })
+        }
+        Some(Command::ConfigDocs) => {
+            print!("{}", ferroclip::config::docs::markdown());
+            Ok(())
         }
         Some(Command::Tokenize { config, set }) => {
             let cfg = match config {
@@ -234,12 +240,10 @@ fn run(cli: Cli) -> Result<()> {
             timeout_s,
             misroute,
         }) => {
-            let backend = toml::Value::String(backend.clone()).try_into().map_err(|_| ConfigError {
-                file: "<command line>".into(),
-                message: format!("--backend {backend}: expected auto, gloo, nccl or mpi"),
-            })?;
+            let backend = config_value("backend", &backend)?;
             let dist =
                 ferroclip::config::DistConfig { backend, strict_device: strict, heartbeat_timeout_s, timeout_s, ..Default::default() };
+            let device = config_value("device", &device)?;
             commands::dist_selftest(&commands::DistSelftest { dist, device, fail_rank, panic_rank, stall_rank, misroute })
         }
     }

@@ -1,5 +1,25 @@
 //! Mixed precision: bf16 autocast on CUDA (OpenCLIP's `amp_bf16`); master weights and the loss stay fp32.
 
+use tch::Device;
+
+/// `train.precision`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in fp32.
+    Fp32,
+    /// bf16 autocast on CUDA (OpenCLIP's `amp_bf16`), the loss in fp32; fp32 on the CPU.
+    AmpBf16,
+}
+
+impl Precision {
+    /// Mixed precision for a forward pass on `device` while the guard lives; a no-op for fp32 and
+    /// on the CPU.
+    pub fn autocast(self, device: Device) -> AutocastGuard {
+        AutocastGuard::new(self == Precision::AmpBf16 && device != Device::Cpu)
+    }
+}
+
 extern "C" {
     fn ferroclip_autocast_enter_bf16();
     fn ferroclip_autocast_exit();

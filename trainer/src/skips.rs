@@ -86,7 +86,7 @@ mod tests {
         let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0]).view([3, 1]).set_requires_grad(true);
         let b = Tensor::from_slice(&[0.25f32]).set_requires_grad(true);
         let named = vec![("w".to_string(), w.shallow_clone()), ("b.bias".to_string(), b.shallow_clone())];
-        let mut opt = AdamW::new(&named, AdamWConfig::default(), &[]).unwrap();
+        let mut opt = AdamW::new(&named, AdamWConfig::default()).unwrap();
         let mut skips = SkippedSteps::new(0, Device::Cpu);
         let loss_of = |w: &Tensor, b: &Tensor| (w.sum(Kind::Float) * b.sum(Kind::Float)).square();
         let step = |opt: &mut AdamW, skips: &mut SkippedSteps, inject: bool| {

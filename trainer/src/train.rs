@@ -23,12 +23,13 @@ use crate::dist::watchdog::{self, Phase};
 use crate::dist::{self, preempt, Collective, Control};
 use crate::log::{RunLogger, SampleKeyLog, StepStats};
 use crate::loss::ClipLoss;
-use crate::model::{Clip, ContrastiveModel};
+use crate::model::ContrastiveModel;
 use crate::cuda::SyncDebug;
 use crate::input::{self, DeviceInput};
-use crate::optim::adamw::{AdamW, AdamWConfig};
+use crate::optim::adamw::AdamW;
 use crate::skips::SkippedSteps;
-use crate::{eval, session, step};
+use crate::world::World;
+use crate::{eval, lock, step};
 
 /// Counters that, with the model, the optimizer and every rank's data cursor, make up the state.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -43,7 +44,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     let stop = preempt::install_signal_flag().context("installing the SIGTERM/SIGUSR1 handler")?;
     // Everything `[eval]` names is checked now, not after the last step (exit status 2).
     let eval_inputs = eval::EvalInputs::open(cfg)?;
-    let s = session::Session::start(cfg)?;
+    let s = World::start(cfg)?;
     let result = train(cfg, &s, &eval_inputs, &stop);
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
@@ -73,7 +74,7 @@ fn requeue_after_preemption(cfg: &Config, step: u64) {
 /// Trains to `train.max_steps`; returns the step it stopped at when a preemption signal ended it early.
 fn train(
     cfg: &Config,
-    s: &session::Session,
+    s: &World,
     eval_inputs: &eval::EvalInputs,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<Option<u64>> {
@@ -92,16 +93,15 @@ fn train(
     }
 
     // Model: same seed everywhere, then rank 0's values broadcast so every rank starts identical.
-    let mcfg = session::model_config(cfg);
     tch::manual_seed(cfg.seed as i64);
     let mut vs = VarStore::new(device);
-    let model = Clip::new(&vs.root(), &mcfg);
+    let (model, mcfg) = cfg.model.init(&vs, cfg.train.grad_checkpointing)?;
     let resume = choose_resume(&cfg.checkpoint.resume, &ckpt, control)?;
     if let Some((model_path, _)) = &resume {
-        session::load_weights(&mut vs, model_path, &mcfg)?;
+        checkpoint::load_model_file(&mut vs, model_path, &mcfg)?;
     } else if !cfg.model.init.is_empty() {
         // Fine-tune: weights only, a fresh optimizer, schedule and data stream (any image size).
-        session::load_weights(&mut vs, Path::new(&cfg.model.init), &mcfg)?;
+        checkpoint::load_model_file(&mut vs, Path::new(&cfg.model.init), &mcfg)?;
         if is_main {
             eprintln!("ferroclip: initialized weights from {}", cfg.model.init);
         }
@@ -116,15 +116,13 @@ fn train(
     broadcast_parameters(&vs, collective);
 
     // Laid out in the order backward completes the gradients, so that gradient buckets fill in turn.
-    let trainable = grad_buckets::gradient_ready_order(&vs, session::trainable_parameters(&vs, cfg, &mcfg));
-    let (beta2, eps) = cfg.optim.resolved_beta2_eps(&cfg.model.arch);
-    let adamw = AdamWConfig { lr: cfg.optim.lr, betas: (cfg.optim.beta1, beta2), eps, weight_decay: cfg.optim.weight_decay };
-    let mut opt = AdamW::new(&trainable, adamw, &[])?;
+    let trainable = grad_buckets::gradient_ready_order(&vs, lock::trainable_parameters(&vs, &cfg.train.lock_spec(), &mcfg));
+    let mut opt = cfg.optim.init(&trainable, &cfg.model.arch)?;
     if is_main {
         eprintln!("ferroclip: {} ({} parameters)", opt.describe(), crate::model::num_params(&vs));
     }
     let mut grad_sync = GradSync::new(&opt, collective, cfg.dist.bucket_mb, cfg.dist.overlap)?;
-    let schedule = cfg.schedule.build(cfg.optim.lr, cfg.train.max_steps);
+    let schedule = cfg.schedule.init(cfg.optim.lr, cfg.train.max_steps);
     let loss_fn = ClipLoss { local_loss: cfg.train.local_loss };
 
     // Optimizer, schedule and counters do not depend on the world size; the data stream picks up
@@ -160,7 +158,7 @@ fn train(
             batch_size: stream_batch,
             mode: Mode::Train,
             transform,
-            tokenizer: session::tokenizer(cfg)?,
+            tokenizer: cfg.model.tokenizer()?,
             label_key: None,
             resume: data_resume,
             host_alloc: input::host_alloc(device),
@@ -223,7 +221,7 @@ fn train(
         // draws what the uninterrupted one would have.
         let rng_seed = step_seed(cfg.seed, counters.step, rank, world, cfg.train.accum_freq);
         let out = {
-            let _autocast = session::autocast(cfg.train.precision, device);
+            let _autocast = cfg.train.precision.autocast(device);
             step::contrastive_step(&model, &micro, collective, &loss_fn, rng_seed, Some(&grad_sync))
         };
         grad_sync.finish(collective);

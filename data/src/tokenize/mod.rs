@@ -3,13 +3,13 @@
 //! [`ClipTokenizer`] is OpenAI CLIP's BPE (`open_clip.tokenizer.SimpleTokenizer`);
 //! [`HfTokenizer`] runs a Hugging Face `tokenizer.json` the way `open_clip.tokenizer.HFTokenizer`
 //! calls it (XLM-RoBERTa text tower). Both clean captions as OpenCLIP does ([`clean`]).
-//! [`tokenizer_for`] picks one by the config's kind.
+//! [`TokenizerConfig`] (`model.tokenizer`) names one and builds it.
 
 pub mod clean;
 pub mod clip;
 pub mod hf;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use clip::{ClipTokenizer, EOT_TOKEN_ID, SOT_TOKEN_ID};
@@ -31,10 +31,6 @@ pub trait Tokenizer: Send + Sync {
 /// Why a tokenizer could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("unknown tokenizer kind {0:?} (expected \"clip\" or \"hf\")")]
-    UnknownKind(String),
-    #[error("tokenizer kind \"hf\" needs the path of a tokenizer.json")]
-    MissingPath,
     #[error("context length must be at least 1")]
     ZeroContext,
     #[error("context length {context_length} cannot hold the {specials} special tokens the tokenizer adds")]
@@ -48,23 +44,53 @@ pub enum TokenizerError {
     NoPadToken { path: PathBuf },
 }
 
-/// The tokenizer of a text tower: `"clip"` (OpenAI BPE, embedded vocabulary; `path` ignored)
-/// or `"hf"` (the Hugging Face `tokenizer.json` at `path`).
-pub fn tokenizer_for(
-    kind: &str,
-    path: Option<&Path>,
-    context_length: usize,
-) -> Result<Arc<dyn Tokenizer>, TokenizerError> {
-    if context_length == 0 {
-        return Err(TokenizerError::ZeroContext);
-    }
-    match kind {
-        "clip" => Ok(Arc::new(ClipTokenizer::with_context_length(context_length))),
-        "hf" => {
-            let path = path.ok_or(TokenizerError::MissingPath)?;
-            Ok(Arc::new(HfTokenizer::from_file(path, context_length)?))
+/// `model.tokenizer`: `"clip"` (OpenAI CLIP's BPE, vocabulary embedded) or the path of a Hugging
+/// Face `tokenizer.json` (the XLM-RoBERTa text tower). Written in a config as that one string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerConfig {
+    Clip,
+    HuggingFace(PathBuf),
+}
+
+impl TokenizerConfig {
+    /// The tokenizer, writing `context_length` ids per caption (the text tower's).
+    pub fn init(&self, context_length: usize) -> Result<Arc<dyn Tokenizer>, TokenizerError> {
+        if context_length == 0 {
+            return Err(TokenizerError::ZeroContext);
         }
-        other => Err(TokenizerError::UnknownKind(other.to_string())),
+        Ok(match self {
+            TokenizerConfig::Clip => Arc::new(ClipTokenizer::with_context_length(context_length)),
+            TokenizerConfig::HuggingFace(path) => Arc::new(HfTokenizer::from_file(path, context_length)?),
+        })
+    }
+}
+
+impl std::fmt::Display for TokenizerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenizerConfig::Clip => f.write_str("\"clip\""),
+            TokenizerConfig::HuggingFace(path) => write!(f, "{:?}", path.display().to_string()),
+        }
+    }
+}
+
+impl serde::Serialize for TokenizerConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TokenizerConfig::Clip => s.serialize_str("clip"),
+            TokenizerConfig::HuggingFace(path) => s.serialize_str(&path.to_string_lossy()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TokenizerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.trim() {
+            "clip" => Ok(TokenizerConfig::Clip),
+            "" => Err(serde::de::Error::custom("expected \"clip\" or the path of a Hugging Face tokenizer.json")),
+            _ => Ok(TokenizerConfig::HuggingFace(PathBuf::from(s))),
+        }
     }
 }
 
@@ -73,26 +99,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokenizer_for_picks_kind() {
-        let t = tokenizer_for("clip", None, 16).unwrap();
+    fn tokenizer_config_builds_its_kind() {
+        let t = TokenizerConfig::Clip.init(16).unwrap();
         assert_eq!(t.context_length(), 16);
-        assert_eq!(
-            t.encode("a dog")[..4],
-            [SOT_TOKEN_ID, 320, 1929, EOT_TOKEN_ID]
-        );
-        assert!(matches!(
-            tokenizer_for("hf", None, 77),
-            Err(TokenizerError::MissingPath)
-        ));
-        assert!(matches!(
-            tokenizer_for("bpe", None, 77),
-            Err(TokenizerError::UnknownKind(_))
-        ));
-        assert!(matches!(
-            tokenizer_for("clip", None, 0),
-            Err(TokenizerError::ZeroContext)
-        ));
-        let missing = tokenizer_for("hf", Some(Path::new("no/such/tokenizer.json")), 77);
+        assert_eq!(t.encode("a dog")[..4], [SOT_TOKEN_ID, 320, 1929, EOT_TOKEN_ID]);
+        assert!(matches!(TokenizerConfig::Clip.init(0), Err(TokenizerError::ZeroContext)));
+        let missing = TokenizerConfig::HuggingFace("no/such/tokenizer.json".into()).init(77);
         assert!(matches!(missing, Err(TokenizerError::Load { .. })));
+    }
+
+    #[test]
+    fn tokenizer_config_reads_and_writes_one_string() {
+        let parse = |s: &str| serde_json::from_value::<TokenizerConfig>(serde_json::json!(s));
+        assert_eq!(parse("clip").unwrap(), TokenizerConfig::Clip);
+        assert_eq!(parse("tok/tokenizer.json").unwrap(), TokenizerConfig::HuggingFace("tok/tokenizer.json".into()));
+        assert!(parse("").unwrap_err().to_string().contains("tokenizer.json"));
+        let path = TokenizerConfig::HuggingFace("a/tokenizer.json".into());
+        assert_eq!(serde_json::to_value(&path).unwrap(), serde_json::json!("a/tokenizer.json"));
+        assert_eq!(serde_json::to_value(TokenizerConfig::Clip).unwrap(), serde_json::json!("clip"));
     }
 }

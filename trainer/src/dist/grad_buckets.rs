@@ -127,7 +127,7 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| (format!("w{i}"), Tensor::ones([n, 1], o).set_requires_grad(true)))
             .collect();
-        let opt = AdamW::new(&named, AdamWConfig::default(), &[]).unwrap();
+        let opt = AdamW::new(&named, AdamWConfig::default()).unwrap();
         let sync = GradSync::new(&opt, &Single, 0.0001, true).unwrap();
         let sizes: Vec<i64> = sync.buckets.iter().map(|b| b.numel() as i64).collect();
         assert_eq!(sizes, vec![20, 10, 30, 5], "a parameter larger than the cap gets a bucket of its own");

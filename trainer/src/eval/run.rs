@@ -27,7 +27,6 @@ use crate::dist::{Collective, Control};
 use crate::log::Progress;
 use crate::loss::{l2_normalize, ClipLoss};
 use crate::model::ContrastiveModel;
-use crate::session;
 
 /// Every evaluation `inputs` holds, on all ranks of `collective` together (a collective call:
 /// every rank calls it with the same inputs). `Ok(None)` when a stop signal reached any rank
@@ -41,18 +40,20 @@ pub fn evaluate(
     device: Device,
     stop: &AtomicBool,
 ) -> Result<Option<EvalResults>> {
-    let size = session::model_config(cfg).image_size() as usize;
+    let arch = cfg.model.arch_config()?;
+    let size = arch.image_size() as usize;
     let eval = Evaluation {
         cfg,
+        embed_dim: arch.embed_dim,
         model,
         ranks: Ranks { collective, control, device },
         stop,
         transform: Arc::new(EvalTransform::new(size, cfg.data.max_image_pixels)),
-        tokenizer: session::tokenizer(cfg)?,
+        tokenizer: cfg.model.tokenizer()?,
         next_shard: RefCell::new(None),
     };
     let mut results = EvalResults::new();
-    let _autocast = session::autocast(cfg.train.precision, device);
+    let _autocast = cfg.train.precision.autocast(device);
     let _no_grad = tch::no_grad_guard();
     if let Some(z) = &inputs.zero_shot {
         if eval.zero_shot(z, &mut results).context("zero-shot evaluation")?.is_none() {
@@ -74,6 +75,8 @@ pub fn evaluate(
 
 struct Evaluation<'a> {
     cfg: &'a Config,
+    /// Width of the model's features (`embed_dim`).
+    embed_dim: i64,
     model: &'a dyn ContrastiveModel,
     ranks: Ranks<'a>,
     stop: &'a AtomicBool,
@@ -224,7 +227,7 @@ impl Evaluation<'_> {
         if self.ranks.any_stopped(self.stop) {
             return Ok(None);
         }
-        let embed_dim = session::model_config(self.cfg).embed_dim;
+        let embed_dim = self.embed_dim;
         let (rows, _) = self.ranks.gather_rows(chunks.len(), &[embed_dim], Kind::Float, &mine);
         Ok(Some(rows.tr().contiguous())) // [d, classes]
     }
@@ -341,7 +344,7 @@ impl Evaluation<'_> {
         if self.ranks.any_stopped(self.stop) {
             return Ok(None);
         }
-        let d = session::model_config(self.cfg).embed_dim;
+        let d = self.embed_dim;
         let (image_features, image_counts) = self.ranks.gather_rows(units, &[d], Kind::Float, &images);
         let (text_features, text_counts) = self.ranks.gather_rows(units, &[d], Kind::Float, &texts);
         // Image indices travel as f64 (exact below 2^53): device collectives carry floating point.

@@ -118,19 +118,14 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Takes over `named` (name, parameter): parameters whose name starts with one of
-    /// `frozen_prefixes` are locked (`requires_grad(false)`) and left out; the others are moved
-    /// into flat buffers (their values unchanged) with zeroed flat gradients.
-    /// All trainable parameters must be fp32 on one device.
-    pub fn new(named: &[(String, Tensor)], cfg: AdamWConfig, frozen_prefixes: &[&str]) -> Result<Self, OptimError> {
+    /// Takes over the trainable parameters `named` (name, parameter; what trains is decided by
+    /// [`crate::lock::trainable_parameters`]): they are moved into flat buffers (their values
+    /// unchanged) with zeroed flat gradients. All must be fp32 on one device.
+    pub fn new(named: &[(String, Tensor)], cfg: AdamWConfig) -> Result<Self, OptimError> {
         let mut decay: Vec<(String, Tensor)> = Vec::new();
         let mut no_decay: Vec<(String, Tensor)> = Vec::new();
         let mut device: Option<Device> = None;
         for (name, p) in named {
-            if frozen_prefixes.iter().any(|pre| name.starts_with(pre)) {
-                let _ = p.set_requires_grad(false);
-                continue;
-            }
             if p.kind() != Kind::Float {
                 return Err(OptimError::NotFloat { name: name.clone(), kind: p.kind() });
             }
@@ -505,7 +500,7 @@ mod tests {
     fn check_against_torch_fixture(fused: bool) {
         let fx = fixture();
         let named = params_from(&fx);
-        let mut opt = AdamW::new(&named, AdamWConfig { lr: 0.0, betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 }, &[]).unwrap();
+        let mut opt = AdamW::new(&named, AdamWConfig { lr: 0.0, betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 }).unwrap();
         opt.set_fused(fused);
         let lrs = &fx["lr"];
         for step in 0..lrs.size()[0] as usize {
@@ -546,7 +541,7 @@ mod tests {
         for fused in [false, true] {
             let run = |bad_at: Option<usize>| {
                 let named = params_from(&fx);
-                let mut opt = AdamW::new(&named, AdamWConfig::default(), &[]).unwrap();
+                let mut opt = AdamW::new(&named, AdamWConfig::default()).unwrap();
                 opt.set_fused(fused);
                 let finite_loss = Tensor::from(1.5f32);
                 let mut snapshots = Vec::new();
@@ -594,7 +589,7 @@ mod tests {
         let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let named = vec![("w".to_string(), a.shallow_clone()), ("b.bias".to_string(), b.shallow_clone())];
-        let mut opt = AdamW::new(&named, AdamWConfig::default(), &[]).unwrap();
+        let mut opt = AdamW::new(&named, AdamWConfig::default()).unwrap();
         for _ in 0..2 {
             (a.sum(Kind::Float) * 2.0 + (&b * &b).sum(Kind::Float)).backward();
         }
@@ -613,7 +608,7 @@ mod tests {
         let a = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let b = Tensor::zeros([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let named = vec![("w".to_string(), a.shallow_clone()), ("bias".to_string(), b.shallow_clone())];
-        let mut opt = AdamW::new(&named, AdamWConfig::default(), &[]).unwrap();
+        let mut opt = AdamW::new(&named, AdamWConfig::default()).unwrap();
         a.grad().copy_(&Tensor::from_slice(&[3.0f32, 0.0, 0.0, 0.0]).view([2, 2]));
         b.grad().copy_(&Tensor::from_slice(&[4.0f32]));
         let norm = opt.clip_grad_norm(1.0).double_value(&[]);
@@ -638,34 +633,24 @@ mod tests {
         };
         // Straight: 4 steps.
         let named_a = params_from(&fx);
-        let mut a = AdamW::new(&named_a, cfg, &[]).unwrap();
+        let mut a = AdamW::new(&named_a, cfg).unwrap();
         run(0..4, &mut a, &named_a);
         // 2 steps, save params + state, fresh optimizer restored, 2 more.
         let named_b = params_from(&fx);
-        let mut b = AdamW::new(&named_b, cfg, &[]).unwrap();
+        let mut b = AdamW::new(&named_b, cfg).unwrap();
         run(0..2, &mut b, &named_b);
         let saved: Vec<(String, Tensor)> = b.state().into_iter().map(|(k, v)| (k, v.copy())).collect();
         let saved_params: Vec<Tensor> = named_b.iter().map(|(_, p)| p.detach().copy()).collect();
         let named_c: Vec<(String, Tensor)> =
             named_b.iter().zip(&saved_params).map(|((n, _), p)| (n.clone(), p.copy().set_requires_grad(true))).collect();
-        let mut c = AdamW::new(&named_c, cfg, &[]).unwrap();
+        let mut c = AdamW::new(&named_c, cfg).unwrap();
         c.restore(&saved, b.step_count()).unwrap();
         run(2..4, &mut c, &named_c);
         for ((n, pa), (_, pc)) in named_a.iter().zip(&named_c) {
             assert!(pa.equal(pc), "{n} not bitwise equal after resume");
         }
         // A missing moment is refused.
-        let mut d = AdamW::new(&params_from(&fx), cfg, &[]).unwrap();
+        let mut d = AdamW::new(&params_from(&fx), cfg).unwrap();
         assert!(matches!(d.restore(&saved[1..], 2), Err(OptimError::MissingState(_))));
-    }
-
-    #[test]
-    fn frozen_prefixes_are_left_out_and_locked() {
-        let a = Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let b = Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let named = vec![("visual.w".to_string(), a.shallow_clone()), ("text.w".to_string(), b.shallow_clone())];
-        let opt = AdamW::new(&named, AdamWConfig::default(), &["visual."]).unwrap();
-        assert!(!a.requires_grad());
-        assert_eq!(opt.param_names(), vec![(0.2, vec!["text.w".to_string()])]);
     }
 }

@@ -1,0 +1,202 @@
+//! The run configuration: one typed section per TOML table, each declared once with its keys'
+//! docs and defaults ([`ferroclip_data::section`]), each validating its own keys and building its
+//! parts (`ModelConfig::init`, `OptimConfig::init`, `ScheduleConfig::init`, `TokenizerConfig::init`,
+//! `DeviceConfig::resolve`). Keys follow OpenCLIP's flags where one exists (`warmup`, `accum_freq`,
+//! `local_loss`). [`docs`] prints the key reference the README's tables are checked against.
+
+pub mod dist;
+pub mod docs;
+pub mod eval;
+pub mod model;
+pub mod optim;
+pub mod outputs;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+
+pub use dist::{Backend, DistConfig, Requeue};
+pub use eval::EvalConfig;
+pub use ferroclip_data::tokenize::TokenizerConfig;
+pub use ferroclip_data::augment::AugmentConfig;
+pub use ferroclip_data::DataConfig;
+pub use model::ModelConfig;
+pub use optim::{OptimConfig, ScheduleConfig, ScheduleKind};
+pub use outputs::{CheckpointConfig, LogConfig};
+pub use train::{DeviceConfig, Precision, TrainConfig};
+
+/// A config that cannot be used. Always names the file and the key; `trainer` exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+ferroclip_data::config_section! {
+    /// The whole run config (`trainer --config FILE`); its top-level keys.
+    pub struct Config {
+        /// Run name; outputs go to `{output_dir}/{name}/`.
+        pub name: String = "run",
+        /// Parent folder of all runs.
+        pub output_dir: PathBuf = "runs",
+        /// Seed for initialization, data order and augmentation.
+        pub seed: u64 = 0,
+        /// `[model]`
+        pub model: ModelConfig = ModelConfig::default(),
+        /// `[data]`
+        pub data: DataConfig = DataConfig::default(),
+        /// `[train]`
+        pub train: TrainConfig = TrainConfig::default(),
+        /// `[optim]`
+        pub optim: OptimConfig = OptimConfig::default(),
+        /// `[schedule]`
+        pub schedule: ScheduleConfig = ScheduleConfig::default(),
+        /// `[checkpoint]`
+        pub checkpoint: CheckpointConfig = CheckpointConfig::default(),
+        /// `[log]`
+        pub log: LogConfig = LogConfig::default(),
+        /// `[eval]`
+        pub eval: EvalConfig = EvalConfig::default(),
+        /// `[dist]`
+        pub dist: DistConfig = DistConfig::default(),
+    }
+}
+
+impl Config {
+    /// Read `path`, apply `--set section.key=value` overrides, deserialize strictly and validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let err = |message: String| ConfigError { file: file.clone(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| err(format!("not valid TOML: {e}")))?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|m| err(format!("--set {o}: {m}")))?;
+        }
+        let de = toml::Value::Table(value);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            err(format!("key `{path}`: {}", e.into_inner()))
+        })?;
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Every section's rules and the rules across sections, each error naming its key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains('/') {
+            return Err("key `name`: must be a non-empty name without `/`".into());
+        }
+        self.data.validate().map_err(|e| format!("key `data.{}`: {}", e.key, e.message))?;
+        if self.data.train.trim().is_empty() {
+            return Err("key `data.train`: no training shards given".into());
+        }
+        self.train.validate()?;
+        self.optim.validate()?;
+        self.schedule.validate(self.train.max_steps)?;
+        if self.log.every_steps == 0 {
+            return Err("key `log.every_steps`: must be at least 1".into());
+        }
+        self.dist.validate()?;
+        self.eval.validate()?;
+        self.model.arch_config().map_err(|e| format!("{e:#}"))?;
+        Ok(())
+    }
+
+    /// `{output_dir}/{name}`
+    pub fn run_dir(&self) -> PathBuf {
+        self.output_dir.join(&self.name)
+    }
+}
+
+/// Apply one `section.key=value` override to the raw TOML table. The value is read as TOML
+/// (`3`, `1e-4`, `true`, `"s"`, `[1, 2]`), or taken as a plain string if it isn't TOML.
+fn apply_override(root: &mut toml::Table, spec: &str) -> Result<(), String> {
+    let (path, raw) = spec.split_once('=').ok_or("expected section.key=value")?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(format!("bad key path `{path}`"));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed table has v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let (last, parents) = keys.split_last().expect("non-empty");
+    let mut table = root;
+    for k in parents {
+        let entry = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| format!("`{k}` is not a section"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name_and_file() {
+        let f = write("name = \"x\"\n[data]\ntrain = \"a.tar\"\nbatch_sise = 3\n");
+        let e = Config::load(f.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("batch_sise"), "{e}");
+        assert!(e.contains("data"), "{e}");
+        assert!(e.contains(&f.path().display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_rejected_with_its_key() {
+        let f = write("[data]\ntrain = \"a.tar\"\nbatch_size = 0\n");
+        let e = Config::load(f.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("data.batch_size"), "{e}");
+        let f = write("[data]\ntrain = \"a.tar\"\n[train]\nprecision = \"fp8\"\n");
+        let e = Config::load(f.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("train.precision"), "{e}");
+    }
+
+    #[test]
+    fn overrides_set_nested_keys_with_typed_values() {
+        let f = write("[data]\ntrain = \"a.tar\"\n");
+        let cfg = Config::load(
+            f.path(),
+            &["optim.lr=1e-3".into(), "data.batch_size=7".into(), "name=abc".into(), "data.augment.re_prob=0".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.optim.lr, 1e-3);
+        assert_eq!(cfg.data.batch_size, 7);
+        assert_eq!(cfg.name, "abc");
+        assert_eq!(cfg.data.augment.re_prob, 0.0);
+        let e = Config::load(f.path(), &["optim.lrr=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("lrr"), "{e}");
+    }
+
+    #[test]
+    fn enum_keys_name_the_key_and_the_choices() {
+        let f = write("[data]\ntrain = \"a.tar\"\n");
+        for (set, key, choice) in [
+            ("schedule.kind=cosin", "schedule.kind", "const-cooldown"),
+            ("train.device=gpu", "train.device", "cuda"),
+            ("dist.backend=ucc", "dist.backend", "nccl"),
+        ] {
+            let e = Config::load(f.path(), &[set.into()]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(choice), "{set}: {e}");
+        }
+        let cfg = Config::load(f.path(), &["schedule.kind=const-cooldown".into(), "model.tokenizer=t/tokenizer.json".into()])
+            .unwrap();
+        assert_eq!(cfg.schedule.kind, ScheduleKind::ConstCooldown);
+        assert_eq!(cfg.model.tokenizer, TokenizerConfig::HuggingFace("t/tokenizer.json".into()));
+    }
+
+    #[test]
+    fn vit_gets_openclip_betas() {
+        let o = OptimConfig::default();
+        assert_eq!(o.resolved_beta2_eps("ViT-B-32"), (0.98, 1e-6));
+        assert_eq!(o.resolved_beta2_eps("convnext_base_w"), (0.999, 1e-8));
+    }
+}

@@ -1,0 +1,62 @@
+//! `[model]`: the architecture, its overrides, the weights to start from and the tokenizer; builds
+//! the model and the tokenizer every command uses.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tch::nn::VarStore;
+
+use ferroclip_data::tokenize::{Tokenizer, TokenizerConfig};
+
+use crate::model::{Clip, ClipConfig};
+
+ferroclip_data::config_section! {
+    /// `[model]`
+    pub struct ModelConfig {
+        /// OpenCLIP architecture name (`convnext_base_w`, `convnext_large_d_320`, `ViT-B-32`, …; see Models).
+        pub arch: String = "convnext_base_w",
+        /// Input resolution; 0 keeps the architecture's own.
+        pub image_size: usize = 0,
+        /// Weights to start from (an OpenCLIP-compatible `.safetensors`), with a fresh optimizer,
+        /// schedule and data stream; ignored on resume.
+        pub init: String = "",
+        /// Hugging Face text-encoder weights (e.g. `xlm-roberta-base` as safetensors, `roberta.*` or
+        /// bare `embeddings.*`/`encoder.*` keys) to start the text tower of an HF-text architecture
+        /// from; applied after `init`, ignored on resume.
+        pub text_init: String = "",
+        /// Stochastic depth rate of the image tower; negative keeps the architecture's (0.1 for the
+        /// ConvNeXts).
+        pub drop_path: f64 = -1.0,
+        /// Text tokenizer: `"clip"` (OpenAI CLIP BPE) or the path of a Hugging Face `tokenizer.json`.
+        pub tokenizer: TokenizerConfig = TokenizerConfig::Clip,
+    }
+}
+
+impl ModelConfig {
+    /// The architecture `arch` names, with `image_size` and `drop_path` applied.
+    pub fn arch_config(&self) -> Result<ClipConfig> {
+        let mut m = ClipConfig::from_arch(&self.arch).with_context(|| {
+            format!("key `model.arch`: unknown architecture `{}` (known: {})", self.arch, ClipConfig::ARCHS.join(", "))
+        })?;
+        if self.image_size > 0 {
+            m = m.with_image_size(self.image_size as i64);
+        }
+        if self.drop_path >= 0.0 {
+            m = m.with_drop_path(self.drop_path);
+        }
+        Ok(m)
+    }
+
+    /// The model with freshly initialized parameters in `vs` (torch's RNG: seed it first), and
+    /// its resolved architecture. `grad_checkpointing` is `train.grad_checkpointing`.
+    pub fn init(&self, vs: &VarStore, grad_checkpointing: bool) -> Result<(Clip, ClipConfig)> {
+        let m = self.arch_config()?.with_grad_checkpointing(grad_checkpointing);
+        Ok((Clip::new(&vs.root(), &m), m))
+    }
+
+    /// The tokenizer `tokenizer` names, with the text tower's context length.
+    pub fn tokenizer(&self) -> Result<Arc<dyn Tokenizer>> {
+        let context = self.arch_config()?.context_length() as usize;
+        self.tokenizer.init(context).with_context(|| format!("model.tokenizer = {}", self.tokenizer))
+    }
+}

@@ -1,0 +1,71 @@
+//! `[train]`: the step loop's length, precision, accumulation, clipping, freezing and device.
+
+pub use crate::device::DeviceConfig;
+pub use crate::precision::Precision;
+
+use crate::lock::LockSpec;
+
+ferroclip_data::config_section! {
+    /// `[train]`
+    pub struct TrainConfig {
+        /// Stop after this many optimizer steps, whatever the epoch plan.
+        pub max_steps: u64 = 1000,
+        /// `"fp32"` or `"amp_bf16"` (bf16 autocast on CUDA, loss in fp32; fp32 on the CPU).
+        pub precision: Precision = Precision::Fp32,
+        /// Micro-batches per optimizer step; the loss sees all their negatives (OpenCLIP `--accum-freq`).
+        pub accum_freq: usize = 1,
+        /// Each rank computes only its rows of the logits (OpenCLIP `--local-loss`); same gradients,
+        /// less memory.
+        pub local_loss: bool = false,
+        /// Clip gradients to this global L2 norm; 0 disables.
+        pub grad_clip_norm: f64 = 0.0,
+        /// Freeze the image tower (OpenCLIP `--lock-image`).
+        pub lock_image: bool = false,
+        /// With `lock_image`, leave the last N layer groups trainable.
+        pub lock_image_unlocked_groups: usize = 0,
+        /// Freeze the text tower (OpenCLIP `--lock-text`).
+        pub lock_text: bool = false,
+        /// With `lock_text`, leave the last N layers trainable.
+        pub lock_text_unlocked_layers: usize = 0,
+        /// Abort after this many consecutive steps with a non-finite loss or gradient (each is
+        /// skipped on the device; checked at log and checkpoint steps).
+        pub max_bad_steps: u64 = 20,
+        /// `"auto"`, `"cpu"` or `"cuda"`. `auto` takes this rank's GPU, the CPU when the job has none,
+        /// and is an error when the launcher allocated GPUs (`CUDA_VISIBLE_DEVICES`, `SLURM_GPUS*`,
+        /// `SLURM_JOB_GPUS`, `SLURM_STEP_GPUS`) that libtorch does not see (usually a node driver
+        /// older than the wheel's CUDA: run through `scripts/with-node-torch`). The GPU configs say
+        /// `cuda`.
+        pub device: DeviceConfig = DeviceConfig::Auto,
+        /// libtorch intra-op threads per rank; 0 keeps libtorch's choice.
+        pub threads: usize = 0,
+        /// Recompute each ConvNeXt block and transformer block in backward instead of keeping its
+        /// activations (OpenCLIP `--grad-checkpointing`): far less activation memory for one more
+        /// forward pass; same gradients. Not applied to the XLM-RoBERTa text tower.
+        pub grad_checkpointing: bool = false,
+    }
+}
+
+impl TrainConfig {
+    /// What `lock_*` freezes.
+    pub fn lock_spec(&self) -> LockSpec {
+        LockSpec {
+            lock_image: self.lock_image,
+            image_unlocked_groups: self.lock_image_unlocked_groups,
+            lock_text: self.lock_text,
+            text_unlocked_layers: self.lock_text_unlocked_layers,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.max_steps == 0 {
+            return Err("key `train.max_steps`: must be at least 1".into());
+        }
+        if self.accum_freq == 0 {
+            return Err("key `train.accum_freq`: must be at least 1".into());
+        }
+        if !(self.grad_clip_norm >= 0.0) {
+            return Err("key `train.grad_clip_norm`: must be >= 0".into());
+        }
+        Ok(())
+    }
+}
