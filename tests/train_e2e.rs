@@ -283,6 +283,14 @@ fn sigterm_checkpoints_and_stops_then_latest_resumes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("at step {}", steps[0])), "{err}");
+    assert!(err.contains("resuming with train.max_steps"), "the new length is named: {err}");
+
+    // A key that changes the run is refused before any step, naming it; allowed, the run goes on.
+    let changed = ["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=100000", "--set", "checkpoint.resume=latest"];
+    let out = run(&[&changed[..], &["--set", "optim.lr=1e-3"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("optim.lr 0.002 -> 0.001") && err.contains("allow_config_change"), "{err}");
 }
 
 #[test]

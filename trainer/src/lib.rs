@@ -3,7 +3,8 @@
 //! [`config`] (the typed run config, whose sections build the model, optimizer, schedule,
 //! tokenizer and device) → [`world`] (this rank, its device, the collectives to the others) →
 //! [`model`] (OpenCLIP-compatible towers) → [`step`] (exact global InfoNCE step, [`loss`]) →
-//! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] (written by
+//! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] (the model file and the
+//! [`train_state`]: counters, optimizer, data cursors, config; written by
 //! [`checkpoint_writer`] in the background) → [`log`] / [`eval`].
 //! [`train`] is the one loop that strings them together; [`commands`] the other subcommands.
 //! On the GPU: [`input`] (uint8 batches to normalized device tensors), [`skips`] (non-finite steps
@@ -26,4 +27,5 @@ pub mod precision;
 pub mod skips;
 pub mod step;
 pub mod train;
+pub mod train_state;
 pub mod world;

@@ -28,16 +28,9 @@ use crate::cuda::SyncDebug;
 use crate::input::{self, DeviceInput};
 use crate::optim::adamw::AdamW;
 use crate::skips::SkippedSteps;
+use crate::train_state::{Counters, TrainState};
 use crate::world::World;
 use crate::{eval, lock, step};
-
-/// Counters that, with the model, the optimizer and every rank's data cursor, make up the state.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
-    pub step: u64,
-    pub samples_seen: u64,
-    pub skipped_steps: u64,
-}
 
 pub fn run(cfg: &Config) -> Result<()> {
     // First thing: a preemption signal during set-up must not kill the process unsaved.
@@ -131,7 +124,7 @@ fn train(
     let mut cursor: Option<StreamCursor> = None;
     let mut data_resume = None;
     if let Some((_, state_path)) = &resume {
-        let (c, cursors) = restore_state(state_path, &mut opt)?;
+        let TrainState { counters: c, cursors } = TrainState::restore(state_path, &mut opt, cfg, is_main)?;
         counters = c;
         check_resumed_step(control, counters.step, state_path)?;
         if is_main {
@@ -469,26 +462,6 @@ fn snapshot(cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[V
     let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     model.sort_by(|a, b| a.0.cmp(&b.0));
     let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let cursors: Vec<serde_json::Value> =
-        cursors.iter().map(|b| serde_json::from_slice(b)).collect::<Result<_, _>>().context("a rank sent a malformed data cursor")?;
-    let state_meta = BTreeMap::from([
-        ("counters".to_string(), serde_json::to_string(c)?),
-        ("optimizer_step".to_string(), opt.step_count().to_string()),
-        ("data_cursors".to_string(), serde_json::to_string(&cursors)?),
-        // No RNG state to store: every random draw is a function of (seed, step, rank, sample).
-        ("rng".to_string(), format!("derived from seed {} and the step", cfg.seed)),
-        ("config".to_string(), toml::to_string(cfg)?),
-    ]);
-    Snapshot::take(c.step, &model, &model_meta, &opt.state(), &state_meta)
-}
-
-fn restore_state(path: &Path, opt: &mut AdamW) -> Result<(Counters, Vec<StreamCursor>)> {
-    let (tensors, meta) = checkpoint::read(path)?;
-    let field = |k: &str| meta.get(k).with_context(|| format!("{}: the state file lacks `{k}`", path.display()));
-    let counters: Counters = serde_json::from_str(field("counters")?).with_context(|| format!("{}: bad `counters`", path.display()))?;
-    let cursors: Vec<StreamCursor> =
-        serde_json::from_str(field("data_cursors")?).with_context(|| format!("{}: bad `data_cursors`", path.display()))?;
-    let opt_step: i64 = field("optimizer_step")?.parse().with_context(|| format!("{}: bad `optimizer_step`", path.display()))?;
-    opt.restore(&tensors, opt_step).with_context(|| format!("restoring the optimizer from {}", path.display()))?;
-    Ok((counters, cursors))
+    let (state, state_meta) = TrainState::state(cfg, opt, c, cursors)?;
+    Snapshot::take(c.step, &model, &model_meta, &state, &state_meta)
 }
