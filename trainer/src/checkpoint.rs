@@ -147,6 +147,15 @@ impl Snapshot {
         })
     }
 
+    /// The checkpoint of step `state.counters.step`: the model in `vs` (sorted by name, OpenCLIP's
+    /// keys) and the [`crate::train_state::TrainState`]'s tensors and metadata.
+    pub fn of(vs: &tch::nn::VarStore, state: crate::train_state::SavedState) -> Result<Self> {
+        let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        model.sort_by(|a, b| a.0.cmp(&b.0));
+        let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        Self::take(state.step, &model, &model_meta, &state.tensors, &state.meta)
+    }
+
     /// Bytes of tensor data held.
     pub fn bytes(&self) -> usize {
         self.model.bytes() + self.state.bytes()

@@ -88,8 +88,8 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
             let files = crate::eval::inputs::image_files(dir).map_err(anyhow::Error::msg)?;
             let mut feats = Vec::new();
             for chunk in files.chunks(cfg.eval.batch_size) {
-                let batch = crate::eval::run::load_images(chunk, &transform, cfg.data.workers)?;
-                feats.push(l2_normalize(&model.encode_image(&batch.to_device(device), false)));
+                let batch = crate::eval::run::load_images(chunk, &transform, cfg.data.workers, device)?;
+                feats.push(l2_normalize(&model.encode_image(&batch, false)));
             }
             named.push(("image_features".into(), Tensor::cat(&feats, 0).to_device(Device::Cpu)));
             let list = files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>();

@@ -190,12 +190,19 @@ pub fn tokens(tok: &dyn Tokenizer, texts: &[impl AsRef<str>]) -> Tensor {
 /// by [`Normalizer`]; copies synchronously from wherever the buffers live (evaluation, tests). The
 /// training loop uses [`DeviceInput`].
 pub fn to_device(batch: &Batch, device: Device) -> (Tensor, Tensor) {
-    let (n, s, ctx) = (batch.len as i64, batch.image_size as i64, batch.context_length as i64);
-    let images = Tensor::from_slice(batch.images()).view([n, 3, s, s]).to_device(device);
+    let (n, ctx) = (batch.len as i64, batch.context_length as i64);
     let tokens = Tensor::from_slice(batch.tokens()).view([n, ctx]).to_device(device);
-    let (rows, elements) = erase_table(&batch.erase);
+    (images_to_device(batch.images(), &batch.erase, batch.image_size, device), tokens)
+}
+
+/// uint8 CHW pixels of `erase.len()` images of `size`² (what the transforms write) as `[n, 3, s, s]`
+/// f32 on `device`, normalized and erased there by [`Normalizer`]; a synchronous copy.
+pub fn images_to_device(pixels: &[u8], erase: &[Option<EraseBox>], size: usize, device: Device) -> Tensor {
+    let (n, s) = (erase.len() as i64, size as i64);
+    let images = Tensor::from_slice(pixels).view([n, 3, s, s]).to_device(device);
+    let (rows, elements) = erase_table(erase);
     let table = Tensor::from_slice(&rows).view([rows.len() as i64 / COLUMNS, COLUMNS]).to_device(device);
-    (Normalizer::new(device).apply(&images, &table, elements), tokens)
+    Normalizer::new(device).apply(&images, &table, elements)
 }
 
 /// The training loop's path from a [`Batch`] to device tensors (see the module doc).

@@ -2,7 +2,6 @@
 //! `train.max_steps`, with logging, checkpoints, evaluation and preemption in between.
 //! OpenCLIP's `open_clip_train/main.py` + `train.py`, without their callback maze.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -313,7 +312,7 @@ fn train(
             control.check_same_u64(counters.step, "the step being saved")?;
             if is_main {
                 // Rank 0 copies the state to host memory and writes it on a thread; training goes on.
-                report_saved(&logger, writer.start(snapshot(cfg, &vs, &opt, &counters, &cursors)?)?);
+                report_saved(&logger, writer.start(Snapshot::of(&vs, TrainState::state(cfg, &opt, &counters, &cursors)?)?)?);
                 if wait {
                     report_saved(&logger, writer.wait()?);
                 }
@@ -455,13 +454,4 @@ fn report_saved(logger: &RunLogger, saved: Option<Saved>) {
     if let Some(saved) = saved {
         logger.println(&format!("ferroclip: saved {}", saved.model.display()));
     }
-}
-
-/// The checkpoint of this step in host memory, for the background writer.
-fn snapshot(cfg: &Config, vs: &VarStore, opt: &AdamW, c: &Counters, cursors: &[Vec<u8>]) -> Result<Snapshot> {
-    let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    model.sort_by(|a, b| a.0.cmp(&b.0));
-    let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let (state, state_meta) = TrainState::state(cfg, opt, c, cursors)?;
-    Snapshot::take(c.step, &model, &model_meta, &state, &state_meta)
 }

@@ -55,6 +55,14 @@ const RUN_KEYS: [&str; 18] = [
 /// is extended or shortened: it is named, not refused.
 const LENGTH_KEY: &str = "train.max_steps";
 
+/// A state file's contents before they are written: the step, the optimizer's tensors (by
+/// parameter name) and the metadata.
+pub struct SavedState {
+    pub step: u64,
+    pub tensors: Vec<(String, Tensor)>,
+    pub meta: BTreeMap<String, String>,
+}
+
 /// A resumed run's state, read back from a state file.
 pub struct TrainState {
     pub counters: Counters,
@@ -63,14 +71,8 @@ pub struct TrainState {
 }
 
 impl TrainState {
-    /// The state file's tensors (the optimizer's, by parameter name) and metadata for this step;
-    /// `cursors` are every rank's data cursor as JSON.
-    pub fn state(
-        cfg: &Config,
-        opt: &AdamW,
-        counters: &Counters,
-        cursors: &[Vec<u8>],
-    ) -> Result<(Vec<(String, Tensor)>, BTreeMap<String, String>)> {
+    /// The state file of this step; `cursors` are every rank's data cursor as JSON.
+    pub fn state(cfg: &Config, opt: &AdamW, counters: &Counters, cursors: &[Vec<u8>]) -> Result<SavedState> {
         let cursors: Vec<serde_json::Value> = cursors
             .iter()
             .map(|b| serde_json::from_slice(b))
@@ -84,7 +86,7 @@ impl TrainState {
             ("rng".to_string(), format!("derived from seed {} and the step", cfg.seed)),
             ("config".to_string(), toml::to_string(cfg)?),
         ]);
-        Ok((opt.state(), meta))
+        Ok(SavedState { step: counters.step, tensors: opt.state(), meta })
     }
 
     /// Reads the state file at `path` into `opt` after checking its config against `cfg`; says on

@@ -140,7 +140,7 @@ impl Evaluation<'_> {
                 let b = self.cfg.eval.batch_size;
                 let chunk = &files[u * b..(u * b + b).min(files.len())];
                 let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
-                let images = load_images(&paths, self.transform.as_ref(), self.cfg.data.workers)?.to_device(device);
+                let images = load_images(&paths, self.transform.as_ref(), self.cfg.data.workers, device)?;
                 let keys = paths.iter().map(|p| p.display().to_string()).collect();
                 f(EvalBatch { images, items: chunk.iter().map(|(_, t)| t.clone()).collect(), tokens: None, keys })?;
                 Ok(true)
@@ -415,8 +415,9 @@ impl Evaluation<'_> {
     }
 }
 
-/// Decode and eval-transform image files into `[n, 3, s, s]`, on up to `threads` threads.
-pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform, threads: usize) -> Result<Tensor> {
+/// Decode and eval-transform image files on up to `threads` threads into `[n, 3, s, s]` f32 on
+/// `device`: uint8 pixels travel, normalized there as training batches are ([`crate::input`]).
+pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform, threads: usize, device: Device) -> Result<Tensor> {
     let s = transform.output_size();
     let px = 3 * s * s;
     let mut pixels = vec![0u8; paths.len() * px];
@@ -443,9 +444,7 @@ pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform, threads: u
             .collect();
         jobs.into_iter().try_for_each(|j| j.join().expect("an image decode thread panicked"))
     })?;
-    let mut buf = vec![0f32; pixels.len()];
-    ferroclip_data::normalize::normalize_and_erase(&pixels, &erase, &mut buf);
-    Ok(Tensor::from_slice(&buf).view([paths.len() as i64, 3, s as i64, s as i64]).to_kind(Kind::Float))
+    Ok(crate::input::images_to_device(&pixels, &erase, s, device))
 }
 
 /// What a zero-shot result means, printed under the table: the accuracy next to chance, and how
