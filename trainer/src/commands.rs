@@ -292,8 +292,8 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
         other => bail!("--device {other}: expected cpu, or cuda on a machine where libtorch sees a GPU"),
     };
-    let mcfg = crate::model::ClipConfig::from_arch(&b.arch)
-        .with_context(|| format!("--arch {}: unknown (known: {})", b.arch, crate::model::ClipConfig::ARCHS.join(", ")))?
+    let mcfg = crate::model::ClipConfig::resolve(&b.arch)
+        .map_err(|e| anyhow::anyhow!("--arch: {e}"))?
         .with_image_size(b.image_size)
         .with_grad_checkpointing(b.grad_checkpointing);
     tch::manual_seed(0);

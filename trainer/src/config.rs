@@ -452,12 +452,8 @@ impl Config {
                 return Err(format!("key `eval.{key}`: set, but eval.zeroshot_data is empty (nothing would use it)"));
             }
         }
-        if crate::model::ClipConfig::from_arch(&self.model.arch).is_none() {
-            return Err(format!(
-                "key `model.arch`: unknown architecture `{}` (known: {})",
-                self.model.arch,
-                crate::model::ClipConfig::ARCHS.join(", ")
-            ));
+        if let Err(e) = crate::model::ClipConfig::resolve(&self.model.arch) {
+            return Err(format!("key `model.arch`: {e}"));
         }
         Ok(())
     }

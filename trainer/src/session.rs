@@ -78,8 +78,8 @@ pub fn device(cfg: &Config, local_rank: usize) -> Result<Device> {
 
 /// The architecture named by `model.arch`, with `[model]` overrides applied.
 pub fn model_config(cfg: &Config) -> ClipConfig {
-    // `Config::validate` has checked the name.
-    let mut m = ClipConfig::from_arch(&cfg.model.arch).expect("model.arch validated");
+    // `Config::validate` has resolved it once already.
+    let mut m = ClipConfig::resolve(&cfg.model.arch).unwrap_or_else(|e| panic!("key `model.arch`: {e}"));
     if cfg.model.image_size > 0 {
         m = m.with_image_size(cfg.model.image_size as i64);
     }
