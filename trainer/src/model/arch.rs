@@ -85,8 +85,9 @@ pub fn parse(name: &str, text: &str, source: &Source) -> Result<ClipConfig, Stri
     let text_tower = text_tower(&cfg.text_cfg, &file, source)?;
     if cfg.other.get("custom_text") == Some(&Value::Bool(true)) && !matches!(text_tower, TextTower::XlmRoberta(_)) {
         // OpenCLIP's CustomTextCLIP moves its own text tower under `text.`: a layout we do not build.
-        return Err(at("custom_text", &true, "built only with an `text_cfg.hf_model_name` text tower"));
+        return Err(at("custom_text", &true, "built only with a `text_cfg.hf_model_name` text tower"));
     }
+    positive(&file, "embed_dim", cfg.embed_dim)?;
     Ok(ClipConfig {
         arch: name.to_string(),
         embed_dim: cfg.embed_dim,
@@ -170,6 +171,7 @@ const VIT_ACCEPTED: &[&str] = &["attn_pooler_queries", "attn_pooler_heads"];
 
 fn vision_tower(v: &VisionCfg, file: &str) -> Result<VisionConfig, String> {
     let image_size = v.image_size.unwrap_or(224);
+    positive(file, "vision_cfg.image_size", image_size)?;
     let at = |key: &str, value: &dyn std::fmt::Display, why: &str| {
         format!("{file}: key `vision_cfg.{key}` = {value}: {why}")
     };
@@ -185,6 +187,7 @@ fn vision_tower(v: &VisionCfg, file: &str) -> Result<VisionConfig, String> {
             return Err(at("timm_drop_path", &rate, "only read with `timm_model_name`"));
         }
         let width = v.width.unwrap_or(768);
+        positive(file, "vision_cfg.width", width)?;
         let head_width = v.head_width.unwrap_or(64);
         if head_width <= 0 || width % head_width != 0 {
             return Err(at("head_width", &head_width, &format!("must divide `vision_cfg.width` ({width})")));
@@ -193,13 +196,9 @@ fn vision_tower(v: &VisionCfg, file: &str) -> Result<VisionConfig, String> {
         if patch_size <= 0 || image_size % patch_size != 0 {
             return Err(at("patch_size", &patch_size, &format!("must divide `vision_cfg.image_size` ({image_size})")));
         }
-        return Ok(VisionConfig::Vit(VitConfig {
-            image_size,
-            patch_size,
-            width,
-            layers: v.layers.unwrap_or(12),
-            heads: width / head_width,
-        }));
+        let layers = v.layers.unwrap_or(12);
+        positive(file, "vision_cfg.layers", layers)?;
+        return Ok(VisionConfig::Vit(VitConfig { image_size, patch_size, width, layers, heads: width / head_width }));
     };
     check_rest(file, "vision_cfg.", &v.other, VISION_DEFAULTS, &[])?;
     // OpenCLIP ignores the ViT keys when a timm model is named; say so rather than drop them.
@@ -292,13 +291,20 @@ fn text_tower(t: &TextCfg, file: &str, source: &Source) -> Result<TextTower, Str
                 return Err(at(key, &format!("{value:?}"), "only read with `hf_model_name`"));
             }
         }
-        return Ok(TextTower::Clip(TextConfig {
+        let c = TextConfig {
             context_length,
             vocab_size: t.vocab_size.unwrap_or(49408),
             width: t.width.unwrap_or(512),
             heads: t.heads.unwrap_or(8),
             layers: t.layers.unwrap_or(12),
-        }));
+        };
+        for (key, value) in [("context_length", c.context_length), ("vocab_size", c.vocab_size), ("layers", c.layers)] {
+            positive(file, &format!("text_cfg.{key}"), value)?;
+        }
+        if c.heads <= 0 || c.width % c.heads != 0 {
+            return Err(at("heads", &c.heads, &format!("must divide `text_cfg.width` ({})", c.width)));
+        }
+        return Ok(TextTower::Clip(c));
     };
     check_rest(file, "text_cfg.", &t.other, HF_DEFAULTS, HF_ACCEPTED)?;
     // The Hugging Face config decides these; OpenCLIP ignores them here.
@@ -436,6 +442,13 @@ fn check_rest(
     Ok(())
 }
 
+fn positive(file: &str, key: &str, value: i64) -> Result<(), String> {
+    match value > 0 {
+        true => Ok(()),
+        false => Err(format!("{file}: key `{key}` = {value}: must be at least 1")),
+    }
+}
+
 /// JSON equality with `4` == `4.0`.
 fn same(a: &Value, b: &Value) -> bool {
     match (a.as_f64(), b.as_f64()) {
@@ -542,6 +555,17 @@ mod tests {
         let defaults = ok.replace(r#""patch_size": 8"#, r#""patch_size": 8, "mlp_ratio": 4, "pool_type": "tok""#);
         let accepted = defaults.replace(r#""layers": 2}"#, r#""layers": 2, "hf_tokenizer_name": "y"}"#);
         parse("x", &accepted, &Source::Builtin("x")).unwrap();
+    }
+
+    /// The README's example of a new architecture is one we build.
+    #[test]
+    fn readme_example_builds() {
+        let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+        let models = &readme[readme.find("## Models").unwrap()..];
+        let json = models.split("```json\n").nth(1).unwrap().split("```").next().unwrap();
+        let c = parse("my-ViT-B-16", json, &Source::File(Path::new("configs/my-ViT-B-16.json"))).unwrap();
+        let vit_b_16 = VitConfig { image_size: 224, patch_size: 16, width: 768, layers: 12, heads: 12 };
+        assert_eq!(c.vision, VisionConfig::Vit(vit_b_16));
     }
 
     #[test]
