@@ -646,7 +646,7 @@ fn a_new_open_clip_model_config_trains() {
     std::fs::write(&arch, json.replace(r#""patch_size": 16"#, r#""patch_size": 16, "pool_type": "avg""#)).unwrap();
     let out = run(&["--config", cfg.to_str().unwrap(), "--set", &set, "--set", "name=bad"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "a config error: {err}");
     let needle = format!("model.arch`: {}: key `vision_cfg.pool_type` = \"avg\"", arch.display());
     assert!(err.contains(&needle), "{err}");
 }
