@@ -3,7 +3,8 @@
 
 Builds a tiny randomly initialized OpenCLIP model from the model config
 tests/models/convnext_test.json (a timm ConvNeXt trunk with dims 16-32-64-128 and depths 1-1-2-1,
-`timm_pool ""`, `timm_proj "linear"`, embed 32; a text transformer of width 32, 2 heads, 2 layers), runs OpenCLIP's own `build_zero_shot_classifier`
+`timm_pool ""`, `timm_proj "linear"`, embed 32; a text transformer of width 32, 2 heads, 2
+layers), runs OpenCLIP's own `build_zero_shot_classifier`
 with a few class names and templates through OpenCLIP's tokenizer, classifies a few images the way
 `open_clip_train/zero_shot.py` does, and writes to OUT:
 

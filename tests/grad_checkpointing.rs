@@ -80,7 +80,8 @@ fn allocated_mb() -> f64 {
 fn forward_keeps_mb(checkpointing: bool) -> f64 {
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = ClipConfig::resolve("convnext_base_w").unwrap().with_image_size(64).with_grad_checkpointing(checkpointing);
+    let cfg =
+        ClipConfig::resolve("convnext_base_w").unwrap().with_image_size(64).with_grad_checkpointing(checkpointing);
     let model = Clip::new(&vs.root(), &cfg);
     let images = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));
     let tokens = Tensor::randint_low(1, 400, [4, cfg.context_length()], (Kind::Int64, Device::Cpu));
