@@ -49,31 +49,30 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def register_small_archs():
-    """The repository's tiny archs (convnext_test, vit_test, ...) as gen-model-fixtures.py registers
-    them with timm and OpenCLIP, for dry runs on a CPU (absent from a GPU package; nothing is downloaded)."""
+def register_arch(arch):
+    """`arch` as the trainer's `model.arch` takes it: an OpenCLIP name, or the path of a model-config
+    `.json` (the repository's tiny tests/models/*.json, whose small timm trunks gen-model-fixtures.py
+    registers; absent from a GPU package; nothing is downloaded). Returns the OpenCLIP model name."""
     import importlib.util
     import tempfile
     from pathlib import Path
 
+    if not (arch.endswith(".json") or "/" in arch):
+        return arch
     path = Path(__file__).with_name("gen-model-fixtures.py")
-    if not path.exists():
-        return
     spec = importlib.util.spec_from_file_location("gen_model_fixtures", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # timm's register_model looks the module up
     spec.loader.exec_module(mod)
     with tempfile.TemporaryDirectory(prefix="ferroclip-archs-") as tmp:
-        mod.register_small(Path(tmp), None)
+        return mod.register_arch(arch, Path(tmp))
 
 
 def build(arch, image_size, device):
     import open_clip
 
-    if arch not in open_clip.list_models():
-        register_small_archs()
     model, _, _ = open_clip.create_model_and_transforms(
-        arch, pretrained=None, force_image_size=image_size, device=device, output_dict=True
+        register_arch(arch), pretrained=None, force_image_size=image_size, device=device, output_dict=True
     )
     return model
 
@@ -83,7 +82,7 @@ def build_optimizer(model, arch):
     import torch
     from open_clip_train.params import get_default_params
 
-    d = get_default_params(arch)
+    d = get_default_params(os.path.splitext(os.path.basename(arch))[0] if arch.endswith(".json") else arch)
     wd = 0.2  # open_clip_train/params.py: --wd default
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
     named = list(model.named_parameters())

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Zero-shot reference from OpenCLIP itself, for the Rust zero-shot agreement test.
 
-Builds a tiny randomly initialized OpenCLIP model (`convnext_test`: a timm ConvNeXt trunk with
-dims 16-32-64-128 and depths 1-1-2-1, `timm_pool ""`, `timm_proj "linear"`, embed 32; a text
-transformer of width 32, 2 heads, 2 layers), runs OpenCLIP's own `build_zero_shot_classifier`
+Builds a tiny randomly initialized OpenCLIP model from the model config
+tests/models/convnext_test.json (a timm ConvNeXt trunk with dims 16-32-64-128 and depths 1-1-2-1,
+`timm_pool ""`, `timm_proj "linear"`, embed 32; a text transformer of width 32, 2 heads, 2
+layers), runs OpenCLIP's own `build_zero_shot_classifier`
 with a few class names and templates through OpenCLIP's tokenizer, classifies a few images the way
 `open_clip_train/zero_shot.py` does, and writes to OUT:
 
@@ -17,42 +18,28 @@ with a few class names and templates through OpenCLIP's tokenizer, classifies a 
 No downloads. Usage: gen-eval-fixtures.py --out DIR [--seed 0]
 """
 import argparse
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
-import timm
-from timm.models import register_model
-from timm.models.convnext import _create_convnext
 from safetensors.torch import save_file
 
 import open_clip
 from open_clip import build_zero_shot_classifier
 
-ARCH = "convnext_test"
-IMAGE_SIZE = 64
+_spec = importlib.util.spec_from_file_location("gen_model_fixtures", Path(__file__).with_name("gen-model-fixtures.py"))
+gmf = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = gmf  # timm's register_model looks the module up
+_spec.loader.exec_module(gmf)
+
+MODEL_CONFIG = Path(__file__).resolve().parent.parent / "tests/models/convnext_test.json"
+ARCH = MODEL_CONFIG.stem
+MODEL_CFG = json.loads(MODEL_CONFIG.read_text())
+IMAGE_SIZE = MODEL_CFG["vision_cfg"]["image_size"]
 CLASSNAMES = ["tench", "goldfish", "great white shark", "red square", "blue circle", "school bus", "banana"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "itap of a {}.", "art of the {}."]
-
-MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "timm_model_name": ARCH,
-        "timm_model_pretrained": False,
-        "timm_pool": "",
-        "timm_proj": "linear",
-        "timm_drop": 0.0,
-        "timm_drop_path": 0.0,
-        "image_size": IMAGE_SIZE,
-    },
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
-
-@register_model
-def convnext_test(pretrained=False, **kwargs):
-    args = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128))
-    return _create_convnext(ARCH, pretrained=pretrained, **dict(args, **kwargs))
 
 
 def randomize_constants(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -92,6 +79,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    gmf.register_small_timm()
     model = open_clip.CLIP(**MODEL_CFG)
     randomize_constants(model, gen)
     model.eval()

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Reference fixtures for the Rust CLIP models, computed with OpenCLIP itself.
 
-Generate:   gen-model-fixtures.py --arch convnext_test --image-size 64 --out DIR [--batch 2]
+Generate:   gen-model-fixtures.py --arch tests/models/convnext_test.json --image-size 64 --out DIR [--batch 2]
             writes DIR/model.safetensors (OpenCLIP state dict) and DIR/expected.safetensors
             (images, tokens, image/text features raw and normalized, logits, num_params).
 Check load: gen-model-fixtures.py --arch A --image-size S --check-load W.safetensors --inputs R.safetensors
             loads W with open_clip.create_model(A, pretrained=W) and compares its features on
             R's `images`/`tokens` with R's `image_features`/`text_features` (max abs diff <= --tol).
 
-The small archs (convnext_test, convnext_test_mlp, convnext_demo, vit_test) are registered here
-(timm ConvNeXt variants + OpenCLIP model configs); nothing is downloaded.
+--arch is what the trainer's `model.arch` takes: an OpenCLIP model name (ViT-B-32, convnext_base_w,
+...) or the path of a model-config `.json` (tests/models/*.json, configs/models/*.json), which is
+registered with `open_clip.add_model_config` as it is (with --vocab-size, a copy with that vocabulary)
+and built under its file name. The small timm ConvNeXt trunks those files name
+(ferroclip_convnext_test, ferroclip_convnext_demo) are registered with timm here; nothing is downloaded.
 """
 import argparse
 import json
@@ -26,7 +29,6 @@ import timm
 from timm.models import register_model
 from timm.models.convnext import ConvNeXt
 
-TEXT = dict(context_length=77, vocab_size=49408)
 SMALL_TIMM = {
     "ferroclip_convnext_test": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)),
     "ferroclip_convnext_demo": dict(depths=(1, 1, 2, 1), dims=(24, 48, 96, 192)),
@@ -44,37 +46,28 @@ def _register_timm(name, args):
     register_model(fn)
 
 
-def _convnext_cfg(timm_name, proj, embed, width, heads, layers, image_size):
-    return {
-        "embed_dim": embed,
-        "vision_cfg": {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "",
-                       "timm_proj": proj, "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": image_size},
-        "text_cfg": dict(TEXT, width=width, heads=heads, layers=layers),
-    }
-
-
-SMALL_CLIP = {
-    "convnext_test": _convnext_cfg("ferroclip_convnext_test", "linear", 32, 32, 2, 2, 64),
-    "convnext_test_mlp": _convnext_cfg("ferroclip_convnext_test", "mlp", 32, 32, 2, 2, 64),
-    "convnext_demo": _convnext_cfg("ferroclip_convnext_demo", "linear", 64, 64, 4, 2, 64),
-    "vit_test": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": dict(TEXT, width=32, heads=2, layers=2),
-    },
-}
-
-
-def register_small(tmp: Path, vocab_size):
+def register_small_timm():
     for name, args in SMALL_TIMM.items():
         if name not in timm.list_models(name):
             _register_timm(name, args)
-    for name, cfg in SMALL_CLIP.items():
-        cfg = json.loads(json.dumps(cfg))
+
+
+def register_arch(arch, tmp: Path, vocab_size=None):
+    """`arch` as `model.arch` takes it: a model-config path is registered with OpenCLIP (a copy in
+    `tmp` when the vocabulary is overridden); returns the name to create it by."""
+    register_small_timm()
+    path = Path(arch)
+    if not (arch.endswith(".json") or "/" in arch):
         if vocab_size:
-            cfg["text_cfg"]["vocab_size"] = vocab_size
-        (tmp / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp)
+            sys.exit(f"--vocab-size needs a model-config path, not the name {arch}")
+        return arch
+    if vocab_size:
+        cfg = json.loads(path.read_text())
+        cfg["text_cfg"]["vocab_size"] = vocab_size
+        path = tmp / path.name
+        path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return path.stem
 
 
 def randomize(model, gen):
@@ -111,7 +104,7 @@ def make_tokens(gen, batch, ctx, vocab):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", required=True)
-    ap.add_argument("--image-size", type=int, required=True)
+    ap.add_argument("--image-size", type=int, default=None, help="force another input size (default: the config's)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -125,18 +118,19 @@ def main():
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        register_small(Path(tmp), args.vocab_size)
+        arch = register_arch(args.arch, Path(tmp), args.vocab_size)
         if args.check_load:
-            model = open_clip.create_model(args.arch, pretrained=str(args.check_load),
+            model = open_clip.create_model(arch, pretrained=str(args.check_load),
                                            force_image_size=args.image_size).eval()
             ref = load_file(str(args.inputs))
             img, txt, *_ = features(model, ref["images"], ref["tokens"])
             d_img = (img - ref["image_features"]).abs().max().item()
             d_txt = (txt - ref["text_features"]).abs().max().item()
-            print(f"check-load {args.arch}: max |diff| image {d_img:.3g} text {d_txt:.3g}")
+            print(f"check-load {arch}: max |diff| image {d_img:.3g} text {d_txt:.3g}")
             sys.exit(0 if max(d_img, d_txt) <= args.tol else 1)
 
-        model = open_clip.create_model(args.arch, force_image_size=args.image_size).eval()
+        model = open_clip.create_model(arch, force_image_size=args.image_size).eval()
+        image_size = args.image_size or open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
     gen = torch.Generator().manual_seed(args.seed)
     randomize(model, gen)
     if args.half_weights:
@@ -145,7 +139,7 @@ def main():
                 p.copy_(p.half().float())
     vocab = model.vocab_size
     ctx = model.context_length
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    images = torch.randn(args.batch, 3, image_size, image_size, generator=gen)
     tokens = make_tokens(gen, args.batch, ctx, vocab)
     img, txt, img_n, txt_n, logits = features(model, images, tokens)
 
@@ -162,8 +156,8 @@ def main():
         "logits_per_image": logits,
         "num_params": torch.tensor(num_params, dtype=torch.long),
     }, str(args.out / "expected.safetensors"),
-        metadata={"arch": args.arch, "image_size": str(args.image_size), "vocab_size": str(vocab)})
-    print(f"{args.arch}: {num_params} params -> {args.out}")
+        metadata={"arch": arch, "image_size": str(image_size), "vocab_size": str(vocab)})
+    print(f"{arch}: {num_params} params -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 """Reference fixtures for the Rust XLM-RoBERTa text tower (OpenCLIP `xlm-roberta-base-ViT-B-32`),
 computed with OpenCLIP's `CustomTextCLIP` + `HFTextEncoder` and Hugging Face `XLMRobertaModel`.
 
-Generate:   gen-xlmr-fixtures.py --arch xlmr_vit_test --out DIR [--vocab-size 512] [--half-weights]
+Generate:   gen-xlmr-fixtures.py --arch tests/models/xlmr_vit_test.json --out DIR [--vocab-size 512] [--half-weights]
             writes DIR/model.safetensors (OpenCLIP state dict), DIR/hf_text.safetensors (the text
             encoder's own `XLMRobertaModel` state dict, under `roberta.` as hub checkpoints of
             `XLMRobertaForMaskedLM` are, plus an `lm_head.bias`) and DIR/expected.safetensors
@@ -38,40 +38,36 @@ _spec = importlib.util.spec_from_file_location("gen_model_fixtures", Path(__file
 gmf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gmf)
 
+REPO = Path(__file__).resolve().parent.parent
+# The hub configs a model config may name as `hf_model_name`, so that nothing is downloaded:
 # xlm-roberta-base's config.json values.
-XLMR_BASE = dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
-                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, hidden_act="gelu")
-XLMR_TINY = dict(XLMR_BASE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=80)
-ARCHS = {
-    "xlm-roberta-base-ViT-B-32": dict(
-        embed_dim=512, hf=XLMR_BASE,
-        vision_cfg={"image_size": 224, "layers": 12, "width": 768, "patch_size": 32}),
-    "xlmr_vit_test": dict(
-        embed_dim=16, hf=XLMR_TINY,
-        vision_cfg={"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}),
-}
+HUB = {"xlm-roberta-base": dict(
+    vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    layer_norm_eps=1e-5, hidden_act="gelu")}
 PAD, BOS, EOS = 1, 0, 2
 CONTEXT = 77
 
 
 def register(tmp: Path, arch: str, vocab_size):
-    spec = ARCHS[arch]
-    hf = dict(spec["hf"])
+    """`arch` as the trainer's `model.arch` takes it (a built-in name from configs/models/, or a
+    model-config path): registers it with OpenCLIP, its `hf_model_name` (a hub name above, or a
+    folder with a config.json, relative to the model config's folder as the trainer reads it)
+    replaced by a local copy of that config. Returns (name, image size)."""
+    path = Path(arch) if arch.endswith(".json") or "/" in arch else REPO / "configs/models" / f"{arch}.json"
+    cfg = json.loads(path.read_text())
+    text = cfg["text_cfg"]
+    name = text["hf_model_name"]
+    hf = dict(HUB[name]) if name in HUB else json.loads((path.parent / name / "config.json").read_text())
+    hf.pop("model_type", None)
     if vocab_size:
         hf["vocab_size"] = vocab_size
     hf_dir = tmp / "hf-config"
     XLMRobertaConfig(**hf).save_pretrained(hf_dir)
-    cfg = {
-        "embed_dim": spec["embed_dim"],
-        "vision_cfg": spec["vision_cfg"],
-        "text_cfg": {"hf_model_name": str(hf_dir), "hf_tokenizer_name": str(hf_dir),
-                     "hf_pooler_type": "mean_pooler"},
-    }
-    (tmp / f"{arch}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp)
-    return spec["vision_cfg"]["image_size"]
+    text["hf_model_name"] = text["hf_tokenizer_name"] = str(hf_dir)
+    (tmp / path.name).write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp / path.name)
+    return path.stem, cfg["vision_cfg"]["image_size"]
 
 
 def make_tokens(gen, batch, vocab):
@@ -87,7 +83,7 @@ def make_tokens(gen, batch, vocab):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    ap.add_argument("--arch", required=True, help="xlm-roberta-base-ViT-B-32 or a model-config path")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batch", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -101,16 +97,16 @@ def main():
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        image_size = register(Path(tmp), args.arch, args.vocab_size)
+        arch, image_size = register(Path(tmp), args.arch, args.vocab_size)
         if args.check_load:
-            model = open_clip.create_model(args.arch, pretrained=str(args.check_load)).eval()
+            model = open_clip.create_model(arch, pretrained=str(args.check_load)).eval()
             ref = load_file(str(args.inputs))
             img, txt, *_ = gmf.features(model, ref["images"], ref["tokens"])
             d_img = (img - ref["image_features"]).abs().max().item()
             d_txt = (txt - ref["text_features"]).abs().max().item()
-            print(f"check-load {args.arch}: max |diff| image {d_img:.3g} text {d_txt:.3g}")
+            print(f"check-load {arch}: max |diff| image {d_img:.3g} text {d_txt:.3g}")
             sys.exit(0 if max(d_img, d_txt) <= args.tol else 1)
-        model = open_clip.create_model(args.arch, pretrained_text=False).eval()
+        model = open_clip.create_model(arch, pretrained_text=False).eval()
     assert type(model.text).__name__ == "HFTextEncoder"
     gen = torch.Generator().manual_seed(args.seed)
     gmf.randomize(model, gen)  # biases and LayerNorm weights off their init values
@@ -140,8 +136,8 @@ def main():
         "logits_per_image": logits,
         "num_params": torch.tensor(num_params, dtype=torch.long),
     }, str(args.out / "expected.safetensors"),
-        metadata={"arch": args.arch, "image_size": str(image_size), "vocab_size": str(vocab)})
-    print(f"{args.arch}: {num_params} params -> {args.out}")
+        metadata={"arch": arch, "image_size": str(image_size), "vocab_size": str(vocab)})
+    print(f"{arch}: {num_params} params -> {args.out}")
 
 
 if __name__ == "__main__":

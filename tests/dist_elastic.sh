@@ -20,12 +20,12 @@ trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 # 18 shards x 16 samples = 288, one epoch; batches of 8.
 "$TRAINER" make-demo-data --out data --shards 18 --per-shard 16 2>/dev/null
-cat > elastic.toml <<'EOF'
+cat > elastic.toml <<EOF
 output_dir = "runs"
 seed = 1
 
 [model]
-arch = "convnext_test"
+arch = "$REPO/tests/models/convnext_test.json"
 image_size = 32
 
 [data]

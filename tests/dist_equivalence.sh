@@ -28,13 +28,13 @@ cleanup() {
 trap cleanup EXIT
 cd "$WORK"
 demo_data "$WORK"
-cat > eq.toml <<'EOF'
+cat > eq.toml <<EOF
 name = "one_process"
 output_dir = "runs"
 seed = 1
 
 [model]
-arch = "convnext_test"
+arch = "$REPO/tests/models/convnext_test.json"
 image_size = 32
 drop_path = 0.0
 

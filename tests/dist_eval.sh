@@ -22,7 +22,7 @@ name = "train"
 output_dir = "runs"
 seed = 1
 [model]
-arch = "convnext_test"
+arch = "$REPO/tests/models/convnext_test.json"
 image_size = 32
 [data]
 train = "demo-data/train/{00000..00001}.tar"

@@ -6,12 +6,14 @@
 use ferroclip::model::{Clip, ClipConfig, ContrastiveModel};
 use tch::{nn, Device, Kind, Tensor};
 
-/// Every parameter gradient, by name, after one backward of a contrastive loss of `arch` at 32 px;
+/// Every parameter gradient, by name, after one backward of a contrastive loss of the test
+/// architecture `arch` (`tests/models/{arch}.json`) at 32 px;
 /// `mask_seed` seeds the stochastic-depth masks.
 fn grads(arch: &str, checkpointing: bool, drop_path: f64, mask_seed: i64) -> Vec<(String, Tensor)> {
     tch::manual_seed(7);
     let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = ClipConfig::from_arch(arch)
+    let path = format!("{}/../tests/models/{arch}.json", env!("CARGO_MANIFEST_DIR"));
+    let cfg = ClipConfig::resolve(&path)
         .unwrap()
         .with_image_size(32)
         .with_drop_path(drop_path)
@@ -78,7 +80,8 @@ fn allocated_mb() -> f64 {
 fn forward_keeps_mb(checkpointing: bool) -> f64 {
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = ClipConfig::from_arch("convnext_base_w").unwrap().with_image_size(64).with_grad_checkpointing(checkpointing);
+    let cfg =
+        ClipConfig::resolve("convnext_base_w").unwrap().with_image_size(64).with_grad_checkpointing(checkpointing);
     let model = Clip::new(&vs.root(), &cfg);
     let images = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));
     let tokens = Tensor::randint_low(1, 400, [4, cfg.context_length()], (Kind::Int64, Device::Cpu));

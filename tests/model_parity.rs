@@ -78,8 +78,15 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
+/// A test architecture, as `model.arch` and the fixture generators take it: the path of
+/// `tests/models/{name}.json`.
+fn test_arch(name: &str) -> String {
+    repo().join("tests/models").join(format!("{name}.json")).display().to_string()
+}
+
+/// `arch` (a built-in name or a model-config path) at `image_size`, with the text vocabulary `vocab`.
 fn config(arch: &str, image_size: i64, vocab: i64) -> ClipConfig {
-    let mut cfg = ClipConfig::from_arch(arch)
+    let mut cfg = ClipConfig::resolve(arch)
         .unwrap()
         .with_image_size(image_size);
     cfg.text.set_vocab_size(vocab);
@@ -152,7 +159,7 @@ fn fixture(arch: &str) -> PathBuf {
 fn convnext_test_matches_open_clip() {
     check_fixture(
         &fixture("convnext_test"),
-        &config("convnext_test", 64, FIXTURE_VOCAB),
+        &config(&test_arch("convnext_test"), 64, FIXTURE_VOCAB),
     );
 }
 
@@ -160,18 +167,18 @@ fn convnext_test_matches_open_clip() {
 fn convnext_mlp_head_matches_open_clip() {
     check_fixture(
         &fixture("convnext_test_mlp"),
-        &config("convnext_test_mlp", 64, FIXTURE_VOCAB),
+        &config(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB),
     );
 }
 
 #[test]
 fn vit_test_matches_open_clip() {
-    check_fixture(&fixture("vit_test"), &config("vit_test", 32, FIXTURE_VOCAB));
+    check_fixture(&fixture("vit_test"), &config(&test_arch("vit_test"), 32, FIXTURE_VOCAB));
 }
 
 #[test]
 fn load_reports_missing_unexpected_and_misshaped_keys() {
-    let cfg = config("convnext_test_mlp", 64, FIXTURE_VOCAB);
+    let cfg = config(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB);
     let (mut vs, _model) = build(&cfg);
     let err = load_safetensors(
         &mut vs,
@@ -182,7 +189,7 @@ fn load_reports_missing_unexpected_and_misshaped_keys() {
     let msg = err.to_string();
     assert!(msg.contains("visual.head.mlp.fc1.weight"), "{msg}");
     assert!(msg.contains("visual.head.proj.weight"), "{msg}");
-    let cfg = config("convnext_test", 64, 1000);
+    let cfg = config(&test_arch("convnext_test"), 64, 1000);
     let (mut vs, _model) = build(&cfg);
     let msg = load_safetensors(
         &mut vs,
@@ -197,14 +204,31 @@ fn load_reports_missing_unexpected_and_misshaped_keys() {
     );
 }
 
+/// One model-config file, both sides: OpenCLIP registers the file itself
+/// (`open_clip.add_model_config`) and builds it with no override; ferroclip resolves the same path.
+/// Same parameter names and counts, same features. A ConvNeXt (timm trunk name, mlp head) and a
+/// ViT (`head_width`, `patch_size`).
+#[test]
+fn model_config_file_builds_the_same_model_in_open_clip() {
+    for name in ["convnext_test_mlp", "vit_test"] {
+        let arch = test_arch(name);
+        let dir = temp_dir(&format!("json-{name}"));
+        script(&["--arch", &arch, "--out", dir.to_str().unwrap()]);
+        let cfg = ClipConfig::resolve(&arch).unwrap();
+        assert_eq!(cfg.arch, name);
+        check_fixture(&dir, &cfg);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 /// A freshly initialised Rust model, saved, loads in OpenCLIP and gives the same features.
 fn round_trip(arch: &str, image_size: i64, vocab: i64) {
     round_trip_with("gen-model-fixtures.py", arch, image_size, vocab)
 }
 
 fn round_trip_with(script_name: &str, arch: &str, image_size: i64, vocab: i64) {
-    let dir = temp_dir(&format!("roundtrip-{arch}"));
     let cfg = config(arch, image_size, vocab);
+    let dir = temp_dir(&format!("roundtrip-{}", cfg.arch));
     tch::manual_seed(7);
     let (vs, model) = build(&cfg);
     let images = Tensor::randn([2, 3, image_size, image_size], (Kind::Float, Device::Cpu));
@@ -224,7 +248,7 @@ fn round_trip_with(script_name: &str, arch: &str, image_size: i64, vocab: i64) {
         )
     });
     let weights = dir.join("rust.safetensors");
-    let meta = BTreeMap::from([("arch".to_string(), arch.to_string())]);
+    let meta = BTreeMap::from([("arch".to_string(), cfg.arch.clone())]);
     save_safetensors(&vs, &weights, &meta).unwrap();
     let inputs = dir.join("inputs.safetensors");
     Tensor::write_safetensors(
@@ -254,12 +278,12 @@ fn round_trip_with(script_name: &str, arch: &str, image_size: i64, vocab: i64) {
 
 #[test]
 fn convnext_saved_by_rust_loads_in_open_clip() {
-    round_trip("convnext_test_mlp", 64, FIXTURE_VOCAB);
+    round_trip(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB);
 }
 
 #[test]
 fn vit_saved_by_rust_loads_in_open_clip() {
-    round_trip("vit_test", 32, FIXTURE_VOCAB);
+    round_trip(&test_arch("vit_test"), 32, FIXTURE_VOCAB);
 }
 
 /// A ViT checkpoint trained at 32 px loads into a 48 px model with the positional grid resized
@@ -268,7 +292,7 @@ fn vit_saved_by_rust_loads_in_open_clip() {
 fn vit_pos_embed_resized_like_open_clip() {
     let dir = temp_dir("resize");
     // fp32 copy of the fixture (the fixture stores fp16).
-    let cfg32 = config("vit_test", 32, FIXTURE_VOCAB);
+    let cfg32 = config(&test_arch("vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs32, _m) = build(&cfg32);
     load_safetensors(
         &mut vs32,
@@ -279,7 +303,7 @@ fn vit_pos_embed_resized_like_open_clip() {
     let weights = dir.join("vit32.safetensors");
     save_safetensors(&vs32, &weights, &BTreeMap::new()).unwrap();
 
-    let cfg48 = config("vit_test", 48, FIXTURE_VOCAB);
+    let cfg48 = config(&test_arch("vit_test"), 48, FIXTURE_VOCAB);
     let (mut vs48, model) = build(&cfg48);
     let report = load_safetensors(&mut vs48, &weights, &cfg48).unwrap();
     assert_eq!(
@@ -307,7 +331,7 @@ fn vit_pos_embed_resized_like_open_clip() {
     .unwrap();
     script(&[
         "--arch",
-        "vit_test",
+        &test_arch("vit_test"),
         "--image-size",
         "48",
         "--vocab-size",
@@ -362,20 +386,20 @@ fn vit_b_32_matches_open_clip() {
 fn xlmr_vit_test_matches_open_clip() {
     check_fixture(
         &fixture("xlmr_vit_test"),
-        &config("xlmr_vit_test", 32, FIXTURE_VOCAB),
+        &config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB),
     );
 }
 
 #[test]
 fn xlmr_saved_by_rust_loads_in_open_clip() {
-    round_trip_with("gen-xlmr-fixtures.py", "xlmr_vit_test", 32, FIXTURE_VOCAB);
+    round_trip_with("gen-xlmr-fixtures.py", &test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
 }
 
 /// A Hugging Face `XLMRobertaForMaskedLM`-style checkpoint (`roberta.` keys, an `lm_head`)
 /// initializes exactly the `text.transformer.` variables, and nothing else.
 #[test]
 fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
-    let cfg = config("xlmr_vit_test", 32, FIXTURE_VOCAB);
+    let cfg = config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
     let (mut reference, _m) = build(&cfg);
     load_safetensors(
         &mut reference,
@@ -408,11 +432,11 @@ fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
     assert!(in_tower > 0 && in_tower < before.len());
 
     // A vocabulary mismatch is named; a model without an HF text tower is refused.
-    let (mut vs, _m) = build(&config("xlmr_vit_test", 32, 1000));
+    let (mut vs, _m) = build(&config(&test_arch("xlmr_vit_test"), 32, 1000));
     let msg = load_hf_text_encoder(
         &mut vs,
         &fixture("xlmr_vit_test").join("hf_text.safetensors"),
-        &config("xlmr_vit_test", 32, 1000),
+        &config(&test_arch("xlmr_vit_test"), 32, 1000),
     )
     .unwrap_err()
     .to_string();
@@ -420,7 +444,7 @@ fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
         msg.contains("text.transformer.embeddings.word_embeddings.weight: [512, 32] vs [1000, 32]"),
         "{msg}"
     );
-    let vit = config("vit_test", 32, FIXTURE_VOCAB);
+    let vit = config(&test_arch("vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs, _m) = build(&vit);
     let err = load_hf_text_encoder(
         &mut vs,
@@ -444,7 +468,7 @@ fn xlmr_checkpoint_with_stale_position_ids_loads() {
     let path = dir.join("old.safetensors");
     let named: Vec<(&str, &Tensor)> = file.iter().map(|(k, v)| (k.as_str(), v)).collect();
     Tensor::write_safetensors(&named, &path).unwrap();
-    let cfg = config("xlmr_vit_test", 32, FIXTURE_VOCAB);
+    let cfg = config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs, _m) = build(&cfg);
     let report = load_safetensors(&mut vs, &path, &cfg).unwrap();
     assert_eq!(
@@ -463,7 +487,7 @@ fn xlm_roberta_base_vit_b_32_matches_open_clip() {
         "gen-xlmr-fixtures.py",
         &["--arch", arch, "--out", dir.to_str().unwrap()],
     );
-    let cfg = ClipConfig::from_arch(arch).unwrap();
+    let cfg = ClipConfig::resolve(arch).unwrap();
     check_fixture(&dir, &cfg);
     let (vs, _m) = build(&cfg);
     let millions = num_params(&vs) as f64 / 1e6;

@@ -39,7 +39,7 @@ output_dir = "{out}"
 seed = 3
 
 [model]
-arch = "convnext_test"
+arch = "{arch}"
 image_size = 32
 
 [data]
@@ -69,6 +69,7 @@ every_steps = 1
 "#,
             out = d.join("runs").display(),
             data = d.join("data").display(),
+            arch = test_arch("convnext_test").display(),
         );
         let path = d.join(format!("{name}.toml"));
         std::fs::write(&path, text).unwrap();
@@ -78,6 +79,11 @@ every_steps = 1
     fn run_dir(&self, name: &str) -> PathBuf {
         self.path().join("runs").join(name)
     }
+}
+
+/// A test architecture (`tests/models/NAME.json`), as `model.arch` takes it.
+fn test_arch(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/models").join(format!("{name}.json"))
 }
 
 fn run(args: &[&str]) -> Output {
@@ -595,7 +601,8 @@ fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
     let cfg = f.config("xlmr", "");
     let args = |extra: &[String]| -> Output {
         let mut a: Vec<String> = vec!["--config".into(), cfg.display().to_string()];
-        for s in ["model.arch=xlmr_vit_test".to_string(), format!("model.tokenizer={}", tokenizer.display()), "train.max_steps=3".into()]
+        let arch = format!("model.arch={}", test_arch("xlmr_vit_test").display());
+        for s in [arch, format!("model.tokenizer={}", tokenizer.display()), "train.max_steps=3".into()]
             .iter()
             .chain(extra)
         {
@@ -616,6 +623,40 @@ fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("model.text_init") && err.contains("word_embeddings"), "{err}");
+}
+
+/// A model-config file written by a user, in OpenCLIP's format, trains without a code change; one
+/// with a key ferroclip does not build is refused before training, naming the file, key and value.
+#[test]
+fn a_new_open_clip_model_config_trains() {
+    let f = Fixture::new();
+    let arch = f.path().join("my_tiny_vit.json");
+    let json = r#"{
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 48, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
+}"#;
+    std::fs::write(&arch, json).unwrap();
+    let cfg = f.config("mine", "");
+    let set = format!("model.arch={}", arch.display());
+    let out = run(&["--config", cfg.to_str().unwrap(), "--set", &set, "--set", "train.max_steps=3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let last = f.run_dir("mine").join("checkpoints").join("step_00000003.safetensors");
+    let (saved, _) = checkpoint::read(&last).unwrap();
+    let shape = |key: &str| saved.iter().find(|(n, _)| n == key).map(|(_, t)| t.size());
+    // The file's shapes, not a preset's: 4 patches + the class token at width 48, projected to 24.
+    assert_eq!(shape("visual.positional_embedding"), Some(vec![5, 48]));
+    assert_eq!(shape("visual.proj"), Some(vec![48, 24]));
+    assert_eq!(shape("text_projection"), Some(vec![16, 24]));
+    assert!(metrics(&f.run_dir("mine")).iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+
+    std::fs::write(&arch, json.replace(r#""patch_size": 16"#, r#""patch_size": 16, "pool_type": "avg""#)).unwrap();
+    let out = run(&["--config", cfg.to_str().unwrap(), "--set", &set, "--set", "name=bad"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a config error: {err}");
+    let needle = format!("model.arch`: {}: key `vision_cfg.pool_type` = \"avg\"", arch.display());
+    assert!(err.contains(&needle), "{err}");
 }
 
 /// The README demo's recipe as `scripts/demo` runs it: `configs/demo.toml` on the data `trainer

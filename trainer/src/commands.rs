@@ -285,7 +285,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
     let vs = VarStore::new(device);
     let (model, mcfg) = model_cfg.init(&vs, b.grad_checkpointing).context("--arch")?;
     let named = crate::lock::trainable_parameters(&vs, &Default::default(), &mcfg);
-    let mut opt = OptimConfig::default().init(&named, &b.arch)?;
+    let mut opt = OptimConfig::default().init(&named, &mcfg.arch)?;
     let images = Tensor::randn([b.batch, 3, b.image_size, b.image_size], (Kind::Float, device));
     let ctx = mcfg.context_length();
     let tokens = Tensor::randint_low(1, mcfg.text.vocab_size(), [b.batch, ctx], (Kind::Int64, device));

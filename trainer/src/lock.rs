@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn trainable_parameters_leaves_out_and_freezes_the_locked_ones() {
-        let arch = ClipConfig::from_arch("convnext_test").unwrap();
+        let arch = ClipConfig::resolve(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/models/convnext_test.json")).unwrap();
         let vs = VarStore::new(tch::Device::Cpu);
         let _model = crate::model::Clip::new(&vs.root(), &arch);
         let spec = LockSpec { lock_image: true, ..Default::default() };

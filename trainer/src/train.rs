@@ -25,7 +25,6 @@ use crate::loss::ClipLoss;
 use crate::model::ContrastiveModel;
 use crate::cuda::SyncDebug;
 use crate::input::{self, DeviceInput};
-use crate::optim::adamw::AdamW;
 use crate::skips::SkippedSteps;
 use crate::train_state::{Counters, TrainState};
 use crate::world::World;
@@ -109,7 +108,7 @@ fn train(
 
     // Laid out in the order backward completes the gradients, so that gradient buckets fill in turn.
     let trainable = grad_buckets::gradient_ready_order(&vs, lock::trainable_parameters(&vs, &cfg.train.lock_spec(), &mcfg));
-    let mut opt = cfg.optim.init(&trainable, &cfg.model.arch)?;
+    let mut opt = cfg.optim.init(&trainable, &mcfg.arch)?;
     if is_main {
         eprintln!("ferroclip: {} ({} parameters)", opt.describe(), crate::model::num_params(&vs));
     }

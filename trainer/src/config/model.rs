@@ -13,7 +13,8 @@ use crate::model::{Clip, ClipConfig};
 ferroclip_data::config_section! {
     /// `[model]`
     pub struct ModelConfig {
-        /// OpenCLIP architecture name (`convnext_base_w`, `convnext_large_d_320`, `ViT-B-32`, …; see Models).
+        /// OpenCLIP architecture: a built-in name (`convnext_base_w`, `convnext_large_d_320`, `ViT-B-32`,
+        /// …; see Models) or the path of an OpenCLIP model-config `.json`.
         pub arch: String = "convnext_base_w",
         /// Input resolution; 0 keeps the architecture's own.
         pub image_size: usize = 0,
@@ -35,9 +36,7 @@ ferroclip_data::config_section! {
 impl ModelConfig {
     /// The architecture `arch` names, with `image_size` and `drop_path` applied.
     pub fn arch_config(&self) -> Result<ClipConfig> {
-        let mut m = ClipConfig::from_arch(&self.arch).with_context(|| {
-            format!("key `model.arch`: unknown architecture `{}` (known: {})", self.arch, ClipConfig::ARCHS.join(", "))
-        })?;
+        let mut m = ClipConfig::resolve(&self.arch).map_err(|e| anyhow::anyhow!("key `model.arch`: {e}"))?;
         if self.image_size > 0 {
             m = m.with_image_size(self.image_size as i64);
         }

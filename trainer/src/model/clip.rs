@@ -1,5 +1,5 @@
-//! The two-tower CLIP model (`open_clip/model.py`: `CLIP`) with presets named like OpenCLIP's
-//! model configs (`open_clip/model_configs/*.json`).
+//! The two-tower CLIP model (`open_clip/model.py`: `CLIP`); its configurations come from OpenCLIP
+//! model-config files (`super::arch`).
 //!
 //! State-dict layout: image tower under `visual.`, the CLIP text tower at the root (`CLIP`) or a
 //! Hugging Face text tower under `text.` (`CustomTextCLIP`), `logit_scale` 0-dim.
@@ -7,7 +7,7 @@
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use super::convnext::{ConvNext, ConvNextConfig, ConvNextProj};
+use super::convnext::{ConvNext, ConvNextConfig};
 use super::hf_text::{XlmRobertaText, XlmrConfig};
 use super::text::{TextConfig, TextTransformer};
 use super::vit::{VisionTransformer, VitConfig};
@@ -76,7 +76,7 @@ impl TextTower {
 /// A full CLIP model configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
-    /// OpenCLIP architecture name this was built from (e.g. `convnext_base_w`).
+    /// Architecture name: the built-in name or the model-config file's stem (e.g. `convnext_base_w`).
     pub arch: String,
     /// Shared embedding size (640 for convnext_base_w).
     pub embed_dim: i64,
@@ -89,111 +89,11 @@ pub struct ClipConfig {
     pub grad_checkpointing: bool,
 }
 
-fn text(width: i64, heads: i64, layers: i64) -> TextTower {
-    TextTower::Clip(TextConfig {
-        context_length: 77,
-        vocab_size: 49408,
-        width,
-        heads,
-        layers,
-    })
-}
-
-fn vit_b_32() -> VisionConfig {
-    VisionConfig::Vit(VitConfig {
-        image_size: 224,
-        patch_size: 32,
-        width: 768,
-        layers: 12,
-        heads: 12,
-    })
-}
-
-fn vit_tiny() -> VisionConfig {
-    VisionConfig::Vit(VitConfig {
-        image_size: 32,
-        patch_size: 8,
-        width: 64,
-        layers: 2,
-        heads: 2,
-    })
-}
-
-fn convnext(dims: [i64; 4], depths: [i64; 4], proj: ConvNextProj, image_size: i64) -> VisionConfig {
-    VisionConfig::ConvNext(ConvNextConfig {
-        dims,
-        depths,
-        drop_path_rate: 0.1,
-        proj,
-        image_size,
-    })
-}
-
 impl ClipConfig {
-    /// The names [`ClipConfig::from_arch`] knows.
-    pub const ARCHS: &'static [&'static str] = &[
-        "convnext_base_w",
-        "convnext_base_w_320",
-        "convnext_large_d",
-        "convnext_large_d_320",
-        "ViT-B-32",
-        "convnext_test",
-        "convnext_test_mlp",
-        "convnext_demo",
-        "vit_test",
-        "xlm-roberta-base-ViT-B-32",
-        "xlmr_vit_test",
-    ];
-
-    /// Preset by OpenCLIP model-config name. Small archs: `convnext_test` (tiny, for parity tests),
-    /// `convnext_test_mlp` (same with the mlp head), `convnext_demo` (trains on 2 CPU cores at 64 px),
-    /// `vit_test` (tiny ViT), `xlmr_vit_test` (tiny ViT + tiny XLM-RoBERTa: width 32, 2 layers,
-    /// 2 heads, ffn 64, 80 positions, vocab 250002, embed 16).
-    pub fn from_arch(name: &str) -> Option<ClipConfig> {
-        use ConvNextProj::{Linear, Mlp};
-        let base = [128, 256, 512, 1024];
-        let large = [192, 384, 768, 1536];
-        let deep = [3, 3, 27, 3];
-        let tiny = [16, 32, 64, 128];
-        let tiny_depths = [1, 1, 2, 1];
-        let (embed_dim, vision, text) = match name {
-            "convnext_base_w" => (640, convnext(base, deep, Linear, 256), text(640, 10, 12)),
-            "convnext_base_w_320" => (640, convnext(base, deep, Linear, 320), text(640, 10, 12)),
-            "convnext_large_d" => (768, convnext(large, deep, Mlp, 256), text(768, 12, 16)),
-            "convnext_large_d_320" => (768, convnext(large, deep, Mlp, 320), text(768, 12, 16)),
-            "ViT-B-32" => (512, vit_b_32(), text(512, 8, 12)),
-            "xlm-roberta-base-ViT-B-32" => {
-                (512, vit_b_32(), TextTower::XlmRoberta(XlmrConfig::base()))
-            }
-            "xlmr_vit_test" => (
-                16,
-                vit_tiny(),
-                TextTower::XlmRoberta(XlmrConfig {
-                    hidden_size: 32,
-                    layers: 2,
-                    heads: 2,
-                    intermediate_size: 64,
-                    max_position_embeddings: 80,
-                    ..XlmrConfig::base()
-                }),
-            ),
-            "convnext_test" => (32, convnext(tiny, tiny_depths, Linear, 64), text(32, 2, 2)),
-            "convnext_test_mlp" => (32, convnext(tiny, tiny_depths, Mlp, 64), text(32, 2, 2)),
-            "convnext_demo" => (
-                64,
-                convnext([24, 48, 96, 192], tiny_depths, Linear, 64),
-                text(64, 4, 2),
-            ),
-            "vit_test" => (32, vit_tiny(), text(32, 2, 2)),
-            _ => return None,
-        };
-        Some(ClipConfig {
-            arch: name.to_string(),
-            embed_dim,
-            vision,
-            text,
-            grad_checkpointing: false,
-        })
+    /// `model.arch`: a built-in architecture name or the path of an OpenCLIP model-config `.json`
+    /// (see [`super::arch`]); the error names the file, key and value, or lists the built-in names.
+    pub fn resolve(arch: &str) -> Result<ClipConfig, String> {
+        super::arch::resolve(arch)
     }
 
     /// Token sequence length of the text tower (77 for every preset).
@@ -331,24 +231,25 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
 
+    /// A test architecture from `tests/models/` (not built into the binary).
+    fn test_arch(name: &str) -> ClipConfig {
+        let path = format!("{}/../tests/models/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        ClipConfig::resolve(&path).unwrap()
+    }
+
     #[test]
-    fn every_listed_arch_has_a_preset() {
-        for arch in ClipConfig::ARCHS {
-            assert_eq!(ClipConfig::from_arch(arch).unwrap().arch, *arch);
-        }
-        assert!(ClipConfig::from_arch("convnext_nope").is_none());
-        let cfg = ClipConfig::from_arch("convnext_base_w")
-            .unwrap()
-            .with_image_size(320)
-            .with_drop_path(0.2);
+    fn overrides_change_only_their_field() {
+        let base = ClipConfig::resolve("convnext_base_w").unwrap();
+        let cfg = base.clone().with_image_size(320).with_drop_path(0.2);
         assert_eq!(cfg.image_size(), 320);
         assert!(matches!(cfg.vision, VisionConfig::ConvNext(ref c) if c.drop_path_rate == 0.2));
+        assert_eq!(cfg.with_image_size(256).with_drop_path(0.1), base);
     }
 
     #[test]
     fn init_matches_open_clip_and_timm() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Clip::new(&vs.root(), &ClipConfig::from_arch("convnext_test").unwrap());
+        let model = Clip::new(&vs.root(), &test_arch("convnext_test"));
         let vars = vs.variables();
         assert!((model.logit_scale().double_value(&[]) - (1.0f64 / 0.07).ln()).abs() < 1e-6);
         assert_eq!(
@@ -375,9 +276,7 @@ mod tests {
     #[test]
     fn stochastic_depth_only_in_train_mode() {
         tch::manual_seed(1);
-        let cfg = ClipConfig::from_arch("convnext_test")
-            .unwrap()
-            .with_drop_path(0.5);
+        let cfg = test_arch("convnext_test").with_drop_path(0.5);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Clip::new(&vs.root(), &cfg);
         // Make the residual branches matter (gamma starts at 1e-6).

@@ -38,6 +38,25 @@ pub enum ConvNextProj {
     Mlp,
 }
 
+/// The timm ConvNeXt variants we build, by timm model name: `(dims, depths)` as in
+/// `timm/models/convnext.py` (those with `conv_mlp = False` and LayerNorm eps 1e-6). The last two
+/// are small trunks of ours, for the demo and the tests; `scripts/gen-model-fixtures.py` registers
+/// them with timm under the same names, so their model configs load in OpenCLIP too.
+pub const TIMM_CONVNEXTS: &[(&str, [i64; 4], [i64; 4])] = &[
+    ("convnext_tiny", [96, 192, 384, 768], [3, 3, 9, 3]),
+    ("convnext_small", [96, 192, 384, 768], [3, 3, 27, 3]),
+    ("convnext_base", [128, 256, 512, 1024], [3, 3, 27, 3]),
+    ("convnext_large", [192, 384, 768, 1536], [3, 3, 27, 3]),
+    ("convnext_xlarge", [256, 512, 1024, 2048], [3, 3, 27, 3]),
+    ("ferroclip_convnext_demo", [24, 48, 96, 192], [1, 1, 2, 1]),
+    ("ferroclip_convnext_test", [16, 32, 64, 128], [1, 1, 2, 1]),
+];
+
+/// `(dims, depths)` of the timm ConvNeXt `name` (`vision_cfg.timm_model_name`), if we build it.
+pub fn timm_convnext(name: &str) -> Option<([i64; 4], [i64; 4])> {
+    TIMM_CONVNEXTS.iter().find(|(n, _, _)| *n == name).map(|(_, dims, depths)| (*dims, *depths))
+}
+
 /// timm's ConvNeXt init: trunc_normal(std .02) weights, zero biases. With std .02 the ±2
 /// absolute truncation of `trunc_normal_` is never hit, so a plain normal is identical.
 const W_INIT: Init = Init::Randn {

@@ -60,6 +60,17 @@ impl XlmrConfig {
         }
     }
 
+    /// `xlm-roberta-large` (its hub `config.json`).
+    pub fn large() -> Self {
+        Self {
+            hidden_size: 1024,
+            layers: 24,
+            heads: 16,
+            intermediate_size: 4096,
+            ..Self::base()
+        }
+    }
+
     /// Hidden width of OpenCLIP's `mlp` projection: `(d_model + embed_dim) // 2`.
     pub fn proj_hidden(&self, embed_dim: i64) -> i64 {
         (self.hidden_size + embed_dim) / 2

@@ -1,5 +1,6 @@
 //! CLIP models whose parameter paths equal OpenCLIP's state-dict keys.
 
+pub mod arch;
 pub mod clip;
 pub mod convnext;
 pub(crate) mod grad_checkpointing;
