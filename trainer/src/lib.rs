@@ -26,3 +26,7 @@ pub mod session;
 pub mod skips;
 pub mod step;
 pub mod train;
+
+// The C++ shim's static libraries are linked only into crates that name it; its functions are declared in
+// the modules that wrap them.
+use torch_shim as _;
