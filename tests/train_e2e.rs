@@ -164,19 +164,40 @@ fn wait_for(path: &Path, child: &mut std::process::Child, limit: Duration) -> bo
     false
 }
 
+/// The kill-and-resume tests' runs: 16 steps, a checkpoint every 2.
+const RESUME_STEPS: [&str; 4] = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
+
+/// Runs the uninterrupted reference `whole` of `f` to its end, then starts the same run as `cut` in a
+/// child (with `env`, output discarded) for the caller to kill; returns `cut`'s config and the child.
+fn reference_then_child(f: &Fixture, env: &[(&str, &str)]) -> (PathBuf, std::process::Child) {
+    let whole = f.config("whole", "");
+    let out = run(&[&["--config", whole.to_str().unwrap()][..], &RESUME_STEPS[..]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cut = f.config("cut", "");
+    let child = Command::new(TRAINER)
+        .args(["--config", cut.to_str().unwrap()])
+        .args(RESUME_STEPS)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (cut, child)
+}
+
+/// Resumes `cut` from its latest checkpoint to the end; returns its log.
+fn resume_to_end(cut: &Path) -> String {
+    let resume = ["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
+    let out = run(&[&resume[..], &RESUME_STEPS[..]].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
 #[test]
 fn killed_and_resumed_run_ends_bitwise_equal_to_uninterrupted_run() {
     let f = Fixture::new();
-    let steps = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
-
-    let whole = f.config("whole", "");
-    let out = run(&[&["--config", whole.to_str().unwrap()][..], &steps[..]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
-    let cut = f.config("cut", "");
-    let mut args = vec!["--config", cut.to_str().unwrap()];
-    args.extend_from_slice(&steps);
-    let mut child = Command::new(TRAINER).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let (cut, mut child) = reference_then_child(&f, &[]);
     let first = f.run_dir("cut").join("checkpoints").join("step_00000004.state.safetensors");
     assert!(wait_for(&first, &mut child, Duration::from_secs(120)), "no checkpoint at step 4");
     child.kill().unwrap(); // SIGKILL
@@ -184,11 +205,7 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_uninterrupted_run() {
     let final_model = f.run_dir("cut").join("checkpoints").join("step_00000016.safetensors");
     assert!(!final_model.exists(), "the run finished before it could be killed; the test proves nothing");
 
-    let mut args = vec!["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
-    args.extend_from_slice(&steps);
-    let out = run(&args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = resume_to_end(&cut);
     assert!(err.contains("resumed from"), "{err}");
 
     assert_same_end("whole", "cut", &f, 16);
@@ -220,22 +237,8 @@ fn logged_step(run_dir: &Path) -> u64 {
 #[test]
 fn killed_while_the_background_writer_runs_leaves_the_previous_checkpoint_and_resumes_bitwise() {
     let f = Fixture::new();
-    let steps = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
-    let whole = f.config("whole", "");
-    let out = run(&[&["--config", whole.to_str().unwrap()][..], &steps[..]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
     // The writer of step 4 stops between its two files (a test-only pause) until the kill.
-    let cut = f.config("cut", "");
-    let mut args = vec!["--config", cut.to_str().unwrap()];
-    args.extend_from_slice(&steps);
-    let mut child = Command::new(TRAINER)
-        .args(&args)
-        .env("FERROCLIP_TEST_CHECKPOINT_PAUSE", "4:600")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (cut, mut child) = reference_then_child(&f, &[("FERROCLIP_TEST_CHECKPOINT_PAUSE", "4:600")]);
     let dir = checkpoint::CheckpointDir::new(f.run_dir("cut").join("checkpoints"));
     assert!(wait_for(&dir.model_path(4), &mut child, Duration::from_secs(120)), "no model file at step 4");
     // Training goes on while step 4 is half written: the save does not stall the step.
@@ -254,11 +257,7 @@ fn killed_while_the_background_writer_runs_leaves_the_previous_checkpoint_and_re
     let (model, state) = checkpoint::resolve_resume("latest", &dir).unwrap().unwrap();
     assert!(!tensors(&model).is_empty() && !tensors(&state).is_empty());
 
-    let mut args = vec!["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
-    args.extend_from_slice(&steps);
-    let out = run(&args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = resume_to_end(&cut);
     assert!(err.contains("at step 2"), "{err}");
     assert_same_end("whole", "cut", &f, 16);
 }
