@@ -1,7 +1,8 @@
 //! End-to-end tests of the `trainer` binary on the project's own synthetic shards: the loss falls,
 //! config errors name their key, a run killed with SIGKILL (also while the background checkpoint
 //! writer is half done) resumes to bitwise the same parameters, SIGTERM checkpoints and stops (also
-//! during an evaluation), a fine-tune loads weights from a smaller image size, evaluation labels
+//! during an evaluation), a fine-tune loads weights from a smaller image size (a ViT's positional
+//! embedding resized as OpenCLIP's `resize_pos_embed`), evaluation labels
 //! class folders by name and checks its inputs first, and the GPU check's dry run passes on the CPU.
 
 use std::path::{Path, PathBuf};
@@ -313,6 +314,48 @@ fn fine_tune_initializes_a_larger_image_size_from_a_checkpoint() {
     assert_eq!(tensors(&init), tensors(&saved));
     // A fresh schedule: the fine-tune starts at step 0, not at the init's step.
     assert_eq!(metrics(&f.run_dir("ft"))[0]["step"].as_u64(), Some(1));
+}
+
+#[test]
+fn vit_fine_tune_at_another_image_size_resizes_the_positional_embedding_as_openclip() {
+    let f = Fixture::new();
+    let base = f.config("vit_base", "");
+    let out = run(&["--config", base.to_str().unwrap(), "--set", "model.arch=vit_test", "--set", "train.max_steps=2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let init = f.run_dir("vit_base").join("checkpoints").join("step_00000002.safetensors");
+
+    // 32 px -> 48 px with patches of 8: a 4 x 4 grid becomes 6 x 6. lr 0, so only the resize changes.
+    let ft = f.config("vit_ft", "");
+    let init_arg = format!("model.init={}", init.display());
+    let sets = ["model.arch=vit_test", "model.image_size=48", init_arg.as_str(), "optim.lr=0", "train.max_steps=2"];
+    let mut args = vec!["--config", ft.to_str().unwrap()];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let saved = f.run_dir("vit_ft").join("checkpoints").join("step_00000002.safetensors");
+
+    let want_file = f.path().join("openclip_pos_embed.safetensors");
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-pos-embed-fixture.py");
+    let st = Command::new(&py).arg(script).arg(&init).arg(&want_file).arg("6").status().expect("runs .venv/bin/python");
+    assert!(st.success(), "scripts/gen-pos-embed-fixture.py failed");
+    let (want, _) = checkpoint::read(&want_file).unwrap();
+    let (init, _) = checkpoint::read(&init).unwrap();
+    let (saved, _) = checkpoint::read(&saved).unwrap();
+    assert_eq!(init.len(), saved.len());
+    for ((n, a), (m, b)) in init.iter().zip(&saved) {
+        assert_eq!(n, m);
+        if n == "visual.positional_embedding" {
+            assert_eq!(b.size(), [37, 64]);
+            let d = (b.to_kind(tch::Kind::Float) - &want[0].1).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "positional embedding differs from OpenCLIP's resize_pos_embed by {d}");
+        } else {
+            assert!(a.equal(b), "`{n}` changed in a fine-tune at lr 0");
+        }
+    }
 }
 
 /// Extract a demo eval shard into the two folder layouts evaluation accepts:
