@@ -12,6 +12,10 @@ Writes into data/tests/fixtures/:
   highfreq.json        + in_highfreq.jpg, want_highfreq.png: a high-frequency JPEG through PIL
                        decode + timm's crop-and-resize (F.resized_crop, bicubic) for crops drawn by
                        timm's get_params (and a few fixed ones), outputs stacked top to bottom.
+  color_jitter.json    + in_color_jitter.png, want_color_jitter.png: torchvision's
+                       ColorJitter.forward on a PIL image (ImageEnhance.Brightness, Contrast, Color)
+                       with its draws fixed (order and factors; float32-exact factors, as PIL's
+                       blend takes a C float), outputs stacked top to bottom.
 """
 import io
 import json
@@ -22,7 +26,7 @@ import random
 import numpy as np
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import ColorJitter, InterpolationMode
 from torchvision.transforms import functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -117,7 +121,35 @@ def highfreq():
     (OUT / "highfreq.json").write_text(json.dumps({"size": size, "crops": spec}, indent=1))
 
 
+def color_jitter():
+    rng = np.random.default_rng(13)
+    src = Image.fromarray(textured(29, 23, rng))
+    src.save(OUT / "in_color_jitter.png")
+    # (fn_idx, (brightness, contrast, saturation)): every order, factors below and above 1, 0 (a
+    # degenerate image), and large ones that clip.
+    cases = [
+        ([0, 1, 2], (0.6, 1.4, 0.7)),
+        ([2, 1, 0], (1.3, 0.65, 1.35)),
+        ([1, 0, 2], (0.9, 1.2, 0.0)),
+        ([1, 2, 0], (1.0, 0.0, 1.6)),
+        ([2, 0, 1], (2.5, 0.3, 3.0)),
+        ([0, 2, 1], (0.15, 1.8, 0.95)),
+    ]
+    outs = []
+    spec = []
+    for order, factors in cases:
+        b, c, s = (float(np.float32(f)) for f in factors)
+        # ColorJitter.forward with get_params' draws replaced by the case's.
+        jitter = ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5)
+        jitter.get_params = lambda *_args, o=order, f=(b, c, s): (o, *f, None)
+        outs.append(jitter(src))
+        spec.append({"order": order, "factors": [b, c, s]})
+    stack(outs).save(OUT / "want_color_jitter.png")
+    (OUT / "color_jitter.json").write_text(json.dumps({"cases": spec}, indent=1))
+
+
 rrc_quantiles()
 resize_box()
 highfreq()
-print("wrote rrc_quantiles.json, resize_box.json, highfreq.json and their images")
+color_jitter()
+print("wrote rrc_quantiles.json, resize_box.json, highfreq.json, color_jitter.json and their images")

@@ -3,7 +3,8 @@
 #
 # Binaries: $TRAINER is the default build (no MPI linked: c10d's TCPStore, Gloo and NCCL), $TRAINER_MPI
 # the `mpi` feature build (what `cargo test --features trainer/mpi` builds). Both are dev-profile builds
-# sharing every dependency, so the second costs one more compile of the trainer crate only.
+# sharing every dependency (the C++ shim, trainer/csrc, included: a crate without features), so the
+# second costs one more compile of the trainer crate only.
 # Ports: every rendezvous port is picked at random from $FERROCLIP_TEST_PORTS (default 20000-29999) and
 # checked to be free, so concurrent test runs on one machine do not collide.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # W ranks train exactly what one process trains: the real `trainer` binary (default build, Gloo, no MPI
-# linked) at 2, 3 and 8 ranks (oversubscribed on a small machine) under srun and under mpirun, against
+# linked) at 2 and 8 ranks (oversubscribed on a small machine) under srun and at 3 under mpirun, against
 # one process fed the concatenated batches. `dist.test_slices` makes every rank read the one-process
 # stream at W x the batch and keep its own slice, so rank r of W sees rows r*B/W .. (r+1)*B/W of the
 # one-process batch B = 24. All runs use `dist.strict_device` (control data on the device path fails).
@@ -90,9 +90,13 @@ compare() { # compare NAME A B TOL
         FAILURES=$((FAILURES + 1))
     fi
 }
+# One launcher per world size: what differs between launchers (the rendezvous) is tested by
+# dist_slurm.sh, dist_mpirun.sh and dist_train.sh; the sum over ranks does not depend on it.
 for world in 2 3 8; do
     batch=$((24 / world))
-    for launcher in srun mpirun; do
+    launchers=srun
+    [[ $world == 3 ]] && launchers=mpirun
+    for launcher in $launchers; do
         for overlap in true false; do
             name=${launcher}_${world}_overlap_${overlap}
             port=$(free_port)

@@ -1,7 +1,8 @@
 //! Exactness of `contrastive_step`: accumulation with RNG replay, and W ranks (threads over an
-//! in-process collective) against one process on the concatenated batch, `logit_scale` included.
+//! in-process collective, dropout on) against plain autograd on the concatenated batch in one
+//! process, `logit_scale` included.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 
 use ferroclip::dist::single::Single;
 use ferroclip::dist::Collective;
@@ -9,7 +10,7 @@ use ferroclip::loss::ClipLoss;
 use ferroclip::model::ContrastiveModel;
 use ferroclip::optim::{AdamW, AdamWConfig};
 use ferroclip::dist::grad_buckets::GradSync;
-use ferroclip::step::{all_reduce_grads, contrastive_step};
+use ferroclip::step::contrastive_step;
 use tch::{Device, Kind, Tensor};
 
 const DIN_IMG: i64 = 6;
@@ -127,20 +128,48 @@ fn accumulation_k3_equals_one_step_on_3b() {
     assert_grads_close(&a.grads(), &b.grads(), &init, "k=3 vs 3B");
 }
 
+/// Serializes the rank threads' use of torch's process-global RNG: a rank holds the baton from the
+/// start of its step to its first collective, between collectives, and from its last one to the end,
+/// so that the seeded dropout draws of two ranks never interleave (as they cannot across processes).
+#[derive(Default)]
+struct Baton {
+    held: Mutex<bool>,
+    free: Condvar,
+}
+
+impl Baton {
+    fn acquire(&self) {
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.free.wait(held).unwrap();
+        }
+        *held = true;
+    }
+
+    fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.free.notify_one();
+    }
+}
+
 /// An in-process collective over threads: each op deposits, waits, reads in rank order, waits.
+/// Each rank thread holds the [`Baton`] outside its collectives.
 struct ThreadCollective {
     rank: usize,
     world: usize,
     slots: Arc<Mutex<Vec<Option<Tensor>>>>,
     barrier: Arc<Barrier>,
+    baton: Arc<Baton>,
 }
 
 impl ThreadCollective {
     fn exchange(&self, t: &Tensor) -> Vec<Tensor> {
+        self.baton.release();
         self.slots.lock().unwrap()[self.rank] = Some(t.detach().copy());
         self.barrier.wait();
         let all = self.slots.lock().unwrap().iter().map(|s| s.as_ref().unwrap().copy()).collect();
         self.barrier.wait();
+        self.baton.acquire();
         all
     }
 }
@@ -165,48 +194,81 @@ impl Collective for ThreadCollective {
         tch::no_grad(|| t.copy_(&all[root]));
     }
     fn barrier(&self) {
+        self.baton.release();
         self.barrier.wait();
+        self.baton.acquire();
     }
 }
 
-/// W = 2 ranks with per-rank batch B (as k = 2 micro-batches) against one process on 2B.
+/// The one-process reference for W ranks of k micro-batches each: plain autograd over the whole
+/// batch, each micro-batch's forward under the seed the step gives it (rank r's step seed + i), and
+/// OpenCLIP's loss written out (normalize, `exp(logit_scale)` · image @ textᵀ, mean of both cross
+/// entropies).
+fn one_process_reference(model: &Tiny, ranks: &[Vec<(Tensor, Tensor)>], seeds: &[i64]) -> f64 {
+    let (mut fi, mut ft) = (vec![], vec![]);
+    for (micro, &seed) in ranks.iter().zip(seeds) {
+        for (i, (img, txt)) in micro.iter().enumerate() {
+            tch::manual_seed(seed + i as i64);
+            fi.push(model.encode_image(img, true));
+            ft.push(model.encode_text(txt, true));
+        }
+    }
+    let unit = |f: &[Tensor]| {
+        let f = Tensor::cat(f, 0);
+        let norm = f.norm_scalaropt_dim(2, [1], true);
+        &f / norm
+    };
+    let (img, txt) = (unit(&fi), unit(&ft));
+    let logits = img.matmul(&txt.tr()) * model.logit_scale().exp();
+    let labels = Tensor::arange(logits.size()[0], (Kind::Int64, Device::Cpu));
+    let loss = (logits.cross_entropy_for_logits(&labels) + logits.tr().cross_entropy_for_logits(&labels)) / 2.0;
+    loss.backward();
+    loss.double_value(&[])
+}
+
+/// W = 2 ranks with per-rank batch B (as k = 2 micro-batches), dropout on, against one process on 2B.
 fn two_ranks_equal_one_process(local_loss: bool, flat_adamw: bool) {
     let _rng = rng_lock();
     let init = Tiny::init();
     let data = batch(8, 9);
-    let loss = ClipLoss { local_loss };
-    let reference = Tiny::new(&init, 0.0);
-    let want_loss = contrastive_step(&reference, &[(data.0.copy(), data.1.copy())], &Single, &loss, 3, None).loss;
+    let world = 2;
+    let ranks: Vec<Vec<(Tensor, Tensor)>> =
+        (0..world).map(|r| split(&(data.0.narrow(0, 4 * r, 4), data.1.narrow(0, 4 * r, 4)), 2)).collect();
+    let seeds = [3, 103];
+    let reference = Tiny::new(&init, 0.3);
+    let want_loss = one_process_reference(&reference, &ranks, &seeds);
     let want = reference.grads();
 
-    let world = 2;
     let slots = Arc::new(Mutex::new(vec![None, None]));
-    let barrier = Arc::new(Barrier::new(world));
-    let handles: Vec<_> = (0..world)
+    let barrier = Arc::new(Barrier::new(world as usize));
+    let baton = Arc::new(Baton::default());
+    let handles: Vec<_> = (0..world as usize)
         .map(|rank| {
-            let coll = ThreadCollective { rank, world, slots: slots.clone(), barrier: barrier.clone() };
+            let (slots, barrier, baton) = (slots.clone(), barrier.clone(), baton.clone());
+            let coll = ThreadCollective { rank, world: world as usize, slots, barrier, baton };
             let init: Vec<(String, Tensor)> = init.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-            let mine = (data.0.narrow(0, 4 * rank as i64, 4).copy(), data.1.narrow(0, 4 * rank as i64, 4).copy());
+            let mine: Vec<(Tensor, Tensor)> = ranks[rank].iter().map(|(i, t)| (i.copy(), t.copy())).collect();
+            let seed = seeds[rank];
             std::thread::spawn(move || {
-                let m = Tiny::new(&init, 0.0);
+                coll.baton.acquire();
+                let m = Tiny::new(&init, 0.3);
                 let opt = flat_adamw.then(|| AdamW::new(&m.params, AdamWConfig::default()).unwrap());
                 // A tiny bucket cap: several buckets, each summed on its own.
                 let mut sync = opt.as_ref().map(|opt| GradSync::new(opt, &coll, 1e-4, true).unwrap());
-                let out = contrastive_step(&m, &split(&mine, 2), &coll, &ClipLoss { local_loss }, 3, sync.as_ref());
+                let out = contrastive_step(&m, &mine, &coll, &ClipLoss { local_loss }, seed, sync.as_ref());
                 match sync.as_mut() {
                     Some(sync) => sync.finish(&coll),
-                    None => {
-                        let ps: Vec<Tensor> = m.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-                        all_reduce_grads(&ps, &coll);
-                    }
+                    // Parameter by parameter, as a plain all-reduce would.
+                    None => m.params.iter().for_each(|(_, p)| coll.all_reduce_sum(&mut p.grad())),
                 }
+                coll.baton.release();
                 (out.loss.double_value(&[]), out.global_batch, m.grads())
             })
         })
         .collect();
     for h in handles {
         let (l, n, grads) = h.join().unwrap();
-        assert!((l - want_loss.double_value(&[])).abs() < 1e-5, "loss {l} vs {want_loss}");
+        assert!((l - want_loss).abs() < 1e-5, "loss {l} vs {want_loss}");
         assert_eq!(n, 8);
         assert_grads_close(&grads, &want, &init, &format!("W=2 local_loss={local_loss}"));
     }

@@ -1,7 +1,8 @@
 //! End-to-end tests of the `trainer` binary on the project's own synthetic shards: the loss falls,
 //! config errors name their key, a run killed with SIGKILL (also while the background checkpoint
 //! writer is half done) resumes to bitwise the same parameters, SIGTERM checkpoints and stops (also
-//! during an evaluation), a fine-tune loads weights from a smaller image size, evaluation labels
+//! during an evaluation), a fine-tune loads weights from a smaller image size (a ViT's positional
+//! embedding resized as OpenCLIP's `resize_pos_embed`), evaluation labels
 //! class folders by name and checks its inputs first, and the GPU check's dry run passes on the CPU.
 
 use std::path::{Path, PathBuf};
@@ -170,19 +171,40 @@ fn wait_for(path: &Path, child: &mut std::process::Child, limit: Duration) -> bo
     false
 }
 
+/// The kill-and-resume tests' runs: 16 steps, a checkpoint every 2.
+const RESUME_STEPS: [&str; 4] = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
+
+/// Runs the uninterrupted reference `whole` of `f` to its end, then starts the same run as `cut` in a
+/// child (with `env`, output discarded) for the caller to kill; returns `cut`'s config and the child.
+fn reference_then_child(f: &Fixture, env: &[(&str, &str)]) -> (PathBuf, std::process::Child) {
+    let whole = f.config("whole", "");
+    let out = run(&[&["--config", whole.to_str().unwrap()][..], &RESUME_STEPS[..]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cut = f.config("cut", "");
+    let child = Command::new(TRAINER)
+        .args(["--config", cut.to_str().unwrap()])
+        .args(RESUME_STEPS)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (cut, child)
+}
+
+/// Resumes `cut` from its latest checkpoint to the end; returns its log.
+fn resume_to_end(cut: &Path) -> String {
+    let resume = ["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
+    let out = run(&[&resume[..], &RESUME_STEPS[..]].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
 #[test]
 fn killed_and_resumed_run_ends_bitwise_equal_to_uninterrupted_run() {
     let f = Fixture::new();
-    let steps = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
-
-    let whole = f.config("whole", "");
-    let out = run(&[&["--config", whole.to_str().unwrap()][..], &steps[..]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
-    let cut = f.config("cut", "");
-    let mut args = vec!["--config", cut.to_str().unwrap()];
-    args.extend_from_slice(&steps);
-    let mut child = Command::new(TRAINER).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let (cut, mut child) = reference_then_child(&f, &[]);
     let first = f.run_dir("cut").join("checkpoints").join("step_00000004.state.safetensors");
     assert!(wait_for(&first, &mut child, Duration::from_secs(120)), "no checkpoint at step 4");
     child.kill().unwrap(); // SIGKILL
@@ -190,11 +212,7 @@ fn killed_and_resumed_run_ends_bitwise_equal_to_uninterrupted_run() {
     let final_model = f.run_dir("cut").join("checkpoints").join("step_00000016.safetensors");
     assert!(!final_model.exists(), "the run finished before it could be killed; the test proves nothing");
 
-    let mut args = vec!["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
-    args.extend_from_slice(&steps);
-    let out = run(&args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = resume_to_end(&cut);
     assert!(err.contains("resumed from"), "{err}");
 
     assert_same_end("whole", "cut", &f, 16);
@@ -226,22 +244,8 @@ fn logged_step(run_dir: &Path) -> u64 {
 #[test]
 fn killed_while_the_background_writer_runs_leaves_the_previous_checkpoint_and_resumes_bitwise() {
     let f = Fixture::new();
-    let steps = ["--set", "train.max_steps=16", "--set", "checkpoint.every_steps=2"];
-    let whole = f.config("whole", "");
-    let out = run(&[&["--config", whole.to_str().unwrap()][..], &steps[..]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
     // The writer of step 4 stops between its two files (a test-only pause) until the kill.
-    let cut = f.config("cut", "");
-    let mut args = vec!["--config", cut.to_str().unwrap()];
-    args.extend_from_slice(&steps);
-    let mut child = Command::new(TRAINER)
-        .args(&args)
-        .env("FERROCLIP_TEST_CHECKPOINT_PAUSE", "4:600")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (cut, mut child) = reference_then_child(&f, &[("FERROCLIP_TEST_CHECKPOINT_PAUSE", "4:600")]);
     let dir = checkpoint::CheckpointDir::new(f.run_dir("cut").join("checkpoints"));
     assert!(wait_for(&dir.model_path(4), &mut child, Duration::from_secs(120)), "no model file at step 4");
     // Training goes on while step 4 is half written: the save does not stall the step.
@@ -260,11 +264,7 @@ fn killed_while_the_background_writer_runs_leaves_the_previous_checkpoint_and_re
     let (model, state) = checkpoint::resolve_resume("latest", &dir).unwrap().unwrap();
     assert!(!tensors(&model).is_empty() && !tensors(&state).is_empty());
 
-    let mut args = vec!["--config", cut.to_str().unwrap(), "--set", "checkpoint.resume=latest"];
-    args.extend_from_slice(&steps);
-    let out = run(&args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = resume_to_end(&cut);
     assert!(err.contains("at step 2"), "{err}");
     assert_same_end("whole", "cut", &f, 16);
 }
@@ -328,6 +328,48 @@ fn fine_tune_initializes_a_larger_image_size_from_a_checkpoint() {
     assert_eq!(tensors(&init), tensors(&saved));
     // A fresh schedule: the fine-tune starts at step 0, not at the init's step.
     assert_eq!(metrics(&f.run_dir("ft"))[0]["step"].as_u64(), Some(1));
+}
+
+#[test]
+fn vit_fine_tune_at_another_image_size_resizes_the_positional_embedding_as_openclip() {
+    let f = Fixture::new();
+    let base = f.config("vit_base", "");
+    let out = run(&["--config", base.to_str().unwrap(), "--set", "model.arch=vit_test", "--set", "train.max_steps=2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let init = f.run_dir("vit_base").join("checkpoints").join("step_00000002.safetensors");
+
+    // 32 px -> 48 px with patches of 8: a 4 x 4 grid becomes 6 x 6. lr 0, so only the resize changes.
+    let ft = f.config("vit_ft", "");
+    let init_arg = format!("model.init={}", init.display());
+    let sets = ["model.arch=vit_test", "model.image_size=48", init_arg.as_str(), "optim.lr=0", "train.max_steps=2"];
+    let mut args = vec!["--config", ft.to_str().unwrap()];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let saved = f.run_dir("vit_ft").join("checkpoints").join("step_00000002.safetensors");
+
+    let want_file = f.path().join("openclip_pos_embed.safetensors");
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-pos-embed-fixture.py");
+    let st = Command::new(&py).arg(script).arg(&init).arg(&want_file).arg("6").status().expect("runs .venv/bin/python");
+    assert!(st.success(), "scripts/gen-pos-embed-fixture.py failed");
+    let (want, _) = checkpoint::read(&want_file).unwrap();
+    let (init, _) = checkpoint::read(&init).unwrap();
+    let (saved, _) = checkpoint::read(&saved).unwrap();
+    assert_eq!(init.len(), saved.len());
+    for ((n, a), (m, b)) in init.iter().zip(&saved) {
+        assert_eq!(n, m);
+        if n == "visual.positional_embedding" {
+            assert_eq!(b.size(), [37, 64]);
+            let d = (b.to_kind(tch::Kind::Float) - &want[0].1).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "positional embedding differs from OpenCLIP's resize_pos_embed by {d}");
+        } else {
+            assert!(a.equal(b), "`{n}` changed in a fine-tune at lr 0");
+        }
+    }
 }
 
 /// Extract a demo eval shard into the two folder layouts evaluation accepts:

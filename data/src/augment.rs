@@ -218,8 +218,15 @@ fn color_jitter(rgb: &mut [u8], strength: f64, rng: &mut SampleRng) {
         order.swap(i, j);
     }
     let lo = (1.0 - strength).max(0.0);
-    let factors: Vec<f32> = (0..3).map(|_| uniform(rng, lo, 1.0 + strength) as f32).collect();
-    for &op in &order {
+    let factors = [(); 3].map(|_| uniform(rng, lo, 1.0 + strength) as f32);
+    apply_color_jitter(rgb, order, factors);
+}
+
+/// torchvision `ColorJitter.forward` on a PIL image with its draws given: `order` is `fn_idx` (0
+/// brightness, 1 contrast, 2 saturation), `factors` the three factors in that (0, 1, 2) numbering;
+/// each enhancement is PIL's `ImageEnhance` (`Image.blend` against a degenerate image).
+pub fn apply_color_jitter(rgb: &mut [u8], order: [usize; 3], factors: [f32; 3]) {
+    for op in order {
         let f = factors[op];
         match op {
             0 => rgb.iter_mut().for_each(|v| *v = blend(*v, 0, f)),

@@ -3,13 +3,16 @@
 //! test on 20,000 draws against 200,000 of timm's), the bicubic resize against PIL for fractional
 //! boxes and downscales of 2× and more, and a high-frequency JPEG through decode + crop + resize
 //! against PIL + timm — at full scale, and through the reduced-DCT path, whose difference from
-//! the full-scale path is measured here and bounded.
+//! the full-scale path is measured here and bounded; and colour jitter against torchvision's
+//! `ColorJitter` on PIL images with its draws fixed.
 
 use std::path::PathBuf;
 
 use serde_json::Value;
 
-use ferroclip_data::augment::{random_resized_crop_params, AugmentConfig, CropRect, TrainTransform};
+use ferroclip_data::augment::{
+    apply_color_jitter, random_resized_crop_params, AugmentConfig, CropRect, TrainTransform,
+};
 use ferroclip_data::decode::{decode_rgb, RgbImage};
 use ferroclip_data::resize::{resize_bicubic_into, ResizeBox};
 use ferroclip_data::rng::SampleRng;
@@ -122,6 +125,28 @@ fn bicubic_resize_of_fractional_boxes_and_large_downscales_matches_pil() {
         let max = out.iter().zip(&expect).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         assert!(max <= 1, "box {b:?} -> {w}x{h}: max diff {max}");
         y0 += h;
+    }
+}
+
+#[test]
+fn color_jitter_matches_torchvision_on_pil() {
+    let src = png("in_color_jitter.png");
+    let want = png("want_color_jitter.png");
+    let (w, h) = (src.width as usize, src.height as usize);
+    for (k, case) in json("color_jitter.json")["cases"].as_array().unwrap().iter().enumerate() {
+        let order = floats(&case["order"]);
+        let order = [0, 1, 2].map(|i| order[i] as usize);
+        let factors = floats(&case["factors"]);
+        let factors = [0, 1, 2].map(|i| factors[i] as f32);
+        let mut out = src.pixels.clone();
+        apply_color_jitter(&mut out, order, factors);
+        let expect = rows(&want, k * h, w, h);
+        // PIL blends in C floats as we do: identical with Pillow 13.0; a one-level rounding difference
+        // in a few values is allowed for a PIL built with contracted multiply-adds.
+        let max = out.iter().zip(&expect).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let off = out.iter().zip(&expect).filter(|(a, b)| a != b).count();
+        let case = format!("order {order:?}, factors {factors:?}");
+        assert!(max <= 1 && off * 100 <= out.len(), "{case}: max diff {max}, {off} values differ");
     }
 }
 

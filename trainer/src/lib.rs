@@ -29,3 +29,7 @@ pub mod step;
 pub mod train;
 pub mod train_state;
 pub mod world;
+
+// The C++ shim's static libraries are linked only into crates that name it; its functions are declared in
+// the modules that wrap them.
+use torch_shim as _;

@@ -148,40 +148,6 @@ pub fn contrastive_step(
     StepOutput { loss: global_loss, global_batch: world * local_rows as usize }
 }
 
-/// Largest bucket of [`all_reduce_grads`], in fp32 values (64 MiB).
-pub const BUCKET_VALUES: i64 = 16 << 20;
-
-/// Sums the gradients of `params` over ranks, in buckets of up to [`BUCKET_VALUES`] values: flatten,
-/// one all-reduce per bucket, copy back. (With `AdamW`'s flat buffers use `AdamW::all_reduce_grads`,
-/// which needs no copies.) Every parameter must have a defined gradient.
-pub fn all_reduce_grads(params: &[Tensor], collective: &dyn Collective) {
-    if collective.world_size() <= 1 {
-        return;
-    }
-    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
-    assert!(grads.iter().all(|g| g.defined()), "all_reduce_grads: a parameter has no gradient");
-    let mut i = 0;
-    while i < grads.len() {
-        let mut j = i;
-        let mut values = 0i64;
-        while j < grads.len() && (j == i || values + grads[j].numel() as i64 <= BUCKET_VALUES) {
-            values += grads[j].numel() as i64;
-            j += 1;
-        }
-        let flat: Vec<Tensor> = grads[i..j].iter().map(|g| g.reshape([-1])).collect();
-        let mut bucket = Tensor::cat(&flat, 0);
-        collective.all_reduce_sum(&mut bucket);
-        let mut offset = 0i64;
-        for g in &grads[i..j] {
-            let n = g.numel() as i64;
-            let mut g = g.shallow_clone();
-            tch::no_grad(|| g.copy_(&bucket.narrow(0, offset, n).view(g.size().as_slice())));
-            offset += n;
-        }
-        i = j;
-    }
-}
-
 /// OpenCLIP clamps the log temperature to `[0, ln(100)]` after every optimizer step.
 pub fn clamp_logit_scale(model: &dyn ContrastiveModel, max: f64) {
     let mut s = model.logit_scale();

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 
 /// The keys in the order the table shows them; other keys follow alphabetically.
 const KEY_ORDER: [&str; 9] = [
@@ -59,11 +58,6 @@ impl EvalResults {
         let object: serde_json::Map<String, serde_json::Value> =
             self.metrics.iter().map(|(k, &v)| (k.clone(), serde_json::Value::from(v))).collect();
         serde_json::to_string_pretty(&object).expect("a map of numbers serializes")
-    }
-
-    /// Write [`to_json`](Self::to_json) (with a final newline) to `path`.
-    pub fn write_json(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
-        std::fs::write(path, self.to_json() + "\n")
     }
 }
 

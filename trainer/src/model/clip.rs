@@ -157,7 +157,6 @@ pub struct Clip {
     visual: Visual,
     text: Text,
     logit_scale: Tensor,
-    cfg: ClipConfig,
 }
 
 impl Clip {
@@ -191,13 +190,7 @@ impl Clip {
             visual,
             text,
             logit_scale,
-            cfg: cfg.clone(),
         }
-    }
-
-    /// The configuration this model was built from.
-    pub fn config(&self) -> &ClipConfig {
-        &self.cfg
     }
 }
 

@@ -229,10 +229,6 @@ impl AdamW {
         self.cfg.lr = lr;
     }
 
-    pub fn lr(&self) -> f64 {
-        self.cfg.lr
-    }
-
     /// Number of steps taken (torch's `state['step']`). Reads a device value back: for checkpoints.
     pub fn step_count(&self) -> i64 {
         self.step.double_value(&[]) as i64

@@ -86,6 +86,39 @@ mod tests {
         assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
     }
 
+    /// OpenCLIP's `cosine_lr`, `const_lr` and `const_lr_cooldown` step by step, from
+    /// `scripts/gen-schedule-fixtures.py`.
+    #[test]
+    fn matches_openclips_schedules() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/optim/schedule.json");
+        let text = std::fs::read_to_string(path).expect("run scripts/gen-schedule-fixtures.py");
+        let fx: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for case in fx["cases"].as_array().unwrap() {
+            let u = |k: &str| case[k].as_u64().unwrap();
+            let f = |k: &str| case[k].as_f64().unwrap();
+            let (base_lr, warmup, total_steps) = (f("base_lr"), u("warmup"), u("steps"));
+            let s = match case["kind"].as_str().unwrap() {
+                "cosine" => Schedule::Cosine { base_lr, warmup, total_steps },
+                "const" => Schedule::Const { base_lr, warmup },
+                _ => Schedule::ConstCooldown {
+                    base_lr,
+                    warmup,
+                    total_steps,
+                    cooldown_steps: u("cooldown_steps"),
+                    cooldown_power: f("cooldown_power"),
+                    cooldown_end_lr: f("cooldown_end_lr"),
+                },
+            };
+            let want = case["lr"].as_array().unwrap();
+            for (step, lr) in case["at"].as_array().unwrap().iter().zip(want) {
+                let (step, lr) = (step.as_u64().unwrap(), lr.as_f64().unwrap());
+                let got = s.lr_at(step);
+                // To rounding: JSON's decimal floats and the platform's cos/pow.
+                assert!((got - lr).abs() <= 1e-12 * lr.abs(), "{s:?} step {step}: {got} vs OpenCLIP's {lr}");
+            }
+        }
+    }
+
     #[test]
     fn cosine_warms_up_linearly_then_decays_to_zero() {
         let s = Schedule::Cosine { base_lr: 5e-4, warmup: 10, total_steps: 110 };
