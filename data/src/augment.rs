@@ -179,11 +179,49 @@ pub fn hwc_to_chw(rgb: &[u8], out: &mut [u8]) {
     assert_eq!(out.len(), n * 3, "output is not 3 × the pixel count");
     let (r, rest) = out.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
-    for (((p, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
-        *r = p[0];
-        *g = p[1];
-        *b = p[2];
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("ssse3") {
+        // SAFETY: the CPU supports SSSE3 (checked just above).
+        done = unsafe { hwc_to_chw_ssse3(rgb, r, g, b) };
     }
+    for (i, p) in rgb.chunks_exact(3).enumerate().skip(done) {
+        r[i] = p[0];
+        g[i] = p[1];
+        b[i] = p[2];
+    }
+}
+
+/// [`hwc_to_chw`] 16 pixels at a time: each plane's 16 bytes gathered from the three 16-byte
+/// loads by three byte shuffles (a byte-at-a-time loop costs as much as a sixth of the resize).
+/// Returns how many pixels it converted.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn hwc_to_chw_ssse3(rgb: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    // mask[plane][load][i]: the byte of load `load` that is pixel i's channel `plane`, or -128 (zero).
+    let mut mask = [[[-128i8; 16]; 3]; 3];
+    for (plane, m) in mask.iter_mut().enumerate() {
+        for i in 0..16 {
+            let byte = 3 * i + plane;
+            m[byte / 16][i] = (byte % 16) as i8;
+        }
+    }
+    let m = mask.map(|p| p.map(|l| _mm_loadu_si128(l.as_ptr() as *const __m128i)));
+    let blocks = rgb.len() / 48;
+    for k in 0..blocks {
+        let src = rgb.as_ptr().add(k * 48);
+        let v = [0, 16, 32].map(|o| _mm_loadu_si128(src.add(o) as *const __m128i));
+        for (plane, dst) in [&mut *r, &mut *g, &mut *b].into_iter().enumerate() {
+            let x = _mm_or_si128(
+                _mm_or_si128(_mm_shuffle_epi8(v[0], m[plane][0]), _mm_shuffle_epi8(v[1], m[plane][1])),
+                _mm_shuffle_epi8(v[2], m[plane][2]),
+            );
+            // In bounds: 16(k + 1) <= blocks * 16 <= n, each plane's length.
+            _mm_storeu_si128(dst.as_mut_ptr().add(k * 16) as *mut __m128i, x);
+        }
+    }
+    blocks * 16
 }
 
 thread_local! {
@@ -426,6 +464,21 @@ impl ImageTransform for EvalTransform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hwc_to_chw_puts_every_channel_in_its_plane() {
+        // 16-pixel blocks and a tail that is not a whole block.
+        for n in [1usize, 15, 16, 17, 100, 256 * 3 + 5] {
+            let rgb: Vec<u8> = (0..n * 3).map(|i| (i * 7 + i / 5) as u8).collect();
+            let mut out = vec![0u8; n * 3];
+            hwc_to_chw(&rgb, &mut out);
+            for i in 0..n {
+                for c in 0..3 {
+                    assert_eq!(out[c * n + i], rgb[i * 3 + c], "{n} pixels: pixel {i} channel {c}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn dct_scale_keeps_the_crop_at_least_the_output_size() {

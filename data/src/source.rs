@@ -6,7 +6,8 @@
 //!
 //! Every byte read is recorded as [`Activity`], which is how the loader tells a slow reader
 //! from a stalled one (`data.read_timeout_s`); a `pipe:` command runs in its own process group,
-//! so an abandoned or finished shard ends the whole command, not just its shell.
+//! so an abandoned or finished shard ends the whole command, not just its shell, and a guard in
+//! that group ends it when this process ends without running destructors (exit, signals).
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek};
@@ -194,9 +195,38 @@ impl<R: Read> Read for Counting<R> {
 /// failing download (`pipe:curl ...` on a 404, `pipe:false`) counts as a failed shard.
 struct PipeReader {
     child: Child,
+    /// The command's guard (see [`guard_group`]), `None` if the command ended before it started.
+    guard: Option<Child>,
     cmd: String,
     done: bool,
     activity: Arc<Activity>,
+}
+
+/// A shell in the command's process group that waits for end of file on its stdin, whose other
+/// end only this process holds, then kills the group: when this process ends in any way that runs
+/// no destructor (`exit`, a signal, SIGKILL, an abort), the kernel closes that pipe and a hung
+/// download dies with the rank instead of outliving it. Being in the group, it also keeps the
+/// group's id from being reused while it waits, and it dies whenever the group is killed.
+fn guard_group(group: i32) -> Option<Child> {
+    Command::new("sh")
+        .arg("-c")
+        .arg("read _; kill -KILL 0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(group)
+        .spawn()
+        .ok()
+}
+
+impl PipeReader {
+    /// The command is over (or abandoned): end what is left of its group, guard included.
+    fn end_group(&mut self) {
+        kill_group(self.child.id() as i32);
+        if let Some(mut guard) = self.guard.take() {
+            let _ = guard.wait();
+        }
+    }
 }
 
 impl Read for PipeReader {
@@ -208,6 +238,7 @@ impl Read for PipeReader {
         if n == 0 && !buf.is_empty() {
             self.done = true;
             let status = self.child.wait()?;
+            self.end_group();
             if self.activity.is_abandoned() {
                 let why = format!("`{}` was ended: no progress within data.read_timeout_s", self.cmd);
                 return Err(io::Error::other(why));
@@ -226,7 +257,7 @@ impl Drop for PipeReader {
         // the command's whole process group (a shell's children included).
         *self.activity.pipe_group.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if !self.done {
-            kill_group(self.child.id() as i32);
+            self.end_group();
             let _ = self.child.wait();
         }
     }
@@ -279,6 +310,7 @@ pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>, activity: Arc<Activity>)
             .stderr(Stdio::inherit())
             .process_group(0)
             .spawn()?;
+        let guard = guard_group(child.id() as i32);
         *activity.pipe_group.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id() as i32);
         // Abandoned while the command started (before its group was known): end it now.
         if activity.is_abandoned() {
@@ -291,7 +323,7 @@ pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>, activity: Arc<Activity>)
             // SAFETY: plain fcntl on a descriptor we own.
             unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
         }
-        let pipe = PipeReader { child, cmd: cmd.to_string(), done: false, activity: activity.clone() };
+        let pipe = PipeReader { child, guard, cmd: cmd.to_string(), done: false, activity: activity.clone() };
         return decompress(&shard.url, BufReader::with_capacity(1 << 20, Counting { inner: pipe, bytes, activity }));
     }
     // A small buffer: large payload reads bypass it anyway, and seeking over payloads

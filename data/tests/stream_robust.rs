@@ -300,6 +300,49 @@ fn a_stalled_pipe_is_abandoned_after_the_read_timeout_and_the_stream_goes_on() {
     }
 }
 
+/// Set in the child process of [`a_hung_pipe_dies_with_the_process_that_started_it`].
+const CHILD_MARKER: &str = "FERROCLIP_TEST_HUNG_PIPE_MARKER";
+
+#[test]
+fn a_hung_pipe_dies_with_the_process_that_started_it() {
+    if let Ok(marker) = std::env::var(CHILD_MARKER) {
+        // The child: a loader reading a shard whose command never writes; say when it runs, then
+        // wait to be killed (SIGKILL: no destructor of this process runs).
+        let dir = tempdir("robust-orphan");
+        let sources = format!("pipe:{marker}; true::{}", dataset(&dir, 1, 2));
+        let _l = Loader::new(&cfg(), &sources, opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None))
+            .unwrap();
+        while processes_with(&marker).is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("pipe running");
+        std::thread::sleep(Duration::from_secs(600));
+        return;
+    }
+    use std::io::BufRead;
+    let marker = format!("sleep 3600 0.0000{}", std::process::id());
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_hung_pipe_dies_with_the_process_that_started_it", "--nocapture", "--test-threads=1"])
+        .env(CHILD_MARKER, &marker)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = within(60, {
+        let out = child.stdout.take().unwrap();
+        move || std::io::BufReader::new(out).lines().map_while(Result::ok).any(|l| l.contains("pipe running"))
+    });
+    assert!(running, "the child never started its pipe command");
+    assert!(!processes_with(&marker).is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !processes_with(&marker).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lingering = processes_with(&marker);
+    assert!(lingering.is_empty(), "the pipe command outlived its killed process: {lingering:?}");
+}
+
 #[test]
 fn the_merge_serves_the_other_readers_while_one_waits() {
     let dir = tempdir("robust-wait");
