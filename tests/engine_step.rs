@@ -4,12 +4,12 @@
 
 use std::sync::{Arc, Barrier, Condvar, Mutex};
 
+use ferroclip::dist::grad_buckets::GradSync;
 use ferroclip::dist::single::Single;
 use ferroclip::dist::Collective;
 use ferroclip::loss::ClipLoss;
 use ferroclip::model::ContrastiveModel;
 use ferroclip::optim::{AdamW, AdamWConfig};
-use ferroclip::dist::grad_buckets::GradSync;
 use ferroclip::step::contrastive_step;
 use tch::{Device, Kind, Tensor};
 

@@ -46,7 +46,8 @@ fn generate_fixture(name: &str) -> (PathBuf, Fixture) {
 }
 
 fn load_fixture(dir: &Path) -> Fixture {
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
     let strings = |key: &str| -> Vec<String> {
         meta[key].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
     };
@@ -118,7 +119,8 @@ fn classifier_and_predictions_match_openclip() {
 
     // 3 classes per forward like the script, and all at once: both must equal OpenCLIP's.
     for batch in [3, 100] {
-        let classifier = build_classifier(&model, &tokenizer, &fixture.classnames, &fixture.templates, Device::Cpu, batch);
+        let classifier =
+            build_classifier(&model, &tokenizer, &fixture.classnames, &fixture.templates, Device::Cpu, batch);
         let expected = fixture.tensor("classifier");
         assert_eq!(classifier.size(), expected.size());
         let diff = max_abs_diff(&classifier, expected);
@@ -128,7 +130,11 @@ fn classifier_and_predictions_match_openclip() {
         let diff = max_abs_diff(&logits, fixture.tensor("logits"));
         assert!(diff < 1e-4, "logits differ from OpenCLIP's by {diff}");
         let (_, top5) = logits.topk(5, 1, true, true);
-        assert!(top5.equal(fixture.tensor("top5")), "top-5 predictions differ:\n{top5}\nvs\n{}", fixture.tensor("top5"));
+        assert!(
+            top5.equal(fixture.tensor("top5")),
+            "top-5 predictions differ:\n{top5}\nvs\n{}",
+            fixture.tensor("top5")
+        );
 
         // Labels = OpenCLIP's 2nd choice: top-1 misses every image, top-5 hits all.
         let labels = fixture.tensor("top5").select(1, 1);

@@ -91,4 +91,3 @@ fn forward_keeps_mb(checkpointing: bool) -> f64 {
     drop(features);
     kept
 }
-

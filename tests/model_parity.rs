@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ferroclip::model::{
-    load_hf_text_encoder, load_safetensors, num_params, save_safetensors, Clip, ClipConfig,
-    ContrastiveModel, WeightsError,
+    load_hf_text_encoder, load_safetensors, num_params, save_safetensors, Clip, ClipConfig, ContrastiveModel,
+    WeightsError,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -25,10 +25,7 @@ const REL_TOL: f64 = 5e-6;
 const FIXTURE_VOCAB: i64 = 512;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn python() -> PathBuf {
@@ -67,10 +64,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
+    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -86,9 +80,7 @@ fn test_arch(name: &str) -> String {
 
 /// `arch` (a built-in name or a model-config path) at `image_size`, with the text vocabulary `vocab`.
 fn config(arch: &str, image_size: i64, vocab: i64) -> ClipConfig {
-    let mut cfg = ClipConfig::resolve(arch)
-        .unwrap()
-        .with_image_size(image_size);
+    let mut cfg = ClipConfig::resolve(arch).unwrap().with_image_size(image_size);
     cfg.text.set_vocab_size(vocab);
     cfg
 }
@@ -106,18 +98,9 @@ fn check_fixture(dir: &Path, cfg: &ClipConfig) {
     let report = load_safetensors(&mut vs, &dir.join("model.safetensors"), cfg).unwrap();
     assert_eq!(report.loaded, vs.variables().len());
     let exp = read(&dir.join("expected.safetensors"));
-    assert_eq!(
-        num_params(&vs),
-        exp["num_params"].int64_value(&[]),
-        "{} parameter count",
-        cfg.arch
-    );
-    let (img, txt) = tch::no_grad(|| {
-        (
-            model.encode_image(&exp["images"], false),
-            model.encode_text(&exp["tokens"], false),
-        )
-    });
+    assert_eq!(num_params(&vs), exp["num_params"].int64_value(&[]), "{} parameter count", cfg.arch);
+    let (img, txt) =
+        tch::no_grad(|| (model.encode_image(&exp["images"], false), model.encode_text(&exp["tokens"], false)));
     let img_n = &img / img.norm_scalaropt_dim(2, [-1], true);
     let txt_n = &txt / txt.norm_scalaropt_dim(2, [-1], true);
     let logits = model.logit_scale().exp() * img_n.matmul(&txt_n.tr());
@@ -130,24 +113,13 @@ fn check_fixture(dir: &Path, cfg: &ClipConfig) {
     ] {
         let d = max_diff(ours, &exp[name]);
         // Logits are scaled by exp(logit_scale) = 1/0.07; compare them relative to that scale.
-        let tol = if name == "logits_per_image" {
-            TOL * 100.0
-        } else {
-            TOL
-        };
+        let tol = if name == "logits_per_image" { TOL * 100.0 } else { TOL };
         // Relative to the output's scale too, so small outputs cannot hide a wrong op
         // (e.g. tanh-approximated GELU) under the absolute bound.
         let scale = exp[name].abs().max().double_value(&[]);
-        eprintln!(
-            "{}: {name} max |diff| {d:e} (max |expected| {scale:e})",
-            cfg.arch
-        );
+        eprintln!("{}: {name} max |diff| {d:e} (max |expected| {scale:e})", cfg.arch);
         assert!(d <= tol, "{}: {name} max |diff| {d:e} > {tol:e}", cfg.arch);
-        assert!(
-            d <= REL_TOL * scale,
-            "{}: {name} max |diff| {d:e} > {REL_TOL:e} x {scale:e}",
-            cfg.arch
-        );
+        assert!(d <= REL_TOL * scale, "{}: {name} max |diff| {d:e} > {REL_TOL:e} x {scale:e}", cfg.arch);
     }
 }
 
@@ -157,18 +129,12 @@ fn fixture(arch: &str) -> PathBuf {
 
 #[test]
 fn convnext_test_matches_open_clip() {
-    check_fixture(
-        &fixture("convnext_test"),
-        &config(&test_arch("convnext_test"), 64, FIXTURE_VOCAB),
-    );
+    check_fixture(&fixture("convnext_test"), &config(&test_arch("convnext_test"), 64, FIXTURE_VOCAB));
 }
 
 #[test]
 fn convnext_mlp_head_matches_open_clip() {
-    check_fixture(
-        &fixture("convnext_test_mlp"),
-        &config(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB),
-    );
+    check_fixture(&fixture("convnext_test_mlp"), &config(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB));
 }
 
 #[test]
@@ -180,28 +146,15 @@ fn vit_test_matches_open_clip() {
 fn load_reports_missing_unexpected_and_misshaped_keys() {
     let cfg = config(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB);
     let (mut vs, _model) = build(&cfg);
-    let err = load_safetensors(
-        &mut vs,
-        &fixture("convnext_test").join("model.safetensors"),
-        &cfg,
-    )
-    .unwrap_err();
+    let err = load_safetensors(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("visual.head.mlp.fc1.weight"), "{msg}");
     assert!(msg.contains("visual.head.proj.weight"), "{msg}");
     let cfg = config(&test_arch("convnext_test"), 64, 1000);
     let (mut vs, _model) = build(&cfg);
-    let msg = load_safetensors(
-        &mut vs,
-        &fixture("convnext_test").join("model.safetensors"),
-        &cfg,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        msg.contains("token_embedding.weight: [512, 32] vs [1000, 32]"),
-        "{msg}"
-    );
+    let msg =
+        load_safetensors(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err().to_string();
+    assert!(msg.contains("token_embedding.weight: [512, 32] vs [1000, 32]"), "{msg}");
 }
 
 /// One model-config file, both sides: OpenCLIP registers the file itself
@@ -236,28 +189,15 @@ fn round_trip_with(script_name: &str, arch: &str, image_size: i64, vocab: i64) {
     let _ = tokens.narrow(1, 10, 1).fill_(vocab - 1);
     if cfg.text.pad_token_id() != 0 {
         // XLM-R: pad the first row after its 11 tokens.
-        let _ = tokens
-            .get(0)
-            .narrow(0, 11, 66)
-            .fill_(cfg.text.pad_token_id());
+        let _ = tokens.get(0).narrow(0, 11, 66).fill_(cfg.text.pad_token_id());
     }
-    let (img, txt) = tch::no_grad(|| {
-        (
-            model.encode_image(&images, false),
-            model.encode_text(&tokens, false),
-        )
-    });
+    let (img, txt) = tch::no_grad(|| (model.encode_image(&images, false), model.encode_text(&tokens, false)));
     let weights = dir.join("rust.safetensors");
     let meta = BTreeMap::from([("arch".to_string(), cfg.arch.clone())]);
     save_safetensors(&vs, &weights, &meta).unwrap();
     let inputs = dir.join("inputs.safetensors");
     Tensor::write_safetensors(
-        &[
-            ("images", &images),
-            ("tokens", &tokens),
-            ("image_features", &img),
-            ("text_features", &txt),
-        ],
+        &[("images", &images), ("tokens", &tokens), ("image_features", &img), ("text_features", &txt)],
         &inputs,
     )
     .unwrap();
@@ -294,38 +234,20 @@ fn vit_pos_embed_resized_like_open_clip() {
     // fp32 copy of the fixture (the fixture stores fp16).
     let cfg32 = config(&test_arch("vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs32, _m) = build(&cfg32);
-    load_safetensors(
-        &mut vs32,
-        &fixture("vit_test").join("model.safetensors"),
-        &cfg32,
-    )
-    .unwrap();
+    load_safetensors(&mut vs32, &fixture("vit_test").join("model.safetensors"), &cfg32).unwrap();
     let weights = dir.join("vit32.safetensors");
     save_safetensors(&vs32, &weights, &BTreeMap::new()).unwrap();
 
     let cfg48 = config(&test_arch("vit_test"), 48, FIXTURE_VOCAB);
     let (mut vs48, model) = build(&cfg48);
     let report = load_safetensors(&mut vs48, &weights, &cfg48).unwrap();
-    assert_eq!(
-        report.resized,
-        vec!["visual.positional_embedding".to_string()]
-    );
+    assert_eq!(report.resized, vec!["visual.positional_embedding".to_string()]);
     let images = Tensor::randn([2, 3, 48, 48], (Kind::Float, Device::Cpu));
     let tokens = read(&fixture("vit_test").join("expected.safetensors"))["tokens"].shallow_clone();
-    let (img, txt) = tch::no_grad(|| {
-        (
-            model.encode_image(&images, false),
-            model.encode_text(&tokens, false),
-        )
-    });
+    let (img, txt) = tch::no_grad(|| (model.encode_image(&images, false), model.encode_text(&tokens, false)));
     let inputs = dir.join("inputs.safetensors");
     Tensor::write_safetensors(
-        &[
-            ("images", &images),
-            ("tokens", &tokens),
-            ("image_features", &img),
-            ("text_features", &txt),
-        ],
+        &[("images", &images), ("tokens", &tokens), ("image_features", &img), ("text_features", &txt)],
         &inputs,
     )
     .unwrap();
@@ -348,22 +270,12 @@ fn vit_pos_embed_resized_like_open_clip() {
 fn full_size(arch: &str, image_size: i64, expected_params: f64) {
     let dir = temp_dir(arch);
     let size = image_size.to_string();
-    script(&[
-        "--arch",
-        arch,
-        "--image-size",
-        &size,
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    script(&["--arch", arch, "--image-size", &size, "--out", dir.to_str().unwrap()]);
     let cfg = config(arch, image_size, 49408);
     check_fixture(&dir, &cfg);
     let (vs, _m) = build(&cfg);
     let millions = num_params(&vs) as f64 / 1e6;
-    assert!(
-        (millions - expected_params).abs() < 0.05,
-        "{arch}: {millions:.2} M parameters"
-    );
+    assert!((millions - expected_params).abs() < 0.05, "{arch}: {millions:.2} M parameters");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -384,10 +296,7 @@ fn vit_b_32_matches_open_clip() {
 
 #[test]
 fn xlmr_vit_test_matches_open_clip() {
-    check_fixture(
-        &fixture("xlmr_vit_test"),
-        &config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB),
-    );
+    check_fixture(&fixture("xlmr_vit_test"), &config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB));
 }
 
 #[test]
@@ -401,23 +310,12 @@ fn xlmr_saved_by_rust_loads_in_open_clip() {
 fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
     let cfg = config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
     let (mut reference, _m) = build(&cfg);
-    load_safetensors(
-        &mut reference,
-        &fixture("xlmr_vit_test").join("model.safetensors"),
-        &cfg,
-    )
-    .unwrap();
+    load_safetensors(&mut reference, &fixture("xlmr_vit_test").join("model.safetensors"), &cfg).unwrap();
     let reference = reference.variables();
     let (mut vs, _model) = build(&cfg);
     let before = vs.variables();
-    let before: HashMap<String, Tensor> =
-        before.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
-    let report = load_hf_text_encoder(
-        &mut vs,
-        &fixture("xlmr_vit_test").join("hf_text.safetensors"),
-        &cfg,
-    )
-    .unwrap();
+    let before: HashMap<String, Tensor> = before.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+    let report = load_hf_text_encoder(&mut vs, &fixture("xlmr_vit_test").join("hf_text.safetensors"), &cfg).unwrap();
     assert_eq!(report.skipped, vec!["lm_head.bias".to_string()]);
     let mut in_tower = 0;
     for (k, v) in vs.variables() {
@@ -440,18 +338,10 @@ fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
     )
     .unwrap_err()
     .to_string();
-    assert!(
-        msg.contains("text.transformer.embeddings.word_embeddings.weight: [512, 32] vs [1000, 32]"),
-        "{msg}"
-    );
+    assert!(msg.contains("text.transformer.embeddings.word_embeddings.weight: [512, 32] vs [1000, 32]"), "{msg}");
     let vit = config(&test_arch("vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs, _m) = build(&vit);
-    let err = load_hf_text_encoder(
-        &mut vs,
-        &fixture("xlmr_vit_test").join("hf_text.safetensors"),
-        &vit,
-    )
-    .unwrap_err();
+    let err = load_hf_text_encoder(&mut vs, &fixture("xlmr_vit_test").join("hf_text.safetensors"), &vit).unwrap_err();
     assert!(matches!(err, WeightsError::NoHfTextTower { .. }), "{err}");
 }
 
@@ -471,10 +361,7 @@ fn xlmr_checkpoint_with_stale_position_ids_loads() {
     let cfg = config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs, _m) = build(&cfg);
     let report = load_safetensors(&mut vs, &path, &cfg).unwrap();
-    assert_eq!(
-        report.skipped,
-        vec!["text.transformer.embeddings.position_ids".to_string()]
-    );
+    assert_eq!(report.skipped, vec!["text.transformer.embeddings.position_ids".to_string()]);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -483,17 +370,11 @@ fn xlmr_checkpoint_with_stale_position_ids_loads() {
 fn xlm_roberta_base_vit_b_32_matches_open_clip() {
     let arch = "xlm-roberta-base-ViT-B-32";
     let dir = temp_dir(arch);
-    run_script(
-        "gen-xlmr-fixtures.py",
-        &["--arch", arch, "--out", dir.to_str().unwrap()],
-    );
+    run_script("gen-xlmr-fixtures.py", &["--arch", arch, "--out", dir.to_str().unwrap()]);
     let cfg = ClipConfig::resolve(arch).unwrap();
     check_fixture(&dir, &cfg);
     let (vs, _m) = build(&cfg);
     let millions = num_params(&vs) as f64 / 1e6;
-    assert!(
-        (millions - 366.12).abs() < 0.01,
-        "{arch}: {millions:.2} M parameters"
-    );
+    assert!((millions - 366.12).abs() < 0.01, "{arch}: {millions:.2} M parameters");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -22,7 +22,15 @@ impl Fixture {
     /// A temp dir with 2 small training shards of the demo dataset.
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let out = run(&["make-demo-data", "--out", dir.path().join("data").to_str().unwrap(), "--shards", "2", "--per-shard", "48"]);
+        let out = run(&[
+            "make-demo-data",
+            "--out",
+            dir.path().join("data").to_str().unwrap(),
+            "--shards",
+            "2",
+            "--per-shard",
+            "48",
+        ]);
         assert!(out.status.success(), "make-demo-data failed: {}", String::from_utf8_lossy(&out.stderr));
         Self { dir }
     }
@@ -138,7 +146,8 @@ fn bad_config_key_is_rejected_with_its_name_and_status_2() {
 fn loss_falls_and_outputs_are_written() {
     let f = Fixture::new();
     let cfg = f.config("falls", "");
-    let out = run(&["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=40", "--set", "checkpoint.every_steps=20"]);
+    let out =
+        run(&["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=40", "--set", "checkpoint.every_steps=20"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m = metrics(&f.run_dir("falls"));
     assert_eq!(m.len(), 40);
@@ -273,7 +282,8 @@ fn killed_while_the_background_writer_runs_leaves_the_previous_checkpoint_and_re
 fn sigterm_checkpoints_and_stops_then_latest_resumes() {
     let f = Fixture::new();
     let cfg = f.config("preempt", "");
-    let args = ["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=0"];
+    let args =
+        ["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=0"];
     let mut child = Command::new(TRAINER).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let metrics_file = f.run_dir("preempt").join("metrics.jsonl");
     assert!(wait_for(&metrics_file, &mut child, Duration::from_secs(120)), "training did not start");
@@ -285,14 +295,22 @@ fn sigterm_checkpoints_and_stops_then_latest_resumes() {
     assert_eq!(steps.len(), 1, "{err}");
     assert!(steps[0] < 100000);
 
-    let out = run(&["--config", cfg.to_str().unwrap(), "--set", &format!("train.max_steps={}", steps[0] + 2), "--set", "checkpoint.resume=latest"]);
+    let out = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("train.max_steps={}", steps[0] + 2),
+        "--set",
+        "checkpoint.resume=latest",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("at step {}", steps[0])), "{err}");
     assert!(err.contains("resuming with train.max_steps"), "the new length is named: {err}");
 
     // A key that changes the run is refused before any step, naming it; allowed, the run goes on.
-    let changed = ["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=100000", "--set", "checkpoint.resume=latest"];
+    let changed =
+        ["--config", cfg.to_str().unwrap(), "--set", "train.max_steps=100000", "--set", "checkpoint.resume=latest"];
     let out = run(&[&changed[..], &["--set", "optim.lr=1e-3"]].concat());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -397,7 +415,9 @@ fn shard_to_folders(shard: &Path, out: &Path, classes: &str, folders: &[String])
         std::fs::create_dir_all(&class_dir).unwrap();
         std::fs::copy(raw.join(format!("{k}.jpg")), class_dir.join(format!("{k}.jpg"))).unwrap();
         std::fs::copy(raw.join(format!("{k}.jpg")), pairs.join(format!("{k}.jpg"))).unwrap();
-        for line in std::fs::read_to_string(raw.join(format!("{k}.txt"))).unwrap().lines().filter(|l| !l.trim().is_empty()) {
+        for line in
+            std::fs::read_to_string(raw.join(format!("{k}.txt"))).unwrap().lines().filter(|l| !l.trim().is_empty())
+        {
             tsv.push_str(&format!("{k}.jpg\t{line}\n"));
         }
     }
@@ -495,7 +515,8 @@ fn eval_standalone_agrees_between_shards_and_folders_in_any_name_order_and_write
     let shifted: Vec<String> =
         ids.iter().zip(classnames.iter().cycle().skip(1)).map(|(i, n)| format!("{i}\t{n}")).collect();
     std::fs::write(&map, shifted.join("\n") + "\n").unwrap();
-    let sets = [format!("eval.zeroshot_data={}", folder("by_id")), format!("eval.zeroshot_classnames={}", map.display())];
+    let sets =
+        [format!("eval.zeroshot_data={}", folder("by_id")), format!("eval.zeroshot_classnames={}", map.display())];
     let wrong = eval_json(&f, &cfg, &model, "wrong", &sets);
     let score = |v: &serde_json::Value| (v["zeroshot_top1"].as_f64().unwrap(), v["zeroshot_top5"].as_f64().unwrap());
     assert_ne!(score(&wrong), score(&shards), "a wrong class-name mapping scores as the right one");
@@ -644,9 +665,8 @@ fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
     let args = |extra: &[String]| -> Output {
         let mut a: Vec<String> = vec!["--config".into(), cfg.display().to_string()];
         let arch = format!("model.arch={}", test_arch("xlmr_vit_test").display());
-        for s in [arch, format!("model.tokenizer={}", tokenizer.display()), "train.max_steps=3".into()]
-            .iter()
-            .chain(extra)
+        for s in
+            [arch, format!("model.tokenizer={}", tokenizer.display()), "train.max_steps=3".into()].iter().chain(extra)
         {
             a.extend(["--set".into(), s.clone()]);
         }
@@ -656,7 +676,10 @@ fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let saved = tensors(&f.run_dir("xlmr").join("checkpoints").join("step_00000003.safetensors"));
-    assert!(saved.iter().any(|(n, _)| n.starts_with("text.transformer.encoder.layer.")), "no XLM-R keys in the saved model");
+    assert!(
+        saved.iter().any(|(n, _)| n.starts_with("text.transformer.encoder.layer.")),
+        "no XLM-R keys in the saved model"
+    );
     assert!(metrics(&f.run_dir("xlmr")).iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
 
     // A text-encoder file of another vocabulary size is refused, naming the key and the tensor.
@@ -742,13 +765,17 @@ fn gpu_check_dry_run_runs_every_stage_on_the_cpu_and_writes_the_report() {
     let md = std::fs::read_to_string(report.join("gpu-check.md")).expect("gpu-check.md written");
     let summary = std::fs::read_to_string(report.join("summary.txt")).unwrap();
     for stage in ["torch", "demo-data", "train-debug", "bench", "e2e-data", "e2e"] {
-        assert!(summary.lines().any(|l| l.starts_with(&format!("PASS {stage}"))), "stage {stage} did not pass:\n{summary}");
+        assert!(
+            summary.lines().any(|l| l.starts_with(&format!("PASS {stage}"))),
+            "stage {stage} did not pass:\n{summary}"
+        );
     }
     // The sync-debug stage runs whenever the trainer has the mode, and says so when it has not.
     assert!(summary.contains("sync-debug"), "{summary}");
     assert!(!summary.contains("FAIL"), "{summary}");
     // Both sides of the benchmark measured, with a ratio and an MFU cell.
-    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ferroclip |") || l.starts_with("| open_clip |")).collect();
+    let rows: Vec<&str> =
+        md.lines().filter(|l| l.starts_with("| ferroclip |") || l.starts_with("| open_clip |")).collect();
     assert_eq!(rows.len(), 2, "{md}");
     assert!(rows.iter().all(|r| !r.contains("**") && r.trim_end().trim_end_matches('|').trim().ends_with('%')), "{md}");
     // The end-to-end row: steps after the first window, a data-wait percentage.

@@ -11,7 +11,8 @@ use ferroclip_data::bench::{bench_transform, laion_like_jpegs, thread_cpu_ns};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let threads: Vec<usize> = get("--threads").unwrap_or("1,2".into()).split(',').map(|t| t.parse()).collect::<Result<_, _>>()?;
+    let threads: Vec<usize> =
+        get("--threads").unwrap_or("1,2".into()).split(',').map(|t| t.parse()).collect::<Result<_, _>>()?;
     let size: usize = get("--size").unwrap_or("256".into()).parse()?;
     let n: usize = get("--images").unwrap_or("200".into()).parse()?;
     let seconds: f64 = get("--seconds").unwrap_or("10".into()).parse()?;
@@ -52,7 +53,12 @@ fn main() -> anyhow::Result<()> {
             line += &format!(" {m}:{:.2}", ms(thread_cpu_ns() - t));
         }
         println!("{line}");
-        println!("cpu ms/image: decode {:.2}, full transform {:.2} (= {:.0} images/s per busy core)", ms(t1 - t0), ms(t2 - t1), 1e3 / ms(t2 - t1));
+        println!(
+            "cpu ms/image: decode {:.2}, full transform {:.2} (= {:.0} images/s per busy core)",
+            ms(t1 - t0),
+            ms(t2 - t1),
+            1e3 / ms(t2 - t1)
+        );
     }
     for th in threads {
         println!("{}", bench_transform(&samples, &t, th, seconds));

@@ -79,7 +79,13 @@ pub trait ImageTransform: Send + Sync {
     fn output_size(&self) -> usize;
     /// Decode `encoded` (member extension `ext`, lower-case) and write the CHW result into
     /// `out` (length `3 * size * size`). All randomness comes from `rng`.
-    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError>;
+    fn apply(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        rng: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<EraseBox>, DecodeError>;
 }
 
 /// A crop rectangle in pixels (torchvision's `i, j, h, w` = `top, left, height, width`).
@@ -102,7 +108,13 @@ fn uniform(rng: &mut SampleRng, a: f64, b: f64) -> f64 {
 }
 
 /// torchvision `RandomResizedCrop.get_params(img, scale, ratio)` for a `width × height` image.
-pub fn random_resized_crop_params(width: u32, height: u32, scale: [f64; 2], ratio: [f64; 2], rng: &mut SampleRng) -> CropRect {
+pub fn random_resized_crop_params(
+    width: u32,
+    height: u32,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut SampleRng,
+) -> CropRect {
     let area = width as f64 * height as f64;
     let (log_r0, log_r1) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
@@ -126,7 +138,12 @@ pub fn random_resized_crop_params(width: u32, height: u32, scale: [f64; 2], rati
         (width as i64, height as i64)
     };
     let (w, h) = (w.clamp(1, width as i64), h.clamp(1, height as i64));
-    CropRect { top: ((height as i64 - h) / 2) as u32, left: ((width as i64 - w) / 2) as u32, height: h as u32, width: w as u32 }
+    CropRect {
+        top: ((height as i64 - h) / 2) as u32,
+        left: ((width as i64 - w) / 2) as u32,
+        height: h as u32,
+        width: w as u32,
+    }
 }
 
 /// timm `RandomErasing._erase` geometry (`min_area=0.02, max_area=1/3, min_aspect=0.3`,
@@ -366,7 +383,13 @@ impl ImageTransform for TrainTransform {
         self.size
     }
 
-    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        rng: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<EraseBox>, DecodeError> {
         let (img, region) = self.decode_crop(encoded, ext, rng)?;
         let erase = self.finish(&img, region, rng, out);
         recycle(img);
@@ -453,7 +476,13 @@ impl ImageTransform for EvalTransform {
         self.size
     }
 
-    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        _rng: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<EraseBox>, DecodeError> {
         let img = decode_rgb(encoded, ext, self.max_pixels)?;
         self.apply_rgb(&img, out);
         recycle(img);

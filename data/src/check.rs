@@ -65,11 +65,7 @@ pub type SampleValidator<'a> = &'a dyn Fn(&Sample) -> Result<(), String>;
 
 /// Walk all shards of `shards` (no shuffle). `validate(sample)` decides whether a sample is usable
 /// (the CLI runs the train transform and the tokenizer); a panic inside it counts as `panic`.
-pub fn check_shards(
-    cfg: &DataConfig,
-    shards: &str,
-    validate: SampleValidator<'_>,
-) -> Result<CheckReport, DataError> {
+pub fn check_shards(cfg: &DataConfig, shards: &str, validate: SampleValidator<'_>) -> Result<CheckReport, DataError> {
     cfg.validate()?;
     let weights: &[f64] = if shards == cfg.train { &cfg.train_weights } else { &[] };
     let list = expand_shards(shards, weights)?;
@@ -120,7 +116,13 @@ pub fn check_shards(
 impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let skipped: u64 = self.skipped.values().sum();
-        writeln!(f, "shards:  {} ({} failed), {:.1} MB read", self.shards, self.failed_shards.len(), self.bytes as f64 / 1e6)?;
+        writeln!(
+            f,
+            "shards:  {} ({} failed), {:.1} MB read",
+            self.shards,
+            self.failed_shards.len(),
+            self.bytes as f64 / 1e6
+        )?;
         writeln!(f, "samples: {} usable of {} keys ({} skipped)", self.samples, self.groups, skipped)?;
         writeln!(f, "extensions:")?;
         for (ext, n) in &self.extensions {

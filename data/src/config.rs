@@ -69,11 +69,7 @@ pub struct ConfigError {
 impl DataConfig {
     /// The image extensions, in priority order.
     pub fn image_extensions(&self) -> Vec<String> {
-        self.image_keys
-            .split(';')
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect()
+        self.image_keys.split(';').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -46,7 +46,8 @@ fn format_of(bytes: &[u8], ext: &str) -> Result<ImageFormat, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
-    sniff_format(bytes).ok_or_else(|| DecodeError::Unsupported(if ext.is_empty() { "unknown".into() } else { ext.into() }))
+    sniff_format(bytes)
+        .ok_or_else(|| DecodeError::Unsupported(if ext.is_empty() { "unknown".into() } else { ext.into() }))
 }
 
 fn corrupt(e: impl std::fmt::Display) -> DecodeError {
@@ -161,7 +162,9 @@ fn dynamic_to_rgb_like_pil(img: DynamicImage) -> RgbImage {
         DynamicImage::ImageLuma8(b) => b.into_raw().iter().for_each(|&v| pixels.extend_from_slice(&[v, v, v])),
         DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).for_each(|p| pixels.extend_from_slice(&[p[0]; 3])),
         // PIL opens 16-bit grayscale as `I;16`, whose conversion to L/RGB clips at 255.
-        DynamicImage::ImageLuma16(b) => b.into_raw().iter().for_each(|&v| pixels.extend_from_slice(&[v.min(255) as u8; 3])),
+        DynamicImage::ImageLuma16(b) => {
+            b.into_raw().iter().for_each(|&v| pixels.extend_from_slice(&[v.min(255) as u8; 3]))
+        }
         // 16-bit LA/RGB/RGBA: PIL's `;16B` raw modes keep the most significant byte.
         DynamicImage::ImageLumaA16(b) => {
             b.into_raw().chunks_exact(2).for_each(|p| pixels.extend_from_slice(&[(p[0] >> 8) as u8; 3]))

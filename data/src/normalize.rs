@@ -60,7 +60,11 @@ mod tests {
         for (i, &v) in images.iter().enumerate() {
             let c = (i / 4) % 3;
             let erased = i >= 12 && i % 4 == 3;
-            let want = if erased { crate::erase::noise(5, ((i - 12) / 4) as u32) } else { (v as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c] };
+            let want = if erased {
+                crate::erase::noise(5, ((i - 12) / 4) as u32)
+            } else {
+                (v as f32 / 255.0 - OPENAI_MEAN[c]) / OPENAI_STD[c]
+            };
             assert_eq!(out[i], want, "value {i}");
         }
     }

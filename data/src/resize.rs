@@ -119,8 +119,12 @@ unsafe fn resize_avx2(src: &RgbImage, region: ResizeBox, out_w: usize, out_h: us
 /// `simd`: the caller checked that AVX2 (hence SSE4.1) is available.
 #[inline(always)]
 fn resize_impl(src: &RgbImage, region: ResizeBox, out_w: usize, out_h: usize, out: &mut Vec<u8>, simd: bool) {
-    let (cl, ct, cw, ch) = (region.clip.0 as usize, region.clip.1 as usize, region.clip.2 as usize, region.clip.3 as usize);
-    assert!(cl + cw <= src.width as usize && ct + ch <= src.height as usize && cw > 0 && ch > 0, "resize region outside image");
+    let (cl, ct, cw, ch) =
+        (region.clip.0 as usize, region.clip.1 as usize, region.clip.2 as usize, region.clip.3 as usize);
+    assert!(
+        cl + cw <= src.width as usize && ct + ch <= src.height as usize && cw > 0 && ch > 0,
+        "resize region outside image"
+    );
     let stride = src.width as usize * 3;
     let in_x0 = region.x0 - cl as f64;
     let in_x1 = region.x1 - cl as f64;
@@ -131,11 +135,8 @@ fn resize_impl(src: &RgbImage, region: ResizeBox, out_w: usize, out_h: usize, ou
 
     let vert = taps(ch, in_y0, in_y1, out_h, 0);
     // Rows of the crop the vertical pass reads (Pillow's ybox_first..ybox_last).
-    let (ybox_first, ybox_last) = if need_v {
-        (vert.first[0], vert.first[out_h - 1] + vert.len[out_h - 1])
-    } else {
-        (0, ch)
-    };
+    let (ybox_first, ybox_last) =
+        if need_v { (vert.first[0], vert.first[out_h - 1] + vert.len[out_h - 1]) } else { (0, ch) };
 
     // Horizontal pass → `tmp` (`ybox_last - ybox_first` rows of `tw` pixels), a per-thread buffer.
     let tw = if need_h { out_w } else { cw };

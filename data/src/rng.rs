@@ -67,10 +67,30 @@ mod tests {
 
     #[test]
     fn same_identity_same_stream_other_identity_other_stream() {
-        let a: Vec<u64> = (0..4).map({ let mut r = SampleRng::for_sample(7, 1, "s/000"); move |_| r.gen() }).collect();
-        let b: Vec<u64> = (0..4).map({ let mut r = SampleRng::for_sample(7, 1, "s/000"); move |_| r.gen() }).collect();
-        let c: Vec<u64> = (0..4).map({ let mut r = SampleRng::for_sample(7, 2, "s/000"); move |_| r.gen() }).collect();
-        let d: Vec<u64> = (0..4).map({ let mut r = SampleRng::for_sample(7, 1, "s/001"); move |_| r.gen() }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = SampleRng::for_sample(7, 1, "s/000");
+                move |_| r.gen()
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map({
+                let mut r = SampleRng::for_sample(7, 1, "s/000");
+                move |_| r.gen()
+            })
+            .collect();
+        let c: Vec<u64> = (0..4)
+            .map({
+                let mut r = SampleRng::for_sample(7, 2, "s/000");
+                move |_| r.gen()
+            })
+            .collect();
+        let d: Vec<u64> = (0..4)
+            .map({
+                let mut r = SampleRng::for_sample(7, 1, "s/001");
+                move |_| r.gen()
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, d);

@@ -208,7 +208,8 @@ impl SkipReason {
 impl SampleSpec {
     /// Pick image, caption (and label) from a grouped sample.
     pub fn select(&self, mut raw: RawSample) -> Result<Sample, SkipReason> {
-        let image_ext = self.image_exts.iter().find(|e| raw.members.contains_key(*e)).ok_or(SkipReason::MissingImage)?.clone();
+        let image_ext =
+            self.image_exts.iter().find(|e| raw.members.contains_key(*e)).ok_or(SkipReason::MissingImage)?.clone();
         let caption_bytes = raw.members.get(&self.caption_ext).ok_or(SkipReason::MissingCaption)?;
         let caption_bytes = caption_bytes.bytes().ok_or(SkipReason::MemberTooLarge)?;
         let caption = match &self.caption_field {

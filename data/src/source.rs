@@ -100,9 +100,10 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, DataError> {
     }
     let (head, tail) = (&pattern[..open], &pattern[close + 1..]);
     let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..") {
-        let (lo, hi) = (a.parse::<u64>().map_err(|_| bad("range bound is not a number"))?, b
-            .parse::<u64>()
-            .map_err(|_| bad("range bound is not a number"))?);
+        let (lo, hi) = (
+            a.parse::<u64>().map_err(|_| bad("range bound is not a number"))?,
+            b.parse::<u64>().map_err(|_| bad("range bound is not a number"))?,
+        );
         // braceexpand pads to the longer bound when either bound is written zero-padded.
         let padded = (a.len() > 1 && a.starts_with('0')) || (b.len() > 1 && b.starts_with('0'));
         let width = if padded { a.len().max(b.len()) } else { 0 };

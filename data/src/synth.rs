@@ -83,7 +83,8 @@ fn sample(rng: &mut Xoshiro256PlusPlus) -> (Vec<u8>, String, u32, u32, usize) {
     if h == w {
         h = if w > 100 { w - 9 } else { w + 9 };
     }
-    let (ci, si, bi) = (rng.gen_range(0..COLORS.len()), rng.gen_range(0..SHAPES.len()), rng.gen_range(0..BACKGROUNDS.len()));
+    let (ci, si, bi) =
+        (rng.gen_range(0..COLORS.len()), rng.gen_range(0..SHAPES.len()), rng.gen_range(0..BACKGROUNDS.len()));
     let (bg_name, bg) = BACKGROUNDS[bi];
     let mut color = COLORS[ci].1;
     for c in &mut color {
@@ -224,7 +225,10 @@ mod tests {
                 assert_eq!(json["caption"], cap.as_str());
                 assert_eq!(json["key"], key.as_str());
                 let img = crate::decode::decode_rgb(&sample["jpg"], "jpg", 1 << 30).unwrap();
-                assert_eq!((json["width"].as_u64().unwrap(), json["height"].as_u64().unwrap()), (img.width as u64, img.height as u64));
+                assert_eq!(
+                    (json["width"].as_u64().unwrap(), json["height"].as_u64().unwrap()),
+                    (img.width as u64, img.height as u64)
+                );
                 assert!((64..=121).contains(&img.width) && (64..=121).contains(&img.height) && img.width != img.height);
                 let label: usize = String::from_utf8(sample["cls"].clone()).unwrap().parse().unwrap();
                 // The caption names the class's color and shape.
@@ -262,7 +266,8 @@ mod tests {
             let mut px: Vec<&[u8]> = img.pixels.chunks_exact(3).collect();
             px.sort_by_key(|p| std::cmp::Reverse(sat(p)));
             let top = &px[..px.len() / 20];
-            let mean: Vec<f32> = (0..3).map(|c| top.iter().map(|p| p[c] as f32).sum::<f32>() / top.len() as f32).collect();
+            let mean: Vec<f32> =
+                (0..3).map(|c| top.iter().map(|p| p[c] as f32).sum::<f32>() / top.len() as f32).collect();
             let want = COLORS[label / 4].1;
             let dist = (0..3).map(|c| (mean[c] - want[c] as f32).abs()).fold(0.0, f32::max);
             assert!(dist < 45.0, "label {label}: mean {mean:?} vs {want:?}");

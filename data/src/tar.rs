@@ -105,7 +105,10 @@ fn parse_number(field: &[u8]) -> io::Result<u64> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
         let mut v: u64 = (field[0] & 0x7f) as u64;
         for &b in &field[1..] {
-            v = v.checked_mul(256).and_then(|v| v.checked_add(b as u64)).ok_or_else(|| invalid("tar size overflows"))?;
+            v = v
+                .checked_mul(256)
+                .and_then(|v| v.checked_add(b as u64))
+                .ok_or_else(|| invalid("tar size overflows"))?;
         }
         return Ok(v);
     }
@@ -119,7 +122,8 @@ fn parse_number(field: &[u8]) -> io::Result<u64> {
 
 fn checksum_ok(header: &[u8; 512]) -> io::Result<bool> {
     let stored = parse_number(&header[148..156])?;
-    let sum: u64 = header.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 }).sum();
+    let sum: u64 =
+        header.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 }).sum();
     Ok(stored == sum)
 }
 

@@ -35,7 +35,11 @@ fn crop_area_and_log_aspect_are_uniform_when_every_attempt_fits() {
     let (l0, l1) = (0.75f64.ln(), (4.0f64 / 3.0).ln());
     let se = 0.4 / (12f64.sqrt() * (N as f64).sqrt());
     assert!((mean(&area) - 0.3).abs() < 4.0 * se, "area mean {}", mean(&area));
-    assert!(mean(&logr).abs() < 4.0 * (l1 - l0) / (12f64.sqrt() * (N as f64).sqrt()), "log-aspect mean {}", mean(&logr));
+    assert!(
+        mean(&logr).abs() < 4.0 * (l1 - l0) / (12f64.sqrt() * (N as f64).sqrt()),
+        "log-aspect mean {}",
+        mean(&logr)
+    );
     for q in [0.1, 0.25, 0.5, 0.75, 0.9] {
         let a = quantile(&mut area, q);
         assert!((a - (0.1 + 0.4 * q)).abs() < 0.01, "area q{q}: {a}");
@@ -76,8 +80,14 @@ fn fallback_frequency_on_wide_images_matches_the_formula() {
     // Far past the ratio range nothing ever fits: always the fallback, exactly.
     let mut rng = SampleRng::from_seed(3);
     for _ in 0..1000 {
-        assert_eq!(random_resized_crop_params(1000, 100, scale, ratio, &mut rng), CropRect { top: 0, left: 433, height: 100, width: 133 });
-        assert_eq!(random_resized_crop_params(100, 1000, scale, ratio, &mut rng), CropRect { top: 433, left: 0, height: 133, width: 100 });
+        assert_eq!(
+            random_resized_crop_params(1000, 100, scale, ratio, &mut rng),
+            CropRect { top: 0, left: 433, height: 100, width: 133 }
+        );
+        assert_eq!(
+            random_resized_crop_params(100, 1000, scale, ratio, &mut rng),
+            CropRect { top: 433, left: 0, height: 133, width: 100 }
+        );
     }
 }
 
@@ -157,8 +167,11 @@ fn erasing_frequency_area_and_aspect_match_timm() {
             assert!(r.top + r.height <= h && r.left + r.width <= w && r.height < h && r.width < w);
         }
         let area: Vec<f64> = erased.iter().map(|r| (r.height * r.width) as f64 / (h * w) as f64).collect();
-        let mut loga: Vec<f64> =
-            erased.iter().filter(|r| r.width > 0 && r.height > 0).map(|r| (r.height as f64 / r.width as f64).ln()).collect();
+        let mut loga: Vec<f64> = erased
+            .iter()
+            .filter(|r| r.width > 0 && r.height > 0)
+            .map(|r| (r.height as f64 / r.width as f64).ln())
+            .collect();
         assert!((mean(&area) - want_area).abs() < 0.004, "erase area mean {} vs {want_area}", mean(&area));
         assert!(mean(&loga).abs() < 0.03, "erase log-aspect mean {}", mean(&loga));
         assert!(quantile(&mut loga, 0.5).abs() < 0.04);

@@ -7,8 +7,8 @@ use ferroclip_data::augment::{
     hwc_to_chw, random_resized_crop_params, AugmentConfig, EvalTransform, ImageTransform, TrainTransform,
 };
 use ferroclip_data::decode::{decode_rgb, RgbImage};
-use ferroclip_data::resize::{resize_bicubic_into, ResizeBox};
 use ferroclip_data::normalize::normalize_and_erase;
+use ferroclip_data::resize::{resize_bicubic_into, ResizeBox};
 use ferroclip_data::rng::SampleRng;
 
 const LIMIT: u64 = 89_478_485;
@@ -56,7 +56,11 @@ fn smooth_jpeg(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let fx = x as f32 / w as f32;
         let fy = y as f32 / h as f32;
-        image::Rgb([(255.0 * fx) as u8, (255.0 * fy) as u8, (128.0 + 100.0 * (fx * 6.0).sin() * (fy * 4.0).cos()) as u8])
+        image::Rgb([
+            (255.0 * fx) as u8,
+            (255.0 * fy) as u8,
+            (128.0 + 100.0 * (fx * 6.0).sin() * (fy * 4.0).cos()) as u8,
+        ])
     });
     let mut buf = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgb8(img).write_to(&mut buf, image::ImageFormat::Jpeg).unwrap();
@@ -126,8 +130,12 @@ fn erasing_fills_a_rectangle_with_standard_normal_noise() {
     let (mut erased, mut clean) = (vec![0f32; 3 * 48 * 48], vec![0f32; 3 * 48 * 48]);
     let mut noise = Vec::new();
     for seed in 0..50 {
-        let boxed = TrainTransform::new(48, &cfg, LIMIT).apply(&jpg, "jpg", &mut SampleRng::from_seed(seed), &mut erased_u8).unwrap();
-        TrainTransform::new(48, &clean_cfg, LIMIT).apply(&jpg, "jpg", &mut SampleRng::from_seed(seed), &mut clean_u8).unwrap();
+        let boxed = TrainTransform::new(48, &cfg, LIMIT)
+            .apply(&jpg, "jpg", &mut SampleRng::from_seed(seed), &mut erased_u8)
+            .unwrap();
+        TrainTransform::new(48, &clean_cfg, LIMIT)
+            .apply(&jpg, "jpg", &mut SampleRng::from_seed(seed), &mut clean_u8)
+            .unwrap();
         // The pixels are the same: erasing happens after normalization.
         assert_eq!(erased_u8, clean_u8);
         let b = boxed.expect("re_prob 1 on a 48 px image always finds a box");

@@ -94,7 +94,11 @@ fn noise_matches_an_independent_numpy_int64_implementation_of_the_spec() {
         let index = case["index"].as_array().unwrap();
         for (k, i) in index.iter().enumerate() {
             let i = i.as_u64().unwrap() as u32;
-            assert_eq!(ferroclip_data::erase::noise_bits(seed, i).0 as u64, case["bits"][k].as_u64().unwrap(), "bits, seed {seed} index {i}");
+            assert_eq!(
+                ferroclip_data::erase::noise_bits(seed, i).0 as u64,
+                case["bits"][k].as_u64().unwrap(),
+                "bits, seed {seed} index {i}"
+            );
             let want = case["value"][k].as_f64().unwrap() as f32;
             let got = noise(seed, i);
             // numpy's and Rust's libm may differ in the last f64 bit: at most 1 f32 ulp.

@@ -28,7 +28,13 @@ impl ImageTransform for LengthTransform {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, encoded: &[u8], _: &str, _: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        encoded: &[u8],
+        _: &str,
+        _: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         if encoded.len() as u64 != MEMBER || !encoded.starts_with(b"IMG") {
             return Err(DecodeError::Corrupt(format!("{} bytes", encoded.len())));
         }

@@ -213,7 +213,13 @@ impl ImageTransform for DrawTransform {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, _: &[u8], _: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        _: &[u8],
+        _: &str,
+        rng: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         let d = rng.next_u64();
         for (i, o) in out.iter_mut().enumerate() {
             *o = (d >> (8 * (i % 8))) as u8;

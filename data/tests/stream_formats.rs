@@ -24,7 +24,13 @@ impl ImageTransform for JpegMagic {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, encoded: &[u8], ext: &str, _rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        encoded: &[u8],
+        ext: &str,
+        _rng: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         if ext != "jpg" || !encoded.starts_with(&[0xff, 0xd8, 0xff]) {
             return Err(DecodeError::Corrupt("not a JPEG".into()));
         }
@@ -99,8 +105,15 @@ fn weighted_sources_are_drawn_in_proportion_in_resampled_mode() {
     }
     let pb = format!("{}/{{000..001}}.tar", b.display());
     let train = format!("{pa}::{pb}");
-    let cfg = DataConfig { train: train.clone(), train_weights: vec![1.0, 4.0], resampled: true, train_num_samples: 4000, ..cfg() };
-    let mut l = Loader::new(&cfg, &train, opts(0, 1, 8, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+    let cfg = DataConfig {
+        train: train.clone(),
+        train_weights: vec![1.0, 4.0],
+        resampled: true,
+        train_num_samples: 4000,
+        ..cfg()
+    };
+    let mut l =
+        Loader::new(&cfg, &train, opts(0, 1, 8, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
     let batches = take(&mut l, 100);
     let from_b = batches.iter().flat_map(|b| &b.keys).filter(|k| k.starts_with('b')).count() as f64 / 800.0;
     assert!((0.7..0.9).contains(&from_b), "share of source b {from_b}, expected ~0.8");
@@ -109,11 +122,13 @@ fn weighted_sources_are_drawn_in_proportion_in_resampled_mode() {
 #[test]
 fn labels_come_from_the_label_member_and_unlabelled_samples_are_skipped() {
     let dir = tempdir("labels");
-    let mut s: Vec<_> = (0..4).map(|i| {
-        let mut m = good(&format!("k{i}"));
-        m.push((format!("k{i}.cls"), format!(" {} \n", 10 + i).into_bytes()));
-        m
-    }).collect();
+    let mut s: Vec<_> = (0..4)
+        .map(|i| {
+            let mut m = good(&format!("k{i}"));
+            m.push((format!("k{i}.cls"), format!(" {} \n", 10 + i).into_bytes()));
+            m
+        })
+        .collect();
     s[2].pop();
     s[3][2].1 = b"not a number".to_vec();
     std::fs::write(dir.join("0.tar"), tar_of(&s)).unwrap();

@@ -14,17 +14,23 @@ use stream_support::*;
 /// Uninterrupted `total` batches vs. `cut` batches + a loader resumed from the cut's cursor.
 fn check_resume(cfg: &DataConfig, pattern: &str, rank: usize, world: usize, total: usize, cut: usize) {
     let bs = 4;
-    let mut full = Loader::new(cfg, pattern, opts(rank, world, bs, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut full =
+        Loader::new(cfg, pattern, opts(rank, world, bs, Mode::Train, Arc::new(FakeTransform::default()), None))
+            .unwrap();
     let reference = take(&mut full, total);
     drop(full);
 
-    let mut first = Loader::new(cfg, pattern, opts(rank, world, bs, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut first =
+        Loader::new(cfg, pattern, opts(rank, world, bs, Mode::Train, Arc::new(FakeTransform::default()), None))
+            .unwrap();
     let mut got = take(&mut first, cut);
     drop(first);
     // The cursor goes through serde, as it does through a checkpoint.
     let json = serde_json::to_string(&got.last().unwrap().cursor).unwrap();
     let cursor = serde_json::from_str(&json).unwrap();
-    let mut resumed = Loader::new(cfg, pattern, opts(rank, world, bs, Mode::Train, Arc::new(FakeTransform::default()), Some(cursor))).unwrap();
+    let mut resumed =
+        Loader::new(cfg, pattern, opts(rank, world, bs, Mode::Train, Arc::new(FakeTransform::default()), Some(cursor)))
+            .unwrap();
     got.extend(take(&mut resumed, total - cut));
 
     assert_eq!(keys(&got), keys(&reference), "rank {rank}/{world}, cut after batch {cut}");
@@ -57,7 +63,9 @@ fn sequential_resume_is_exact_for_two_ranks_mid_shard_and_across_epochs() {
     }
     // Ranks read disjoint shards within an epoch, and shard order changes between epochs.
     let epoch_keys = |rank| {
-        let mut l = Loader::new(&cfg, &pattern, opts(rank, 2, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+        let mut l =
+            Loader::new(&cfg, &pattern, opts(rank, 2, 4, Mode::Train, Arc::new(FakeTransform::default()), None))
+                .unwrap();
         keys(&take(&mut l, 10))
     };
     let (k0, k1) = (epoch_keys(0), epoch_keys(1));
@@ -83,7 +91,8 @@ fn sequential_resume_with_train_num_samples_bounding_the_epoch() {
     for cut in [2, 3, 4] {
         check_resume(&cfg, &pattern, 1, 2, 8, cut);
     }
-    let mut l = Loader::new(&cfg, &pattern, opts(0, 2, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut l =
+        Loader::new(&cfg, &pattern, opts(0, 2, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
     let epochs: Vec<u64> = take(&mut l, 7).iter().map(|b| b.epoch).collect();
     assert_eq!(epochs, [0, 0, 0, 1, 1, 1, 2]);
 }
@@ -98,7 +107,8 @@ fn resampled_resume_is_exact_for_two_ranks_and_across_epochs() {
             check_resume(&cfg, &pattern, rank, 2, 12, cut);
         }
     }
-    let mut l = Loader::new(&cfg, &pattern, opts(0, 2, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut l =
+        Loader::new(&cfg, &pattern, opts(0, 2, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
     let b = take(&mut l, 11);
     assert_eq!(b.iter().map(|b| b.epoch).collect::<Vec<_>>(), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2]);
     // With replacement: over 11 batches some sample shows up more than once.
@@ -114,13 +124,16 @@ fn resume_does_not_transform_skipped_samples() {
     let dir = tempdir("resume-count");
     let pattern = dataset(&dir, 4, 10);
     let cfg = DataConfig { shuffle_buffer: 8, ..cfg() };
-    let mut first = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut first =
+        Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
     let before: Vec<Batch> = take(&mut first, 5);
     drop(first);
     assert!(before.iter().all(|b| b.epoch == 0));
 
     let counting = Arc::new(FakeTransform::default());
-    let mut resumed = Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, counting.clone(), Some(before[4].cursor.clone()))).unwrap();
+    let mut resumed =
+        Loader::new(&cfg, &pattern, opts(0, 1, 4, Mode::Train, counting.clone(), Some(before[4].cursor.clone())))
+            .unwrap();
     take(&mut resumed, 2);
     drop(resumed);
     // Identify epoch-0 transforms by the sample's epoch-0 random stream.
@@ -141,7 +154,13 @@ impl ferroclip_data::augment::ImageTransform for Jitter {
     fn output_size(&self) -> usize {
         self.0.output_size()
     }
-    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, ferroclip_data::decode::DecodeError> {
+    fn apply(
+        &self,
+        e: &[u8],
+        x: &str,
+        r: &mut SampleRng,
+        o: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, ferroclip_data::decode::DecodeError> {
         let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         std::thread::sleep(std::time::Duration::from_micros((ns % 400) as u64));
         self.0.apply(e, x, r, o)

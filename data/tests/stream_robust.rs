@@ -47,7 +47,15 @@ fn bad_images_and_captions_are_skipped_and_counted() {
     std::fs::write(dir.join("0.tar"), tar_of(&s)).unwrap();
     let (keys, stats) = eval_all(&cfg(), &format!("{}/0.tar", dir.display()), 2);
     assert_eq!(keys, ["k0", "k8"]);
-    for reason in ["empty_image", "corrupt_image", "bad_caption", "empty_caption", "image_too_large", "missing_caption", "missing_image"] {
+    for reason in [
+        "empty_image",
+        "corrupt_image",
+        "bad_caption",
+        "empty_caption",
+        "image_too_large",
+        "missing_caption",
+        "missing_image",
+    ] {
         assert_eq!(stats.skipped.get(reason), Some(&1), "{reason}: {:?}", stats.skipped);
     }
     assert_eq!(stats.samples_yielded, 2);
@@ -119,7 +127,9 @@ fn all_bad_shards_in_train_mode_end_with_an_error_not_a_hang() {
         let cfg = DataConfig { resampled, train_num_samples: 100, ..cfg() };
         let pattern = format!("{}/{{0..2}}.tar", dir.display());
         let (none, err, failed) = within(60, move || {
-            let mut l = Loader::new(&cfg, &pattern, opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+            let mut l =
+                Loader::new(&cfg, &pattern, opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None))
+                    .unwrap();
             let b = l.next_batch();
             (b.is_none(), l.error().map(|e| e.to_string()), l.stats().shards_failed)
         });
@@ -134,7 +144,8 @@ fn epochs_shorter_than_a_batch_stop_instead_of_spinning() {
     let dir = tempdir("robust-short");
     let pattern = dataset(&dir, 1, 3);
     let none = within(60, move || {
-        let mut l = Loader::new(&cfg(), &pattern, opts(0, 1, 8, Mode::Train, Arc::new(FakeTransform::default()), None)).unwrap();
+        let mut l = Loader::new(&cfg(), &pattern, opts(0, 1, 8, Mode::Train, Arc::new(FakeTransform::default()), None))
+            .unwrap();
         l.next_batch().is_none() && l.error().is_some()
     });
     assert!(none);
@@ -148,7 +159,13 @@ impl ferroclip_data::augment::ImageTransform for PanicsOn {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, e: &[u8], x: &str, r: &mut SampleRng, o: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        e: &[u8],
+        x: &str,
+        r: &mut SampleRng,
+        o: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         if e == format!("IMG:{}", self.0).as_bytes() {
             panic!("transform bug on {}", self.0);
         }
@@ -225,7 +242,9 @@ fn eval_splits_shards_across_ranks_and_stats_serialize() {
     let pattern = dataset(&dir, 3, 3);
     let mut all = Vec::new();
     for rank in 0..2 {
-        let mut l = Loader::new(&cfg(), &pattern, opts(rank, 2, 2, Mode::Eval, Arc::new(FakeTransform::default()), None)).unwrap();
+        let mut l =
+            Loader::new(&cfg(), &pattern, opts(rank, 2, 2, Mode::Eval, Arc::new(FakeTransform::default()), None))
+                .unwrap();
         let mut ks = Vec::new();
         while let Some(b) = l.next_batch() {
             assert_eq!(b.captions, b.keys.iter().map(|k| format!("a photo of {k}")).collect::<Vec<_>>());

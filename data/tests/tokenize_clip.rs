@@ -19,45 +19,27 @@ struct Row {
 }
 
 fn rows() -> Vec<Row> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/clip_bpe.jsonl");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/clip_bpe.jsonl");
     let text = std::fs::read_to_string(&path).expect("clip_bpe.jsonl fixture");
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("fixture row"))
-        .collect()
+    text.lines().map(|l| serde_json::from_str(l).expect("fixture row")).collect()
 }
 
 #[test]
 fn matches_open_clip_ids() {
     let rows = rows();
-    assert!(
-        rows.len() >= 500,
-        "fixture unexpectedly small: {}",
-        rows.len()
-    );
+    assert!(rows.len() >= 500, "fixture unexpectedly small: {}", rows.len());
     let mut tokenizers: HashMap<usize, ClipTokenizer> = HashMap::new();
     let mut failures = Vec::new();
     for row in &rows {
         let n = row.context_length.unwrap_or(77);
         assert_eq!(row.ids.len(), n);
-        let tok = tokenizers
-            .entry(n)
-            .or_insert_with(|| ClipTokenizer::with_context_length(n));
+        let tok = tokenizers.entry(n).or_insert_with(|| ClipTokenizer::with_context_length(n));
         let got = tok.encode(&row.text);
         if got != row.ids {
-            failures.push(format!(
-                "{:?} (context {n})\n  want {:?}\n  got  {:?}",
-                row.text, row.ids, got
-            ));
+            failures.push(format!("{:?} (context {n})\n  want {:?}\n  got  {:?}", row.text, row.ids, got));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} rows differ:\n{}",
-        failures.len(),
-        rows.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} rows differ:\n{}", failures.len(), rows.len(), failures.join("\n"));
     // The fixture exercises truncation and every context length it was written for.
     assert!(rows.iter().any(|r| r.ids.len() == 77 && r.ids[76] == 49407));
     assert_eq!(tokenizers.len(), 4);
@@ -70,12 +52,7 @@ fn decode_matches_open_clip() {
     for row in rows() {
         let Some(want) = row.decoded else { continue };
         let end = row.ids.iter().position(|&id| id == 49407).unwrap();
-        assert_eq!(
-            tok.decode(&row.ids[1..end]),
-            want,
-            "decode of {:?}",
-            row.text
-        );
+        assert_eq!(tok.decode(&row.ids[1..end]), want, "decode of {:?}", row.text);
         checked += 1;
     }
     assert!(checked >= 500, "only {checked} rows carry a decoded text");
@@ -85,16 +62,8 @@ fn decode_matches_open_clip() {
 fn rows_are_identical_across_threads() {
     let rows = rows();
     let tok = ClipTokenizer::new();
-    let texts: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.context_length.is_none())
-        .map(|r| r.text.as_str())
-        .collect();
-    let expected: Vec<Vec<i64>> = rows
-        .iter()
-        .filter(|r| r.context_length.is_none())
-        .map(|r| r.ids.clone())
-        .collect();
+    let texts: Vec<&str> = rows.iter().filter(|r| r.context_length.is_none()).map(|r| r.text.as_str()).collect();
+    let expected: Vec<Vec<i64>> = rows.iter().filter(|r| r.context_length.is_none()).map(|r| r.ids.clone()).collect();
     std::thread::scope(|s| {
         for t in 0..4 {
             let (tok, texts, expected) = (&tok, &texts, &expected);

@@ -16,16 +16,12 @@ struct Row {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tokenizer")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer").join(name)
 }
 
 fn rows() -> Vec<Row> {
     let text = std::fs::read_to_string(fixture("hf_xlmr.jsonl")).expect("hf_xlmr.jsonl fixture");
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("fixture row"))
-        .collect()
+    text.lines().map(|l| serde_json::from_str(l).expect("fixture row")).collect()
 }
 
 #[test]
@@ -41,25 +37,14 @@ fn matches_open_clip_hf_tokenizer() {
         assert_eq!(tok.pad_id(), 1);
         let rows: Vec<&Row> = rows.iter().filter(|r| r.context_length == n).collect();
         for row in &rows {
-            assert_eq!(
-                tok.encode(&row.text),
-                row.ids,
-                "ids of {:?} (context {n})",
-                row.text
-            );
+            assert_eq!(tok.encode(&row.text), row.ids, "ids of {:?} (context {n})", row.text);
             let (ids, mask) = tok.encode_with_mask(&row.text);
             assert_eq!(ids, row.ids, "ids of {:?} (context {n})", row.text);
             assert_eq!(mask, row.mask, "mask of {:?} (context {n})", row.text);
         }
         // Some rows are truncated (</s> = 2 in the last slot), some padded with <pad> = 1.
-        assert!(
-            rows.iter().any(|r| r.ids[n - 1] == 2),
-            "no truncated row at {n}"
-        );
-        assert!(
-            rows.iter().any(|r| r.ids[n - 1] == 1),
-            "no padded row at {n}"
-        );
+        assert!(rows.iter().any(|r| r.ids[n - 1] == 2), "no truncated row at {n}");
+        assert!(rows.iter().any(|r| r.ids[n - 1] == 1), "no padded row at {n}");
     }
 }
 
@@ -78,16 +63,7 @@ fn short_context_truncates_keeping_specials() {
 #[test]
 fn rejects_context_without_room_for_specials() {
     let err = HfTokenizer::from_file(&fixture("xlmr_tiny_tokenizer.json"), 1).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TokenizerError::ContextTooShort {
-                context_length: 1,
-                specials: 2
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, TokenizerError::ContextTooShort { context_length: 1, specials: 2 }), "{err}");
     let tok = HfTokenizer::from_file(&fixture("xlmr_tiny_tokenizer.json"), 2).unwrap();
     assert_eq!(tok.encode("a photo of a dog"), vec![0, 2]);
 }

@@ -180,11 +180,7 @@ pub fn resolve_resume(spec: &str, dir: &CheckpointDir) -> Result<Option<(PathBuf
                 bail!("checkpoint.resume: `{path}` is not a .safetensors checkpoint file");
             };
             if !model.is_file() || !state.is_file() {
-                bail!(
-                    "checkpoint.resume: `{path}` needs both {} and {}",
-                    model.display(),
-                    state.display()
-                );
+                bail!("checkpoint.resume: `{path}` needs both {} and {}", model.display(), state.display());
             }
             Ok(Some((model, state)))
         }
@@ -192,16 +188,12 @@ pub fn resolve_resume(spec: &str, dir: &CheckpointDir) -> Result<Option<(PathBuf
 }
 
 fn write_atomic(path: &Path, file: &HostFile) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-    ));
+    let tmp =
+        path.with_file_name(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     // Streamed from the host copy: no second buffer of the whole file.
     safetensors::serialize_to_file(file.views(), &Some(file.meta()), &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", tmp.display()))?;
+    fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Some(parent) = path.parent() {
         if let Ok(d) = fs::File::open(parent) {
@@ -311,7 +303,8 @@ pub fn serialize(tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) 
 /// Load an OpenCLIP-compatible model file (a checkpoint's, or `model.init`'s) into `vs`, whose
 /// parameters are those of `arch`; a ViT's positional grid is resized to `arch`'s image size.
 pub fn load_model_file(vs: &mut tch::nn::VarStore, path: &Path, arch: &crate::model::ClipConfig) -> Result<()> {
-    crate::model::load_safetensors(vs, path, arch).with_context(|| format!("loading weights from {}", path.display()))?;
+    crate::model::load_safetensors(vs, path, arch)
+        .with_context(|| format!("loading weights from {}", path.display()))?;
     Ok(())
 }
 

@@ -52,7 +52,9 @@ impl CheckpointWriter {
     pub fn wait(&mut self) -> Result<Option<Saved>> {
         let Some((step, handle)) = self.in_flight.take() else { return Ok(None) };
         let result = handle.join().map_err(|_| anyhow!("the thread writing the checkpoint of step {step} panicked"))?;
-        result.with_context(|| format!("writing the checkpoint of step {step} in {}", self.dir.dir().display())).map(Some)
+        result
+            .with_context(|| format!("writing the checkpoint of step {step} in {}", self.dir.dir().display()))
+            .map(Some)
     }
 
     /// Whether a write is in flight.

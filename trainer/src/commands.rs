@@ -13,9 +13,9 @@ use ferroclip_data::tokenize::{ClipTokenizer, Tokenizer};
 
 use crate::config::{Config, DeviceConfig, ModelConfig, OptimConfig, Precision};
 use crate::eval::EvalInputs;
+use crate::loss::l2_normalize;
 use crate::model::clip::Clip;
 use crate::model::ContrastiveModel;
-use crate::loss::l2_normalize;
 use crate::world::World;
 
 /// A model with weights from `checkpoint`, in eval mode semantics (callers pass `train = false`).
@@ -47,18 +47,13 @@ pub fn eval(cfg: &Config, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
     result
 }
 
-fn eval_on_ranks(
-    cfg: &Config,
-    inputs: &EvalInputs,
-    s: &World,
-    checkpoint: &Path,
-    out: Option<&Path>,
-) -> Result<()> {
+fn eval_on_ranks(cfg: &Config, inputs: &EvalInputs, s: &World, checkpoint: &Path, out: Option<&Path>) -> Result<()> {
     let (_vs, model) = load_model(cfg, checkpoint, s.device)?;
     // Without a handler SIGTERM ends the process at once, which is what a standalone evaluation wants.
     let never = std::sync::atomic::AtomicBool::new(false);
-    let results = crate::eval::run::evaluate(cfg, inputs, &model, s.collective.as_ref(), s.control.as_ref(), s.device, &never)?
-        .expect("no stop flag is ever set");
+    let results =
+        crate::eval::run::evaluate(cfg, inputs, &model, s.collective.as_ref(), s.control.as_ref(), s.device, &never)?
+            .expect("no stop flag is ever set");
     if s.collective.rank() != 0 {
         return Ok(());
     }
@@ -75,7 +70,10 @@ fn eval_on_ranks(
 /// `trainer embed`
 pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Option<&Path>, out: &Path) -> Result<()> {
     if images.is_none() && texts.is_none() {
-        bail!(crate::config::ConfigError { file: "<command line>".into(), message: "embed needs --images DIR and/or --texts FILE".into() });
+        bail!(crate::config::ConfigError {
+            file: "<command line>".into(),
+            message: "embed needs --images DIR and/or --texts FILE".into()
+        });
     }
     // One process: the GPU of local rank 0 (or as `train.device` says).
     let device = cfg.train.device.resolve(0).map_err(anyhow::Error::msg)?;
@@ -92,7 +90,10 @@ pub fn embed(cfg: &Config, checkpoint: &Path, images: Option<&Path>, texts: Opti
                 feats.push(l2_normalize(&model.encode_image(&batch, false)));
             }
             named.push(("image_features".into(), Tensor::cat(&feats, 0).to_device(Device::Cpu)));
-            let list = files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>();
+            let list = files
+                .iter()
+                .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                .collect::<Vec<_>>();
             eprintln!("ferroclip: embedded {} images", list.len());
         }
         if let Some(file) = texts {
@@ -256,7 +257,6 @@ pub fn dist_selftest(t: &DistSelftest) -> Result<()> {
     d.job.shutdown(d.control.as_ref());
     Ok(())
 }
-
 
 /// What `trainer bench-train` measures.
 pub struct BenchTrain {

@@ -32,9 +32,11 @@ impl DeviceConfig {
         let cuda = tch::Cuda::is_available();
         match self {
             DeviceConfig::Cpu => Ok(Device::Cpu),
-            DeviceConfig::Cuda if !cuda => Err("train.device = \"cuda\", but libtorch sees no CUDA device (a CPU-only \
+            DeviceConfig::Cuda if !cuda => {
+                Err("train.device = \"cuda\", but libtorch sees no CUDA device (a CPU-only \
                  torch wheel, no driver, or CUDA_VISIBLE_DEVICES empty)"
-                .into()),
+                    .into())
+            }
             DeviceConfig::Cuda => Ok(local_gpu(local_rank)),
             DeviceConfig::Auto => auto(local_rank, cuda, |var| std::env::var(var).ok()),
         }

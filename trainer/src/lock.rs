@@ -54,7 +54,11 @@ fn group_of(name: &str, text_layers: usize, vit_layers: usize, trunk_stages: usi
         return None;
     }
     if let Some(rest) = name.strip_prefix("visual.") {
-        return Some((Tower::Image, transformer_group(rest, "transformer.resblocks.", &["ln_post"], &["proj"], vit_layers)?, vit_layers + 2));
+        return Some((
+            Tower::Image,
+            transformer_group(rest, "transformer.resblocks.", &["ln_post"], &["proj"], vit_layers)?,
+            vit_layers + 2,
+        ));
     }
     if name == "logit_scale" || name == "logit_bias" {
         return None;
@@ -72,7 +76,11 @@ fn group_of(name: &str, text_layers: usize, vit_layers: usize, trunk_stages: usi
         return None;
     }
     let rest = name.strip_prefix("text.").unwrap_or(name);
-    Some((Tower::Text, transformer_group(rest, "transformer.resblocks.", &["ln_final"], &["text_projection"], text_layers)?, text_layers + 2))
+    Some((
+        Tower::Text,
+        transformer_group(rest, "transformer.resblocks.", &["ln_final"], &["text_projection"], text_layers)?,
+        text_layers + 2,
+    ))
 }
 
 /// OpenCLIP's grouping of a pre-LN transformer tower with `layers` blocks.
@@ -116,7 +124,8 @@ pub struct TowerDepths {
 
 /// Whether parameter `name` stays trainable under `spec`.
 pub fn is_trainable(name: &str, spec: &LockSpec, depths: &TowerDepths) -> bool {
-    let Some((tower, group, groups)) = group_of(name, depths.text_layers, depths.vit_layers, depths.trunk_stages) else {
+    let Some((tower, group, groups)) = group_of(name, depths.text_layers, depths.vit_layers, depths.trunk_stages)
+    else {
         return true;
     };
     let (locked, unlocked) = match tower {
@@ -135,7 +144,13 @@ mod tests {
     #[test]
     fn lock_text_freezes_all_text_but_the_last_groups() {
         let spec = LockSpec { lock_text: true, text_unlocked_layers: 0, ..Default::default() };
-        for n in ["token_embedding.weight", "positional_embedding", "transformer.resblocks.2.mlp.c_fc.weight", "ln_final.weight", "text_projection"] {
+        for n in [
+            "token_embedding.weight",
+            "positional_embedding",
+            "transformer.resblocks.2.mlp.c_fc.weight",
+            "ln_final.weight",
+            "text_projection",
+        ] {
             assert!(!is_trainable(n, &spec, &D), "{n}");
         }
         assert!(is_trainable("logit_scale", &spec, &D));
@@ -185,7 +200,8 @@ mod tests {
 
     #[test]
     fn trainable_parameters_leaves_out_and_freezes_the_locked_ones() {
-        let arch = ClipConfig::resolve(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/models/convnext_test.json")).unwrap();
+        let arch =
+            ClipConfig::resolve(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/models/convnext_test.json")).unwrap();
         let vs = VarStore::new(tch::Device::Cpu);
         let _model = crate::model::Clip::new(&vs.root(), &arch);
         let spec = LockSpec { lock_image: true, ..Default::default() };

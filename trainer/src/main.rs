@@ -185,7 +185,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => {
             let Some(args) = cli.train else {
-                return Err(ConfigError { file: "<command line>".into(), message: "missing --config FILE (see --help)".into() }.into());
+                return Err(ConfigError {
+                    file: "<command line>".into(),
+                    message: "missing --config FILE (see --help)".into(),
+                }
+                .into());
             };
             ferroclip::train::run(&load(&args)?)
         }
@@ -202,19 +206,27 @@ fn run(cli: Cli) -> Result<()> {
                 None => commands::bench_data(&cfg, threads, seconds, synthetic),
             }
         }
-        Some(Command::BenchTrain { arch, image_size, batch, steps, warmup, precision, threads, device, grad_checkpointing }) => {
-            commands::bench_train(&commands::BenchTrain {
-                arch,
-                image_size,
-                batch,
-                steps,
-                warmup,
-                precision: config_value("precision", &precision)?,
-                threads,
-                device: config_value("device", &device)?,
-                grad_checkpointing,
-            })
-        }
+        Some(Command::BenchTrain {
+            arch,
+            image_size,
+            batch,
+            steps,
+            warmup,
+            precision,
+            threads,
+            device,
+            grad_checkpointing,
+        }) => commands::bench_train(&commands::BenchTrain {
+            arch,
+            image_size,
+            batch,
+            steps,
+            warmup,
+            precision: config_value("precision", &precision)?,
+            threads,
+            device: config_value("device", &device)?,
+            grad_checkpointing,
+        }),
         Some(Command::ConfigDocs) => {
             print!("{}", ferroclip::config::docs::markdown());
             Ok(())
@@ -241,10 +253,22 @@ fn run(cli: Cli) -> Result<()> {
             misroute,
         }) => {
             let backend = config_value("backend", &backend)?;
-            let dist =
-                ferroclip::config::DistConfig { backend, strict_device: strict, heartbeat_timeout_s, timeout_s, ..Default::default() };
+            let dist = ferroclip::config::DistConfig {
+                backend,
+                strict_device: strict,
+                heartbeat_timeout_s,
+                timeout_s,
+                ..Default::default()
+            };
             let device = config_value("device", &device)?;
-            commands::dist_selftest(&commands::DistSelftest { dist, device, fail_rank, panic_rank, stall_rank, misroute })
+            commands::dist_selftest(&commands::DistSelftest {
+                dist,
+                device,
+                fail_rank,
+                panic_rank,
+                stall_rank,
+                misroute,
+            })
         }
     }
 }

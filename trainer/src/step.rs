@@ -134,7 +134,8 @@ pub fn contrastive_step(
             let gi = img_grad.narrow(0, offset, sizes[i]);
             let gt = txt_grad.narrow(0, offset, sizes[i]);
             // d/dF sum(F ⊙ G) = G: backpropagates exactly the given feature gradients.
-            let surrogate = (fi.to_kind(Kind::Float) * gi).sum(Kind::Float) + (ft.to_kind(Kind::Float) * gt).sum(Kind::Float);
+            let surrogate =
+                (fi.to_kind(Kind::Float) * gi).sum(Kind::Float) + (ft.to_kind(Kind::Float) * gt).sum(Kind::Float);
             if i + 1 == k {
                 if let Some(sync) = grad_sync {
                     sync.before_last_backward();

@@ -17,14 +17,14 @@ use ferroclip_data::{ResumeFrom, StreamCursor};
 use crate::checkpoint::{self, CheckpointDir, Saved, Snapshot};
 use crate::checkpoint_writer::CheckpointWriter;
 use crate::config::Config;
+use crate::cuda::SyncDebug;
 use crate::dist::grad_buckets::{self, GradSync};
 use crate::dist::watchdog::{self, Phase};
 use crate::dist::{self, preempt, Collective, Control};
+use crate::input::{self, DeviceInput};
 use crate::log::{RunLogger, SampleKeyLog, StepStats};
 use crate::loss::ClipLoss;
 use crate::model::ContrastiveModel;
-use crate::cuda::SyncDebug;
-use crate::input::{self, DeviceInput};
 use crate::skips::SkippedSteps;
 use crate::train_state::{Counters, TrainState};
 use crate::world::World;
@@ -39,7 +39,10 @@ pub fn run(cfg: &Config) -> Result<()> {
     let result = train(cfg, &s, &eval_inputs, &stop);
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
-        dist::fail_fast::exit_on_error(s.collective.as_ref(), result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+        dist::fail_fast::exit_on_error(
+            s.collective.as_ref(),
+            result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+        );
     }
     let stopped_at = result?;
     let is_main = s.rank_env.is_primary();
@@ -107,7 +110,8 @@ fn train(
     broadcast_parameters(&vs, collective);
 
     // Laid out in the order backward completes the gradients, so that gradient buckets fill in turn.
-    let trainable = grad_buckets::gradient_ready_order(&vs, lock::trainable_parameters(&vs, &cfg.train.lock_spec(), &mcfg));
+    let trainable =
+        grad_buckets::gradient_ready_order(&vs, lock::trainable_parameters(&vs, &cfg.train.lock_spec(), &mcfg));
     let mut opt = cfg.optim.init(&trainable, &mcfg.arch)?;
     if is_main {
         eprintln!("ferroclip: {} ({} parameters)", opt.describe(), crate::model::num_params(&vs));
@@ -135,7 +139,8 @@ fn train(
         data_resume = Some(ResumeFrom { cursors, allow_data_change: cfg.checkpoint.allow_data_change });
     }
 
-    let transform = Arc::new(TrainTransform::new(mcfg.image_size() as usize, &cfg.data.augment, cfg.data.max_image_pixels));
+    let transform =
+        Arc::new(TrainTransform::new(mcfg.image_size() as usize, &cfg.data.augment, cfg.data.max_image_pixels));
     // `dist.test_slices`: every rank reads the one-process stream at W× the batch and keeps its slice.
     let (stream_rank, stream_world, stream_batch) =
         if cfg.dist.test_slices { (0, 1, cfg.data.batch_size * world) } else { (rank, world, cfg.data.batch_size) };
@@ -306,12 +311,16 @@ fn train(
                 log.flush().context("writing the sample key log")?;
             }
             let _phase = watchdog::enter(Phase::WritingCheckpoint, "");
-            let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read")).context("serializing the data cursor")?;
+            let cursor_json = serde_json::to_vec(cursor.as_ref().expect("a batch was read"))
+                .context("serializing the data cursor")?;
             let cursors = control.all_gather_bytes(&cursor_json);
             control.check_same_u64(counters.step, "the step being saved")?;
             if is_main {
                 // Rank 0 copies the state to host memory and writes it on a thread; training goes on.
-                report_saved(&logger, writer.start(Snapshot::of(&vs, TrainState::state(cfg, &opt, &counters, &cursors)?)?)?);
+                report_saved(
+                    &logger,
+                    writer.start(Snapshot::of(&vs, TrainState::state(cfg, &opt, &counters, &cursors)?)?)?,
+                );
                 if wait {
                     report_saved(&logger, writer.wait()?);
                 }
@@ -375,7 +384,8 @@ fn choose_resume(spec: &str, ckpt: &CheckpointDir, control: &dyn Control) -> Res
         Vec::new()
     };
     let chosen = control.broadcast_bytes(&mine, 0);
-    let choice: Option<(PathBuf, PathBuf)> = serde_json::from_slice(&chosen).context("decoding rank 0's checkpoint choice")?;
+    let choice: Option<(PathBuf, PathBuf)> =
+        serde_json::from_slice(&chosen).context("decoding rank 0's checkpoint choice")?;
     if let Some((model, state)) = &choice {
         for f in [model, state] {
             if !f.is_file() {
@@ -403,7 +413,8 @@ fn own_slice(images: &Tensor, tokens: &Tensor, rank: usize, world: usize) -> (Te
 /// uses `seed + i`, so consecutive (step, rank) pairs are `accum` apart.
 fn step_seed(seed: u64, step: u64, rank: usize, world: usize, accum: usize) -> i64 {
     let index = (step * world as u64 + rank as u64) * accum as u64;
-    ((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1) as i64 & 0x3FFF_FFFF_FFFF_FFFF).wrapping_add(index as i64) & i64::MAX
+    ((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1) as i64 & 0x3FFF_FFFF_FFFF_FFFF).wrapping_add(index as i64)
+        & i64::MAX
 }
 
 /// Throughput over one logging interval.

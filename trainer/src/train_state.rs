@@ -118,7 +118,9 @@ pub type Change = (String, String, String);
 pub fn changed_run_keys(saved: &Config, now: &Config) -> Vec<Change> {
     let (a, b) = (flatten(saved), flatten(now));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let matters = |k: &str| k == LENGTH_KEY || RUN_KEYS.iter().any(|p| if p.ends_with(['.', '_']) { k.starts_with(p) } else { k == *p });
+    let matters = |k: &str| {
+        k == LENGTH_KEY || RUN_KEYS.iter().any(|p| if p.ends_with(['.', '_']) { k.starts_with(p) } else { k == *p })
+    };
     keys.into_iter()
         .filter(|k| matters(k) && a.get(*k) != b.get(*k))
         .map(|k| {

@@ -49,8 +49,8 @@ fn html5() -> &'static HashMap<String, String> {
 /// C1 control (ftfy's "sloppy" codec). Python's `html.unescape` uses the same table for
 /// `&#128;`..`&#159;`.
 const CP1252_C1: [char; 32] = [
-    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
-    '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
+    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}', '\u{90}', '‘', '’',
+    '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
 ];
 
 /// `'lower'` cleaning of `SimpleTokenizer`: `whitespace_clean(basic_clean(x)).lower()`.
@@ -205,8 +205,7 @@ fn fix_line_breaks(text: &str) -> String {
     if !text.contains(['\r', '\u{2028}', '\u{2029}', '\u{85}']) {
         return text.to_string();
     }
-    text.replace("\r\n", "\n")
-        .replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n")
+    text.replace("\r\n", "\n").replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n")
 }
 
 fn is_ftfy_control(c: char) -> bool {
@@ -283,11 +282,8 @@ pub fn html_unescape(text: &str) -> String {
         return text.to_string();
     }
     static RE: OnceLock<Regex> = OnceLock::new();
-    let re = RE.get_or_init(|| {
-        Regex::new(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\x0c <&#;]{1,32};?)").unwrap()
-    });
-    re.replace_all(text, |caps: &Captures| replace_charref(&caps[1]))
-        .into_owned()
+    let re = RE.get_or_init(|| Regex::new(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\x0c <&#;]{1,32};?)").unwrap());
+    re.replace_all(text, |caps: &Captures| replace_charref(&caps[1])).into_owned()
 }
 
 fn replace_charref(s: &str) -> String {
@@ -352,23 +348,14 @@ mod tests {
         assert_eq!(fix_text("\u{80}5"), "€5");
         assert_eq!(fix_text("&NTILDE;o &amp;amp; x"), "Ño & x");
         // A line with '<' keeps its entities (and so does every later line).
-        assert_eq!(
-            fix_text("a &amp; b\n<b> &amp;\n&amp;"),
-            "a & b\n<b> &amp;\n&amp;"
-        );
+        assert_eq!(fix_text("a &amp; b\n<b> &amp;\n&amp;"), "a & b\n<b> &amp;\n&amp;");
     }
 
     #[test]
     fn lower_clean() {
-        assert_eq!(
-            clean_lower("  A  Photo\tof\n\na  DOG &amp;amp; cat  "),
-            "a photo of a dog & cat"
-        );
+        assert_eq!(clean_lower("  A  Photo\tof\n\na  DOG &amp;amp; cat  "), "a photo of a dog & cat");
         // ftfy drops the U+001C control before `split()` could treat it as a separator.
-        assert_eq!(
-            clean_whitespace(" Ein  Hund\u{1c}X\u{2003}\u{a0}Y "),
-            "Ein HundX Y"
-        );
+        assert_eq!(clean_whitespace(" Ein  Hund\u{1c}X\u{2003}\u{a0}Y "), "Ein HundX Y");
         assert_eq!(clean_lower(""), "");
     }
 }

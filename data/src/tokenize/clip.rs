@@ -66,9 +66,7 @@ struct Vocab {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer")
-            .field("context_length", &self.context_length)
-            .finish_non_exhaustive()
+        f.debug_struct("ClipTokenizer").field("context_length", &self.context_length).finish_non_exhaustive()
     }
 }
 
@@ -81,10 +79,7 @@ impl Default for ClipTokenizer {
 /// `bytes_to_unicode`: printable Latin-1 bytes stand for themselves, the other 68 bytes map
 /// to U+0100 upwards. Returned in the order of the original dict (the vocabulary order).
 fn bytes_to_unicode() -> Vec<(u8, char)> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xa1..=0xac)
-        .chain(0xae..=0xff)
-        .collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xa1..=0xac).chain(0xae..=0xff).collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -94,10 +89,7 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
             n += 1;
         }
     }
-    bs.into_iter()
-        .zip(cs)
-        .map(|(b, c)| (b as u8, char::from_u32(c).unwrap()))
-        .collect()
+    bs.into_iter().zip(cs).map(|(b, c)| (b as u8, char::from_u32(c).unwrap())).collect()
 }
 
 impl Vocab {
@@ -130,11 +122,7 @@ impl Vocab {
         vocab.extend(merge_lines.iter().map(|(a, b)| format!("{a}{b}")));
         vocab.extend(SPECIAL_TOKENS.iter().map(|s| s.to_string()));
         // dict(zip(vocab, range)): a repeated string keeps its last id.
-        let encoder: HashMap<&str, u32> = vocab
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.as_str(), i as u32))
-            .collect();
+        let encoder: HashMap<&str, u32> = vocab.iter().enumerate().map(|(i, s)| (s.as_str(), i as u32)).collect();
 
         let mut byte_id = [0u32; 256];
         for (b, c) in byte_encoder.iter().enumerate() {
@@ -157,13 +145,7 @@ impl Vocab {
         ))
         .expect("CLIP pre-tokenizer pattern");
 
-        Self {
-            byte_decoder: b2u.iter().map(|&(b, c)| (c, b)).collect(),
-            byte_id,
-            merges,
-            decoder: vocab,
-            pattern,
-        }
+        Self { byte_decoder: b2u.iter().map(|&(b, c)| (c, b)).collect(), byte_id, merges, decoder: vocab, pattern }
     }
 }
 
@@ -180,9 +162,7 @@ impl ClipTokenizer {
         Self {
             context_length,
             vocab: VOCAB.get_or_init(Vocab::load),
-            cache: (0..CACHE_SHARDS)
-                .map(|_| RwLock::new(HashMap::new()))
-                .collect(),
+            cache: (0..CACHE_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
     }
 
@@ -227,22 +207,14 @@ impl ClipTokenizer {
 
     /// `SimpleTokenizer.bpe` on one piece's bytes, in vocabulary ids.
     fn bpe(&self, bytes: &[u8]) -> Vec<u32> {
-        let mut word: Vec<u32> = bytes
-            .iter()
-            .map(|&b| self.vocab.byte_id[b as usize])
-            .collect();
+        let mut word: Vec<u32> = bytes.iter().map(|&b| self.vocab.byte_id[b as usize]).collect();
         if let Some(last) = word.last_mut() {
             *last += 256; // the `</w>` form of the final symbol
         }
         while word.len() > 1 {
             let best = word
                 .windows(2)
-                .filter_map(|p| {
-                    self.vocab
-                        .merges
-                        .get(&(p[0], p[1]))
-                        .map(|&(rank, id)| (rank, p[0], p[1], id))
-                })
+                .filter_map(|p| self.vocab.merges.get(&(p[0], p[1])).map(|&(rank, id)| (rank, p[0], p[1], id)))
                 .min();
             let Some((_, first, second, merged)) = best else {
                 break;
@@ -268,10 +240,7 @@ impl ClipTokenizer {
     pub fn decode(&self, ids: &[i64]) -> String {
         let mut bytes = Vec::new();
         for &id in ids {
-            let Some(token) = usize::try_from(id)
-                .ok()
-                .and_then(|i| self.vocab.decoder.get(i))
-            else {
+            let Some(token) = usize::try_from(id).ok().and_then(|i| self.vocab.decoder.get(i)) else {
                 continue;
             };
             for c in token.chars() {
@@ -325,19 +294,13 @@ mod tests {
         assert_eq!(tok().vocab.byte_decoder[&'Ġ'], b' ');
         assert_eq!(tok().vocab.byte_decoder[&'Ċ'], b'\n');
         assert_eq!(tok().vocab.decoder.len(), VOCAB_SIZE);
-        assert_eq!(
-            tok().vocab.decoder[SOT_TOKEN_ID as usize],
-            "<start_of_text>"
-        );
+        assert_eq!(tok().vocab.decoder[SOT_TOKEN_ID as usize], "<start_of_text>");
     }
 
     #[test]
     fn encodes_known_words() {
         // open_clip.tokenize("a photo of a dog")[0][:7]
-        assert_eq!(
-            tok().encode_text("a photo of a dog"),
-            vec![320, 1125, 539, 320, 1929]
-        );
+        assert_eq!(tok().encode_text("a photo of a dog"), vec![320, 1125, 539, 320, 1929]);
         // "hello" and "!!" are single tokens (open_clip: [3306, 748]).
         assert_eq!(tok().encode_text("Hello!!"), vec![3306, 748]);
     }
@@ -356,10 +319,7 @@ mod tests {
         assert_eq!(row[76], EOT_TOKEN_ID);
 
         let short = ClipTokenizer::with_context_length(3);
-        assert_eq!(
-            short.encode("a dog barks"),
-            vec![SOT_TOKEN_ID, 320, EOT_TOKEN_ID]
-        );
+        assert_eq!(short.encode("a dog barks"), vec![SOT_TOKEN_ID, 320, EOT_TOKEN_ID]);
         assert_eq!(short.encode("a"), vec![SOT_TOKEN_ID, 320, EOT_TOKEN_ID]);
     }
 
@@ -378,9 +338,7 @@ mod tests {
     #[test]
     fn shared_across_threads() {
         let rows: Vec<Vec<i64>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| tok().encode("threads share one cache")))
-                .collect();
+            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| tok().encode("threads share one cache"))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(rows.windows(2).all(|w| w[0] == w[1]));

@@ -11,8 +11,8 @@
 use std::path::Path;
 
 use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, PostProcessor, TruncationDirection,
-    TruncationParams, TruncationStrategy,
+    PaddingDirection, PaddingParams, PaddingStrategy, PostProcessor, TruncationDirection, TruncationParams,
+    TruncationStrategy,
 };
 
 use super::{clean, Tokenizer, TokenizerError};
@@ -37,35 +37,22 @@ impl HfTokenizer {
     /// Loads `path` (a `tokenizer.json`); rows are `context_length` ids. The pad id is the
     /// file's padding id when it sets one, else the id of `<pad>`.
     pub fn from_file(path: &Path, context_length: usize) -> Result<Self, TokenizerError> {
-        let load_err = |message: String| TokenizerError::Load {
-            path: path.to_path_buf(),
-            message,
-        };
+        let load_err = |message: String| TokenizerError::Load { path: path.to_path_buf(), message };
         if context_length == 0 {
             return Err(TokenizerError::ZeroContext);
         }
-        let mut inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| load_err(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| load_err(e.to_string()))?;
         // The template's special tokens (`<s>`, `</s>`) must fit; a shorter row has no
         // room for text, and the tokenizers crate's truncation would underflow.
-        let specials = inner
-            .get_post_processor()
-            .map_or(0, |p| p.added_tokens(false));
+        let specials = inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
         if context_length < specials {
-            return Err(TokenizerError::ContextTooShort {
-                context_length,
-                specials,
-            });
+            return Err(TokenizerError::ContextTooShort { context_length, specials });
         }
         let (pad_id, pad_token) = match inner.get_padding() {
             Some(p) => (p.pad_id, p.pad_token.clone()),
             None => match inner.token_to_id("<pad>") {
                 Some(id) => (id, "<pad>".to_string()),
-                None => {
-                    return Err(TokenizerError::NoPadToken {
-                        path: path.to_path_buf(),
-                    })
-                }
+                None => return Err(TokenizerError::NoPadToken { path: path.to_path_buf() }),
             },
         };
         inner
@@ -84,11 +71,7 @@ impl HfTokenizer {
             pad_type_id: 0,
             pad_token,
         }));
-        Ok(Self {
-            inner,
-            context_length,
-            pad_id,
-        })
+        Ok(Self { inner, context_length, pad_id })
     }
 
     /// The padding id (OpenCLIP's text encoder masks positions holding it).
@@ -119,11 +102,7 @@ impl Tokenizer for HfTokenizer {
     }
 
     fn encode_into(&self, text: &str, out: &mut [i64]) {
-        assert_eq!(
-            out.len(),
-            self.context_length,
-            "output row must hold context_length ids"
-        );
+        assert_eq!(out.len(), self.context_length, "output row must hold context_length ids");
         let enc = self.encode_raw(text);
         for (o, &id) in out.iter_mut().zip(enc.get_ids()) {
             *o = id as i64;

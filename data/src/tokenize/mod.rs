@@ -34,10 +34,7 @@ pub enum TokenizerError {
     #[error("context length must be at least 1")]
     ZeroContext,
     #[error("context length {context_length} cannot hold the {specials} special tokens the tokenizer adds")]
-    ContextTooShort {
-        context_length: usize,
-        specials: usize,
-    },
+    ContextTooShort { context_length: usize, specials: usize },
     #[error("cannot load tokenizer {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("tokenizer {path} defines no padding id and has no \"<pad>\" token")]

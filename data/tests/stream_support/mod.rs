@@ -27,7 +27,13 @@ impl ImageTransform for FakeTransform {
     fn output_size(&self) -> usize {
         SIZE
     }
-    fn apply(&self, encoded: &[u8], _ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
+    fn apply(
+        &self,
+        encoded: &[u8],
+        _ext: &str,
+        rng: &mut SampleRng,
+        out: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
         let draw = rng.next_u64();
         self.seen.lock().unwrap().push((encoded.to_vec(), draw));
         if encoded.is_empty() {
@@ -71,7 +77,10 @@ pub fn tempdir(name: &str) -> PathBuf {
 
 /// A sample with a good image and caption.
 pub fn good(key: &str) -> Vec<(String, Vec<u8>)> {
-    vec![(format!("{key}.jpg"), format!("IMG:{key}").into_bytes()), (format!("{key}.txt"), format!("a photo of {key}").into_bytes())]
+    vec![
+        (format!("{key}.jpg"), format!("IMG:{key}").into_bytes()),
+        (format!("{key}.txt"), format!("a photo of {key}").into_bytes()),
+    ]
 }
 
 pub fn tar_of(samples: &[Vec<(String, Vec<u8>)>]) -> Vec<u8> {
@@ -95,7 +104,14 @@ pub fn cfg() -> DataConfig {
 
 /// Options for rank `rank` of `world_size`; `resume` continues right after the batch that
 /// carried that cursor.
-pub fn opts(rank: usize, world_size: usize, batch_size: usize, mode: Mode, transform: Arc<FakeTransform>, resume: Option<StreamCursor>) -> LoaderOptions {
+pub fn opts(
+    rank: usize,
+    world_size: usize,
+    batch_size: usize,
+    mode: Mode,
+    transform: Arc<FakeTransform>,
+    resume: Option<StreamCursor>,
+) -> LoaderOptions {
     LoaderOptions {
         rank,
         world_size,
@@ -111,7 +127,9 @@ pub fn opts(rank: usize, world_size: usize, batch_size: usize, mode: Mode, trans
 }
 
 pub fn take(loader: &mut Loader, n: usize) -> Vec<Batch> {
-    (0..n).map(|i| loader.next_batch().unwrap_or_else(|| panic!("stream ended at batch {i}: {:?}", loader.error()))).collect()
+    (0..n)
+        .map(|i| loader.next_batch().unwrap_or_else(|| panic!("stream ended at batch {i}: {:?}", loader.error())))
+        .collect()
 }
 
 pub fn keys(batches: &[Batch]) -> Vec<(u64, String)> {
@@ -120,7 +138,8 @@ pub fn keys(batches: &[Batch]) -> Vec<(u64, String)> {
 
 /// All keys of an eval pass plus the final stats.
 pub fn eval_all(cfg: &DataConfig, pattern: &str, batch_size: usize) -> (Vec<String>, ferroclip_data::StatsSnapshot) {
-    let mut l = Loader::new(cfg, pattern, opts(0, 1, batch_size, Mode::Eval, Arc::new(FakeTransform::default()), None)).unwrap();
+    let mut l = Loader::new(cfg, pattern, opts(0, 1, batch_size, Mode::Eval, Arc::new(FakeTransform::default()), None))
+        .unwrap();
     let mut ks = Vec::new();
     while let Some(b) = l.next_batch() {
         ks.extend(b.keys);

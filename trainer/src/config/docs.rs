@@ -81,7 +81,10 @@ mod tests {
             for (key, value) in &s.defaults {
                 if value.is_table() {
                     let full = if s.name.is_empty() { key.clone() } else { format!("{}.{key}", s.name) };
-                    assert!(names.contains(&full.as_str()), "section `[{full}]` has no table in config::docs::sections");
+                    assert!(
+                        names.contains(&full.as_str()),
+                        "section `[{full}]` has no table in config::docs::sections"
+                    );
                 }
             }
         }

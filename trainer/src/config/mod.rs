@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use dist::{Backend, DistConfig, Requeue};
 pub use eval::EvalConfig;
-pub use ferroclip_data::tokenize::TokenizerConfig;
 pub use ferroclip_data::augment::AugmentConfig;
+pub use ferroclip_data::tokenize::TokenizerConfig;
 pub use ferroclip_data::DataConfig;
 pub use model::ModelConfig;
 pub use optim::{OptimConfig, ScheduleConfig, ScheduleKind};
@@ -187,8 +187,9 @@ mod tests {
             let e = Config::load(f.path(), &[set.into()]).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains(choice), "{set}: {e}");
         }
-        let cfg = Config::load(f.path(), &["schedule.kind=const-cooldown".into(), "model.tokenizer=t/tokenizer.json".into()])
-            .unwrap();
+        let cfg =
+            Config::load(f.path(), &["schedule.kind=const-cooldown".into(), "model.tokenizer=t/tokenizer.json".into()])
+                .unwrap();
         assert_eq!(cfg.schedule.kind, ScheduleKind::ConstCooldown);
         assert_eq!(cfg.model.tokenizer, TokenizerConfig::HuggingFace("t/tokenizer.json".into()));
     }

@@ -27,8 +27,20 @@ impl OptimConfig {
     /// by whether the model name contains "vit").
     pub fn resolved_beta2_eps(&self, arch: &str) -> (f64, f64) {
         let vit = arch.to_ascii_lowercase().contains("vit");
-        let beta2 = if self.beta2 > 0.0 { self.beta2 } else if vit { 0.98 } else { 0.999 };
-        let eps = if self.eps > 0.0 { self.eps } else if vit { 1e-6 } else { 1e-8 };
+        let beta2 = if self.beta2 > 0.0 {
+            self.beta2
+        } else if vit {
+            0.98
+        } else {
+            0.999
+        };
+        let eps = if self.eps > 0.0 {
+            self.eps
+        } else if vit {
+            1e-6
+        } else {
+            1e-8
+        };
         (beta2, eps)
     }
 

@@ -34,7 +34,13 @@ extern "C" {
     fn ferroclip_last_error() -> *const c_char;
     fn ferroclip_set_cpp_log_level(level: c_int);
 
-    fn ferroclip_store_tcp(host: *const c_char, port: u16, is_server: bool, world: i64, timeout_ms: i64) -> *mut RawStore;
+    fn ferroclip_store_tcp(
+        host: *const c_char,
+        port: u16,
+        is_server: bool,
+        world: i64,
+        timeout_ms: i64,
+    ) -> *mut RawStore;
     fn ferroclip_store_hash() -> *mut RawStore;
     fn ferroclip_store_prefix(base: *mut RawStore, prefix: *const c_char) -> *mut RawStore;
     fn ferroclip_store_clone(s: *mut RawStore) -> *mut RawStore;
@@ -47,9 +53,21 @@ extern "C" {
     fn ferroclip_bytes_free(data: *mut u8);
     fn ferroclip_store_free(s: *mut RawStore);
 
-    fn ferroclip_group_gloo(s: *mut RawStore, rank: c_int, world: c_int, timeout_ms: i64, ifnames: *const c_char) -> *mut RawGroup;
+    fn ferroclip_group_gloo(
+        s: *mut RawStore,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        ifnames: *const c_char,
+    ) -> *mut RawGroup;
     fn ferroclip_nccl_compiled() -> bool;
-    fn ferroclip_group_nccl(s: *mut RawStore, rank: c_int, world: c_int, timeout_ms: i64, device: c_int) -> *mut RawGroup;
+    fn ferroclip_group_nccl(
+        s: *mut RawStore,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        device: c_int,
+    ) -> *mut RawGroup;
     fn ferroclip_group_name(g: *mut RawGroup) -> *const c_char;
     fn ferroclip_all_reduce_sum(g: *mut RawGroup, t: RawTensor) -> *mut RawWork;
     fn ferroclip_all_gather(g: *mut RawGroup, input: RawTensor, out: RawTensor) -> *mut RawWork;
@@ -235,8 +253,9 @@ impl ProcessGroup {
     pub fn gloo(store: &Store, rank: usize, world: usize, timeout: Duration, ifnames: Option<&str>) -> Result<Self> {
         let ifn = cstr(ifnames.unwrap_or(""));
         // SAFETY: live store; `ifn` outlives the call.
-        let raw =
-            non_null(unsafe { ferroclip_group_gloo(store.raw(), rank as c_int, world as c_int, millis(timeout), ifn.as_ptr()) })?;
+        let raw = non_null(unsafe {
+            ferroclip_group_gloo(store.raw(), rank as c_int, world as c_int, millis(timeout), ifn.as_ptr())
+        })?;
         Ok(Self::named(raw))
     }
 

@@ -99,7 +99,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_rank_on_another_step_is_named() {
-        let out = on_ranks(3, |t| t.check_same_u64(if t.rank == 1 { 7 } else { 8 }, "the step").map_err(|e| e.to_string()));
+        let out =
+            on_ranks(3, |t| t.check_same_u64(if t.rank == 1 { 7 } else { 8 }, "the step").map_err(|e| e.to_string()));
         for r in out {
             let e = r.unwrap_err();
             assert!(e.contains("rank 1 has 7") && e.contains("rank 0 has 8"), "{e}");

@@ -71,11 +71,7 @@ pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<RankEnv, R
     let num = |var: &'static str| -> Result<Option<usize>, RankEnvError> {
         match lookup(var) {
             None => Ok(None),
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
-                .map(Some)
-                .map_err(|_| RankEnvError::NotANumber { var, value: v }),
+            Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| RankEnvError::NotANumber { var, value: v }),
         }
     };
     let need = |launcher: Launcher, var: &'static str| -> Result<usize, RankEnvError> {
@@ -202,7 +198,8 @@ mod tests {
 
     #[test]
     fn batch_script_without_srun_is_single_process() {
-        let e = env_of(&[("SLURM_JOB_ID", "17"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "0")]);
+        let e =
+            env_of(&[("SLURM_JOB_ID", "17"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "0")]);
         assert_eq!(e.unwrap(), RankEnv::single());
     }
 

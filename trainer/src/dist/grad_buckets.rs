@@ -52,7 +52,9 @@ impl GradSync {
             }
         }
         let hooks = match collective.process_group() {
-            Some(group) if collective.world_size() > 1 => Some(c10d::GradBuckets::new(group, &buckets, &params, &bucket_of)?),
+            Some(group) if collective.world_size() > 1 => {
+                Some(c10d::GradBuckets::new(group, &buckets, &params, &bucket_of)?)
+            }
             _ => None,
         };
         Ok(GradSync { buckets, hooks, overlap, early: 0 })

@@ -63,7 +63,6 @@ impl DeviceGroup {
             fail_fast::abort_job(&format!("{op} on the {} group failed: {e}", self.group.name()));
         }
     }
-
 }
 
 impl Collective for DeviceGroup {

@@ -81,7 +81,10 @@ pub fn share_master(m: &MpiCollective, rank_env: &RankEnv) -> anyhow::Result<Mas
         };
         let port: u16 = match std::env::var("MASTER_PORT") {
             Ok(p) if !p.is_empty() => p.parse().with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?,
-            _ => std::net::TcpListener::bind(("0.0.0.0", 0)).and_then(|l| l.local_addr()).context("finding a free port")?.port(),
+            _ => std::net::TcpListener::bind(("0.0.0.0", 0))
+                .and_then(|l| l.local_addr())
+                .context("finding a free port")?
+                .port(),
         };
         let text = format!("{host}:{port}");
         anyhow::ensure!(text.len() < buf.len(), "host name too long: {host}");

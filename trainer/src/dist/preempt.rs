@@ -74,7 +74,8 @@ impl StopVote {
         }
         if self.stop_after.is_none() && store.contains(STOP_AT_KEY)? {
             let v = store.get(STOP_AT_KEY)?;
-            let at: u64 = String::from_utf8_lossy(&v).parse().context("a malformed stop proposal in the job's store")?;
+            let at: u64 =
+                String::from_utf8_lossy(&v).parse().context("a malformed stop proposal in the job's store")?;
             if at < step {
                 bail!("the ranks' stop proposal for step {at} arrived at step {step}: ranks are out of step");
             }
@@ -109,7 +110,11 @@ pub fn requeue_job() -> Result<String> {
             "`scontrol requeue {job}` failed ({}): {}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim(),
-            if String::from_utf8_lossy(&out.stderr).contains("batch") { "" } else { " (only sbatch jobs can be requeued)" }
+            if String::from_utf8_lossy(&out.stderr).contains("batch") {
+                ""
+            } else {
+                " (only sbatch jobs can be requeued)"
+            }
         );
     }
     Ok(job)
@@ -148,7 +153,10 @@ mod tests {
         assert!(!b.stop_now(6, true).unwrap());
         assert!(!c.stop_now(6, false).unwrap());
         assert!(!a.stop_now(6, true).unwrap());
-        assert_eq!([a.stop_now(7, true).unwrap(), b.stop_now(7, false).unwrap(), c.stop_now(7, false).unwrap()], [true; 3]);
+        assert_eq!(
+            [a.stop_now(7, true).unwrap(), b.stop_now(7, false).unwrap(), c.stop_now(7, false).unwrap()],
+            [true; 3]
+        );
         // One process: the signal stops it after the current step.
         assert!(StopVote::new(None).stop_now(3, true).unwrap());
         assert!(!StopVote::new(None).stop_now(3, false).unwrap());

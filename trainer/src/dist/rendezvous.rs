@@ -56,7 +56,10 @@ pub fn master_from_lookup(env: &RankEnv, lookup: impl Fn(&str) -> Option<String>
         },
     };
     let (port, port_source) = match lookup("MASTER_PORT").filter(|s| !s.is_empty()) {
-        Some(p) => (p.trim().parse::<u16>().with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?, "MASTER_PORT".to_string()),
+        Some(p) => (
+            p.trim().parse::<u16>().with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?,
+            "MASTER_PORT".to_string(),
+        ),
         None => {
             let id_var = ["SLURM_JOB_ID", "OMPI_MCA_ess_base_jobid", "OMPI_MCA_orte_ess_jobid"]
                 .into_iter()
@@ -113,13 +116,13 @@ pub fn expand_nodelist(list: &str) -> Result<Vec<String>> {
                     rest = "";
                 }
                 Some(open) => {
-                    let close = rest[open..].find(']').map(|c| open + c).with_context(|| format!("unclosed `[` in {item:?}"))?;
+                    let close = rest[open..]
+                        .find(']')
+                        .map(|c| open + c)
+                        .with_context(|| format!("unclosed `[` in {item:?}"))?;
                     let prefix = &rest[..open];
                     let choices = expand_ranges(&rest[open + 1..close]).with_context(|| format!("in {item:?}"))?;
-                    names = names
-                        .iter()
-                        .flat_map(|n| choices.iter().map(move |c| format!("{n}{prefix}{c}")))
-                        .collect();
+                    names = names.iter().flat_map(|n| choices.iter().map(move |c| format!("{n}{prefix}{c}"))).collect();
                     rest = &rest[close + 1..];
                 }
             }
@@ -190,7 +193,10 @@ pub fn join(env: &RankEnv, master: &Master, timeout: Duration) -> Result<Store> 
         if serve {
             format!("rank 0: cannot serve the job's TCPStore on port {} ({})", master.port, master.source)
         } else {
-            format!("rank {}: cannot reach the job's TCPStore at {}:{} ({})", env.rank, master.host, master.port, master.source)
+            format!(
+                "rank {}: cannot reach the job's TCPStore at {}:{} ({})",
+                env.rank, master.host, master.port, master.source
+            )
         }
     })?;
     // torchrun's agent store outlives restarts: keep each attempt's keys apart, as torch does.
@@ -265,10 +271,23 @@ mod tests {
         let m = master(&e, &[("SLURM_JOB_NODELIST", "gpu[003-004]"), ("SLURM_JOB_ID", "123456")]).unwrap();
         assert_eq!((m.host.as_str(), m.port), ("gpu003", 10_000 + (123_456 % 20_000) as u16));
         // The step's own node list wins over the allocation's.
-        let m = master(&e, &[("SLURM_JOB_NODELIST", "gpu[001-004]"), ("SLURM_STEP_NODELIST", "gpu[003-004]"), ("SLURM_JOB_ID", "1")]).unwrap();
+        let m = master(
+            &e,
+            &[("SLURM_JOB_NODELIST", "gpu[001-004]"), ("SLURM_STEP_NODELIST", "gpu[003-004]"), ("SLURM_JOB_ID", "1")],
+        )
+        .unwrap();
         assert_eq!(m.host, "gpu003");
         // MASTER_ADDR / MASTER_PORT override.
-        let m = master(&e, &[("SLURM_JOB_NODELIST", "gpu1"), ("SLURM_JOB_ID", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "21817")]).unwrap();
+        let m = master(
+            &e,
+            &[
+                ("SLURM_JOB_NODELIST", "gpu1"),
+                ("SLURM_JOB_ID", "1"),
+                ("MASTER_ADDR", "10.0.0.1"),
+                ("MASTER_PORT", "21817"),
+            ],
+        )
+        .unwrap();
         assert_eq!((m.host.as_str(), m.port), ("10.0.0.1", 21817));
         assert!(master(&e, &[("SLURM_JOB_ID", "1")]).is_err(), "no node list");
         let err = master(&e, &[("SLURM_JOB_NODELIST", "gpu1"), ("MASTER_PORT", "http")]).unwrap_err();
@@ -291,7 +310,8 @@ mod tests {
     fn torchrun_needs_master_addr_and_port_and_may_use_the_agent_store() {
         let e = env(Launcher::Torchrun, 0, 2, 2);
         assert!(master(&e, &[("MASTER_ADDR", "h")]).is_err());
-        let m = master(&e, &[("MASTER_ADDR", "h"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True")]).unwrap();
+        let m = master(&e, &[("MASTER_ADDR", "h"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True")])
+            .unwrap();
         assert_eq!((m.host.as_str(), m.port, m.agent_store), ("h", 29500, true));
     }
 

@@ -61,7 +61,8 @@ pub fn run_on(collective: &dyn Collective, control: &dyn Control, device: Device
 
     // reduce_scatter_sum: rank r holds rows q·3 .. q·3+3 = (r + 1) * (100q + [0, 1, 2]) for each q;
     // rank q receives the sum over r: w(w+1)/2 * (100q + [0, 1, 2]).
-    let rows = (Tensor::arange(3, (Kind::Float, device)).view([1, 3]) + Tensor::arange(w, (Kind::Float, device)).view([w, 1]) * 100.0)
+    let rows = (Tensor::arange(3, (Kind::Float, device)).view([1, 3])
+        + Tensor::arange(w, (Kind::Float, device)).view([w, 1]) * 100.0)
         .view([-1]);
     let mine = collective.reduce_scatter_sum(&(&rows * (r + 1) as f64));
     let want = (Tensor::arange(3, (Kind::Float, device)) + (100 * r) as f64) * (w * (w + 1) / 2) as f64;

@@ -224,7 +224,8 @@ fn others_not_in_collectives(store: &Store, rank: usize, world: usize) -> String
     let mut named = 0;
     for r in (0..world).filter(|&r| r != rank) {
         let key = format!("hb/{r}");
-        let Ok(Some(v)) = store.contains(&key).and_then(|p| if p { store.get(&key).map(Some) } else { Ok(None) }) else {
+        let Ok(Some(v)) = store.contains(&key).and_then(|p| if p { store.get(&key).map(Some) } else { Ok(None) })
+        else {
             continue;
         };
         let text = String::from_utf8_lossy(&v).into_owned();

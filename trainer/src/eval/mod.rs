@@ -76,7 +76,9 @@ pub fn read_templates(path: impl AsRef<Path>) -> Result<Vec<String>, ListError> 
 
 fn check_templates(templates: &[String], name: &str) -> Result<(), ListError> {
     match templates.iter().position(|t| !t.contains("{}")) {
-        Some(i) => Err(ListError::NoPlaceholder { path: name.to_string(), line: i + 1, template: templates[i].clone() }),
+        Some(i) => {
+            Err(ListError::NoPlaceholder { path: name.to_string(), line: i + 1, template: templates[i].clone() })
+        }
         None => Ok(()),
     }
 }

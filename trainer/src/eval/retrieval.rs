@@ -46,7 +46,12 @@ fn recall(
 /// where caption `i` belongs to image `text_to_image[i]` (int64 `[num_texts]`, any number of
 /// captions per image). Returns `i2t_recall@{k}` and `t2i_recall@{k}` as fractions in [0, 1]; an
 /// image without captions counts as a miss (as in clip_benchmark).
-pub fn recall_at_k(image_features: &Tensor, text_features: &Tensor, text_to_image: &Tensor, ks: &[i64]) -> BTreeMap<String, f64> {
+pub fn recall_at_k(
+    image_features: &Tensor,
+    text_features: &Tensor,
+    text_to_image: &Tensor,
+    ks: &[i64],
+) -> BTreeMap<String, f64> {
     let _guard = tch::no_grad_guard();
     let device = image_features.device();
     let images = l2_normalize(image_features);
@@ -83,7 +88,10 @@ mod tests {
             .enumerate()
             .filter(|(i, img)| {
                 let scores: Vec<f64> = texts.iter().map(|t| cosine(img, t)).collect();
-                let best = (0..texts.len()).filter(|&t| owner[t] == *i as i64).map(|t| scores[t]).fold(f64::NEG_INFINITY, f64::max);
+                let best = (0..texts.len())
+                    .filter(|&t| owner[t] == *i as i64)
+                    .map(|t| scores[t])
+                    .fold(f64::NEG_INFINITY, f64::max);
                 best.is_finite() && scores.iter().filter(|&&s| s > best).count() < k
             })
             .count();
@@ -113,10 +121,13 @@ mod tests {
             }
         }
         let owner_t = Tensor::from_slice(&owner);
-        let texts = (images.index_select(0, &owner_t) + Tensor::randn([owner.len() as i64, d], (Kind::Float, Device::Cpu)) * 1.2)
+        let texts = (images.index_select(0, &owner_t)
+            + Tensor::randn([owner.len() as i64, d], (Kind::Float, Device::Cpu)) * 1.2)
             * (Tensor::rand([owner.len() as i64, 1], (Kind::Float, Device::Cpu)) * 5.0 + 0.1);
-        let img_rows: Vec<Vec<f64>> = (0..num_images).map(|i| Vec::try_from(images.get(i).to_kind(Kind::Double)).unwrap()).collect();
-        let txt_rows: Vec<Vec<f64>> = (0..owner.len() as i64).map(|i| Vec::try_from(texts.get(i).to_kind(Kind::Double)).unwrap()).collect();
+        let img_rows: Vec<Vec<f64>> =
+            (0..num_images).map(|i| Vec::try_from(images.get(i).to_kind(Kind::Double)).unwrap()).collect();
+        let txt_rows: Vec<Vec<f64>> =
+            (0..owner.len() as i64).map(|i| Vec::try_from(texts.get(i).to_kind(Kind::Double)).unwrap()).collect();
 
         let got = recall_at_k(&images, &texts, &owner_t, &[1, 5, 10]);
         assert_eq!(got.len(), 6);
@@ -135,7 +146,8 @@ mod tests {
         tch::manual_seed(3);
         let images = l2_normalize(&Tensor::randn([30, 4], (Kind::Float, Device::Cpu)));
         let owner = Tensor::arange(60, (Kind::Int64, Device::Cpu)).remainder(30);
-        let texts = l2_normalize(&(images.index_select(0, &owner) + Tensor::randn([60, 4], (Kind::Float, Device::Cpu))));
+        let texts =
+            l2_normalize(&(images.index_select(0, &owner) + Tensor::randn([60, 4], (Kind::Float, Device::Cpu))));
         let ids = Tensor::arange(30, (Kind::Int64, Device::Cpu));
         let whole = recall(&images, &texts, &ids, &owner, &[1, 5], 1 << 20);
         // 7 rows of 60 candidates per chunk: 4 full chunks and a ragged one.

@@ -417,7 +417,12 @@ impl Evaluation<'_> {
 
 /// Decode and eval-transform image files on up to `threads` threads into `[n, 3, s, s]` f32 on
 /// `device`: uint8 pixels travel, normalized there as training batches are ([`crate::input`]).
-pub fn load_images(paths: &[PathBuf], transform: &dyn ImageTransform, threads: usize, device: Device) -> Result<Tensor> {
+pub fn load_images(
+    paths: &[PathBuf],
+    transform: &dyn ImageTransform,
+    threads: usize,
+    device: Device,
+) -> Result<Tensor> {
     let s = transform.output_size();
     let px = 3 * s * s;
     let mut pixels = vec![0u8; paths.len() * px];

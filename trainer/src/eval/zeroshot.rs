@@ -53,7 +53,7 @@ pub fn class_embeddings(
     let features = l2_normalize(&model.encode_text(&tokens, false).to_kind(Kind::Float)); // [c*t, d]
     let per_template = features.view([classnames.len() as i64, templates.len() as i64, -1]); // [c, t, d]
     let per_class = per_template.mean_dim(1, false, Kind::Float); // [c, d]
-    // OpenCLIP divides by the norm here without an eps; a mean of unit vectors is never 0 in practice.
+                                                                  // OpenCLIP divides by the norm here without an eps; a mean of unit vectors is never 0 in practice.
     &per_class / per_class.norm_scalaropt_dim(2.0, [1i64], true)
 }
 
@@ -73,9 +73,7 @@ pub fn accuracy(logits: &Tensor, labels: &Tensor, topk: &[i64]) -> Vec<f64> {
     let (_, pred) = logits.topk(max_k, 1, true, true); // [n, max_k]
     let pred = pred.tr(); // [max_k, n]
     let correct = pred.eq_tensor(&labels.to_device(pred.device()).view([1, -1]).expand_as(&pred));
-    topk.iter()
-        .map(|&k| correct.narrow(0, 0, k.clamp(1, max_k)).sum(Kind::Float).double_value(&[]))
-        .collect()
+    topk.iter().map(|&k| correct.narrow(0, 0, k.clamp(1, max_k)).sum(Kind::Float).double_value(&[])).collect()
 }
 
 /// Running top-1/top-5 accuracy over batches of image features.
@@ -128,11 +126,8 @@ mod tests {
 
     /// Direct reference: rank of the true class by counting strictly larger logits.
     fn reference_hits(logits: &[Vec<f32>], labels: &[i64], k: usize) -> f64 {
-        logits
-            .iter()
-            .zip(labels)
-            .filter(|(row, &y)| row.iter().filter(|&&v| v > row[y as usize]).count() < k)
-            .count() as f64
+        logits.iter().zip(labels).filter(|(row, &y)| row.iter().filter(|&&v| v > row[y as usize]).count() < k).count()
+            as f64
     }
 
     #[test]
@@ -162,7 +157,11 @@ mod tests {
             images.shallow_clone()
         }
         fn encode_text(&self, tokens: &Tensor, _train: bool) -> Tensor {
-            self.table.index_select(0, &tokens.flatten(0, -1)).view([tokens.size()[0], tokens.size()[1], -1]).mean_dim(1, false, Kind::Float)
+            self.table.index_select(0, &tokens.flatten(0, -1)).view([tokens.size()[0], tokens.size()[1], -1]).mean_dim(
+                1,
+                false,
+                Kind::Float,
+            )
         }
         fn logit_scale(&self) -> Tensor {
             Tensor::from(0f32)
@@ -203,7 +202,8 @@ mod tests {
         let w_all = build_classifier(&model, &ByteTokenizer, &classes, &templates, Device::Cpu, 100);
         assert!(w.allclose(&w_all, 1e-6, 1e-6, false));
 
-        let table: Vec<Vec<f64>> = (0..256).map(|i| Vec::<f64>::try_from(model.table.get(i).to_kind(Kind::Double)).unwrap()).collect();
+        let table: Vec<Vec<f64>> =
+            (0..256).map(|i| Vec::<f64>::try_from(model.table.get(i).to_kind(Kind::Double)).unwrap()).collect();
         for (j, class) in classes.iter().enumerate() {
             let mut mean = vec![0.0; d as usize];
             for t in &templates {
@@ -231,7 +231,8 @@ mod tests {
         // Classifier = identity over 3 classes in 3 dims; features point at classes 0,1,2,0 with the
         // second choice fixed, labels 0,2,2,1: top1 hits rows 0 and 2.
         let classifier = Tensor::eye(3, (Kind::Float, Device::Cpu));
-        let features = Tensor::from_slice(&[1.0f32, 0.5, 0.0, 0.0, 1.0, 0.5, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5]).view([4, 3]);
+        let features =
+            Tensor::from_slice(&[1.0f32, 0.5, 0.0, 0.0, 1.0, 0.5, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5]).view([4, 3]);
         let labels = Tensor::from_slice(&[0i64, 2, 2, 1]);
         let mut meter = ZeroShotMeter::new();
         meter.update(&features.narrow(0, 0, 2), &labels.narrow(0, 0, 2), &classifier);

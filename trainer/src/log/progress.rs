@@ -48,7 +48,11 @@ impl Progress {
 
     /// A bar for a bounded job such as an evaluation pass, labelled with `prefix`.
     pub fn task(prefix: &str, total: u64, enabled: bool) -> Self {
-        let p = Self::with_style(total, enabled, "{prefix} {bar:30.green/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}");
+        let p = Self::with_style(
+            total,
+            enabled,
+            "{prefix} {bar:30.green/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        );
         if let Some(bar) = &p.bar {
             bar.set_prefix(prefix.to_string());
         }
@@ -77,10 +81,7 @@ impl Progress {
     pub fn update(&self, stats: &StepStats) {
         if let Some(bar) = &self.bar {
             bar.set_position(stats.step);
-            bar.set_message(format!(
-                "loss {:.4} lr {:.1e} samples/s {:.0}",
-                stats.loss, stats.lr, stats.samples_per_s
-            ));
+            bar.set_message(format!("loss {:.4} lr {:.1e} samples/s {:.0}", stats.loss, stats.lr, stats.samples_per_s));
         }
     }
 

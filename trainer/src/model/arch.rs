@@ -279,9 +279,8 @@ const HF_ACCEPTED: &[&str] = &["hf_tokenizer_name", "tokenizer_mode", "tokenizer
 const HF_DEFAULTS: &[(&str, &str)] = &[("output_tokens", "false")];
 
 fn text_tower(t: &TextCfg, file: &str, source: &Source) -> Result<TextTower, String> {
-    let at = |key: &str, value: &dyn std::fmt::Display, why: &str| {
-        format!("{file}: key `text_cfg.{key}` = {value}: {why}")
-    };
+    let at =
+        |key: &str, value: &dyn std::fmt::Display, why: &str| format!("{file}: key `text_cfg.{key}` = {value}: {why}");
     let context_length = t.context_length.unwrap_or(77);
     let Some(hf_name) = &t.hf_model_name else {
         let accepted: Vec<_> = TEXT_ACCEPTED.iter().chain(&["hf_model_pretrained"]).copied().collect();
@@ -538,14 +537,15 @@ mod tests {
                 "`text_cfg.hf_pooler_type`",
             ),
             (ok.replace(r#""image_size": 32"#, r#""image_size": "32""#), "key `vision_cfg.image_size`"),
-            (ok.replace(vit_shape, r#""timm_model_name": "resnet50""#),
-             "`vision_cfg.timm_model_name` = \"resnet50\""),
+            (ok.replace(vit_shape, r#""timm_model_name": "resnet50""#), "`vision_cfg.timm_model_name` = \"resnet50\""),
             (
                 ok.replace(vit_shape, r#""timm_model_name": "convnext_base", "timm_pool": "avg""#),
                 "`vision_cfg.timm_pool` = \"avg\"",
             ),
-            (ok.replace(r#"{"width": 32, "heads": 2, "layers": 2}"#, r#"{"hf_model_name": "bert-base-uncased"}"#),
-             "`text_cfg.hf_model_name` = \"bert-base-uncased\""),
+            (
+                ok.replace(r#"{"width": 32, "heads": 2, "layers": 2}"#, r#"{"hf_model_name": "bert-base-uncased"}"#),
+                "`text_cfg.hf_model_name` = \"bert-base-uncased\"",
+            ),
         ];
         for (json, needle) in cases {
             let e = err(&json);

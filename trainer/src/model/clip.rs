@@ -181,16 +181,10 @@ impl Clip {
                 m.set_grad_checkpointing(cfg.grad_checkpointing);
                 Text::Clip(m)
             }
-            TextTower::XlmRoberta(c) => {
-                Text::XlmRoberta(XlmRobertaText::new(&(root / "text"), c, cfg.embed_dim))
-            }
+            TextTower::XlmRoberta(c) => Text::XlmRoberta(XlmRobertaText::new(&(root / "text"), c, cfg.embed_dim)),
         };
         let logit_scale = root.var("logit_scale", &[], Init::Const((1.0f64 / 0.07).ln()));
-        Self {
-            visual,
-            text,
-            logit_scale,
-        }
+        Self { visual, text, logit_scale }
     }
 }
 
@@ -245,25 +239,12 @@ mod tests {
         let model = Clip::new(&vs.root(), &test_arch("convnext_test"));
         let vars = vs.variables();
         assert!((model.logit_scale().double_value(&[]) - (1.0f64 / 0.07).ln()).abs() < 1e-6);
-        assert_eq!(
-            model.logit_scale().dim(),
-            0,
-            "OpenCLIP's logit_scale is 0-dim"
-        );
+        assert_eq!(model.logit_scale().dim(), 0, "OpenCLIP's logit_scale is 0-dim");
         let gamma = &vars["visual.trunk.stages.0.blocks.0.gamma"];
         assert!(gamma.allclose(&gamma.full_like(1e-6), 0.0, 1e-12, false));
-        assert_eq!(
-            vars["visual.trunk.stem.0.bias"]
-                .abs()
-                .max()
-                .double_value(&[]),
-            0.0
-        );
+        assert_eq!(vars["visual.trunk.stem.0.bias"].abs().max().double_value(&[]), 0.0);
         let pos_std = vars["positional_embedding"].std(true).double_value(&[]);
-        assert!(
-            (pos_std - 0.01).abs() < 0.001,
-            "positional_embedding std {pos_std}"
-        );
+        assert!((pos_std - 0.01).abs() < 0.001, "positional_embedding std {pos_std}");
     }
 
     #[test]

@@ -59,10 +59,7 @@ pub fn timm_convnext(name: &str) -> Option<([i64; 4], [i64; 4])> {
 
 /// timm's ConvNeXt init: trunc_normal(std .02) weights, zero biases. With std .02 the ±2
 /// absolute truncation of `trunc_normal_` is never hit, so a plain normal is identical.
-const W_INIT: Init = Init::Randn {
-    mean: 0.0,
-    stdev: 0.02,
-};
+const W_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 fn conv(p: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64, groups: i64) -> nn::Conv2D {
     nn::conv2d(
@@ -70,40 +67,17 @@ fn conv(p: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64, groups: 
         i,
         o,
         k,
-        nn::ConvConfig {
-            stride,
-            padding,
-            groups,
-            ws_init: W_INIT,
-            bs_init: Init::Const(0.0),
-            ..Default::default()
-        },
+        nn::ConvConfig { stride, padding, groups, ws_init: W_INIT, bs_init: Init::Const(0.0), ..Default::default() },
     )
 }
 
 fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        p,
-        i,
-        o,
-        nn::LinearConfig {
-            ws_init: W_INIT,
-            bs_init: Some(Init::Const(0.0)),
-            bias,
-        },
-    )
+    nn::linear(p, i, o, nn::LinearConfig { ws_init: W_INIT, bs_init: Some(Init::Const(0.0)), bias })
 }
 
 /// timm `LayerNorm` (channels last, eps 1e-6).
 fn layer_norm(p: nn::Path, c: i64) -> nn::LayerNorm {
-    nn::layer_norm(
-        p,
-        vec![c],
-        nn::LayerNormConfig {
-            eps: 1e-6,
-            ..Default::default()
-        },
-    )
+    nn::layer_norm(p, vec![c], nn::LayerNormConfig { eps: 1e-6, ..Default::default() })
 }
 
 /// timm `LayerNorm2d`: LayerNorm over the channels of an NCHW tensor (permute, normalize, permute back).
@@ -156,11 +130,7 @@ impl Block {
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let y = x.apply(&self.conv_dw).permute([0, 2, 3, 1]); // [b, h, w, c]
-        let y = y
-            .apply(&self.norm)
-            .apply(&self.fc1)
-            .gelu("none")
-            .apply(&self.fc2); // [b, h, w, c]
+        let y = y.apply(&self.norm).apply(&self.fc1).gelu("none").apply(&self.fc2); // [b, h, w, c]
         let y = (y * &self.gamma).permute([0, 3, 1, 2]); // [b, c, h, w]
         drop_path(&y, self.drop_path, train) + x
     }
@@ -214,10 +184,7 @@ impl ConvNext {
             let sp = &trunk / "stages" / s as i64;
             let downsample = (s > 0).then(|| {
                 let dp = &sp / "downsample";
-                (
-                    LayerNorm2d::new(&dp / 0, prev),
-                    conv(&dp / 1, prev, c, 2, 2, 0, 1),
-                )
+                (LayerNorm2d::new(&dp / 0, prev), conv(&dp / 1, prev, c, 2, 2, 0, 1))
             });
             let blocks = (0..depth)
                 .map(|m| {
@@ -238,14 +205,7 @@ impl ConvNext {
                 linear(&hp / "mlp" / "fc2", 2 * embed_dim, embed_dim, false),
             ),
         };
-        Self {
-            stem_conv,
-            stem_norm,
-            stages,
-            head_norm,
-            proj,
-            grad_checkpointing: false,
-        }
+        Self { stem_conv, stem_norm, stages, head_norm, proj, grad_checkpointing: false }
     }
 
     /// Activation checkpointing per block (see [`crate::model::grad_checkpointing`]).
@@ -289,22 +249,12 @@ mod tests {
         let y = drop_path(&x, 0.25, true);
         // Each sample is either all 0 or all 1/keep.
         let per_sample = y.flatten(1, -1);
-        let (mn, mx) = (
-            per_sample.amin(&[1i64][..], false),
-            per_sample.amax(&[1i64][..], false),
-        );
+        let (mn, mx) = (per_sample.amin(&[1i64][..], false), per_sample.amax(&[1i64][..], false));
         assert!(mn.equal(&mx), "a sample was partially dropped");
-        let kept = mx
-            .gt(0.0)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[]);
+        let kept = mx.gt(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
         assert!((kept - 0.75).abs() < 0.03, "kept fraction {kept}");
         assert!((mx.max().double_value(&[]) - 1.0 / 0.75).abs() < 1e-6);
-        assert!(
-            drop_path(&x, 0.25, false).equal(&x),
-            "eval must be identity"
-        );
+        assert!(drop_path(&x, 0.25, false).equal(&x), "eval must be identity");
     }
 
     #[test]
@@ -318,16 +268,9 @@ mod tests {
             image_size: 32,
         };
         let m = ConvNext::new(&(vs.root() / "visual"), &cfg, 4);
-        let rates: Vec<f64> = m
-            .stages
-            .iter()
-            .flat_map(|s| s.blocks.iter().map(|b| b.drop_path))
-            .collect();
+        let rates: Vec<f64> = m.stages.iter().flat_map(|s| s.blocks.iter().map(|b| b.drop_path)).collect();
         // timm: torch.linspace(0, 0.4, 5).split(depths)
         let want = [0.0, 0.1, 0.2, 0.3, 0.4];
-        assert!(
-            rates.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12),
-            "{rates:?}"
-        );
+        assert!(rates.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{rates:?}");
     }
 }

@@ -62,13 +62,7 @@ impl XlmrConfig {
 
     /// `xlm-roberta-large` (its hub `config.json`).
     pub fn large() -> Self {
-        Self {
-            hidden_size: 1024,
-            layers: 24,
-            heads: 16,
-            intermediate_size: 4096,
-            ..Self::base()
-        }
+        Self { hidden_size: 1024, layers: 24, heads: 16, intermediate_size: 4096, ..Self::base() }
     }
 
     /// Hidden width of OpenCLIP's `mlp` projection: `(d_model + embed_dim) // 2`.
@@ -84,10 +78,7 @@ fn hf_linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
         i,
         o,
         nn::LinearConfig {
-            ws_init: Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
+            ws_init: Init::Randn { mean: 0.0, stdev: 0.02 },
             bs_init: Some(Init::Const(0.0)),
             bias: true,
         },
@@ -95,14 +86,7 @@ fn hf_linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
 }
 
 fn hf_layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(
-        p,
-        vec![dim],
-        nn::LayerNormConfig {
-            eps,
-            ..Default::default()
-        },
-    )
+    nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
 }
 
 /// HF embedding init (normal 0.02) with the `padding_idx` row zeroed, as `nn.Embedding(padding_idx=..)`.
@@ -111,13 +95,7 @@ fn hf_embedding(p: nn::Path, n: i64, dim: i64, padding_idx: Option<i64>) -> nn::
         p,
         n,
         dim,
-        nn::EmbeddingConfig {
-            ws_init: Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-            ..Default::default()
-        },
+        nn::EmbeddingConfig { ws_init: Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() },
     );
     if let Some(i) = padding_idx.filter(|&i| i < n) {
         tch::no_grad(|| {
@@ -160,14 +138,7 @@ impl Layer {
     }
 
     /// `x`: `[b, n, h]`; `keep`: `[b, 1, 1, n]` bool, true where the key is a real token.
-    fn forward(
-        &self,
-        x: &Tensor,
-        keep: &Tensor,
-        heads: i64,
-        c: &XlmrConfig,
-        train: bool,
-    ) -> Tensor {
+    fn forward(&self, x: &Tensor, keep: &Tensor, heads: i64, c: &XlmrConfig, train: bool) -> Tensor {
         let (b, n, h) = x.size3().expect("encoder input must be [b, n, h]");
         let d = h / heads;
         let split = |t: Tensor| t.view([b, n, heads, d]).transpose(1, 2); // [b, heads, n, d]
@@ -176,25 +147,13 @@ impl Layer {
         let v = split(x.apply(&self.value));
         let p_drop = if train { c.attention_dropout } else { 0.0 };
         // softmax(q k^T / sqrt(d) + mask) v, the pad keys masked out as HF's extended attention mask does.
-        let ctx = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(keep.shallow_clone()),
-            p_drop,
-            false,
-            None,
-            false,
-        ) // [b, heads, n, d]
-        .transpose(1, 2)
-        .reshape([b, n, h]);
+        let ctx =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(keep.shallow_clone()), p_drop, false, None, false) // [b, heads, n, d]
+                .transpose(1, 2)
+                .reshape([b, n, h]);
         let a = ctx.apply(&self.attn_out).dropout(c.hidden_dropout, train);
         let a = (a + x).apply(&self.attn_ln); // post-LN
-        let f = a
-            .apply(&self.intermediate)
-            .gelu("none")
-            .apply(&self.out)
-            .dropout(c.hidden_dropout, train);
+        let f = a.apply(&self.intermediate).gelu("none").apply(&self.out).dropout(c.hidden_dropout, train);
         (f + a).apply(&self.out_ln)
     }
 }
@@ -221,28 +180,17 @@ impl XlmRobertaText {
         let h = cfg.hidden_size;
         let pad = Some(cfg.pad_token_id);
         let word_embeddings = hf_embedding(&e / "word_embeddings", cfg.vocab_size, h, pad);
-        let position_embeddings = hf_embedding(
-            &e / "position_embeddings",
-            cfg.max_position_embeddings,
-            h,
-            pad,
-        );
-        let token_type_embeddings =
-            hf_embedding(&e / "token_type_embeddings", cfg.type_vocab_size, h, None);
+        let position_embeddings = hf_embedding(&e / "position_embeddings", cfg.max_position_embeddings, h, pad);
+        let token_type_embeddings = hf_embedding(&e / "token_type_embeddings", cfg.type_vocab_size, h, None);
         let embeddings_ln = hf_layer_norm(&e / "LayerNorm", h, cfg.layer_norm_eps);
         let lp = &t / "encoder" / "layer";
-        let layers = (0..cfg.layers)
-            .map(|i| Layer::new(&(&lp / i), cfg))
-            .collect();
+        let layers = (0..cfg.layers).map(|i| Layer::new(&(&lp / i), cfg)).collect();
         // OpenCLIP leaves the projection at nn.Linear's default init (kaiming-uniform, ±1/sqrt(fan_in)).
         let proj = p / "proj";
         let hidden = cfg.proj_hidden(embed_dim);
         let uniform = |fan_in: i64| {
             let bound = 1.0 / (fan_in as f64).sqrt();
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            }
+            Init::Uniform { lo: -bound, up: bound }
         };
         let proj_0 = (&proj / 0).var("weight", &[hidden, h], uniform(h));
         let proj_2 = (&proj / 2).var("weight", &[embed_dim, hidden], uniform(hidden));
@@ -269,9 +217,7 @@ impl XlmRobertaText {
         let x = tokens.apply(&self.word_embeddings)
             + self.token_type_embeddings.ws.get(0) // every token has type 0
             + positions.apply(&self.position_embeddings); // [b, n, h]
-        let mut x = x
-            .apply(&self.embeddings_ln)
-            .dropout(c.hidden_dropout, train);
+        let mut x = x.apply(&self.embeddings_ln).dropout(c.hidden_dropout, train);
         let keep = mask.unsqueeze(1).unsqueeze(1); // [b, 1, 1, n]
         for layer in &self.layers {
             x = layer.forward(&x, &keep, c.heads, c, train);
@@ -279,10 +225,8 @@ impl XlmRobertaText {
         // MeanPooler: sum over real tokens / their count.
         let m = mask.to_kind(x.kind()).unsqueeze(-1); // [b, n, 1]
         let pooled = (&x * &m).sum_dim_intlist(1, false, None) / m.sum_dim_intlist(1, false, None); // [b, h]
-        pooled
-            .linear::<Tensor>(&self.proj_0, None)
-            .gelu("none")
-            .linear::<Tensor>(&self.proj_2, None) // [b, embed]
+        pooled.linear::<Tensor>(&self.proj_0, None).gelu("none").linear::<Tensor>(&self.proj_2, None)
+        // [b, embed]
     }
 }
 
@@ -312,14 +256,8 @@ mod tests {
         // <s> ids </s> then pads: more padding must give the same features (masked attention,
         // pad-offset positions, masked mean).
         let ids = Tensor::from_slice(&[0i64, 7, 9, 30, 2]).unsqueeze(0);
-        let short = Tensor::cat(
-            &[&ids, &Tensor::ones([1, 3], (Kind::Int64, Device::Cpu))],
-            1,
-        );
-        let long = Tensor::cat(
-            &[&ids, &Tensor::ones([1, 30], (Kind::Int64, Device::Cpu))],
-            1,
-        );
+        let short = Tensor::cat(&[&ids, &Tensor::ones([1, 3], (Kind::Int64, Device::Cpu))], 1);
+        let long = Tensor::cat(&[&ids, &Tensor::ones([1, 30], (Kind::Int64, Device::Cpu))], 1);
         let (a, b) = tch::no_grad(|| (m.forward(&short, false), m.forward(&long, false)));
         assert_eq!(a.size(), [1, 8]);
         assert!((&a - &b).abs().max().double_value(&[]) < 1e-5);
@@ -346,9 +284,7 @@ mod tests {
         assert_eq!(v["text.proj.0.weight"].size(), [12, 16]);
         assert_eq!(v["text.proj.2.weight"].size(), [8, 12]);
         assert!(v.keys().all(|k| !k.contains("pooler")));
-        let std = v["text.transformer.encoder.layer.1.attention.self.query.weight"]
-            .std(true)
-            .double_value(&[]);
+        let std = v["text.transformer.encoder.layer.1.attention.self.query.weight"].std(true).double_value(&[]);
         assert!((std - 0.02).abs() < 0.004, "{std}");
     }
 }

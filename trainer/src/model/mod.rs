@@ -14,9 +14,7 @@ pub use convnext::{ConvNextConfig, ConvNextProj};
 pub use hf_text::{XlmRobertaText, XlmrConfig};
 pub use text::TextConfig;
 pub use vit::VitConfig;
-pub use weights::{
-    load_hf_text_encoder, load_safetensors, save_safetensors, LoadReport, WeightsError,
-};
+pub use weights::{load_hf_text_encoder, load_safetensors, save_safetensors, LoadReport, WeightsError};
 
 use tch::Tensor;
 

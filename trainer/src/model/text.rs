@@ -28,14 +28,7 @@ pub struct TextConfig {
 
 /// OpenCLIP `LayerNorm` / `nn.LayerNorm` (eps 1e-5) over the last dim.
 fn layer_norm(p: &nn::Path, dim: i64) -> nn::LayerNorm {
-    nn::layer_norm(
-        p,
-        vec![dim],
-        nn::LayerNormConfig {
-            eps: 1e-5,
-            ..Default::default()
-        },
-    )
+    nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps: 1e-5, ..Default::default() })
 }
 
 /// `nn.MultiheadAttention` with the fused `in_proj_weight` `[3w, w]`, run through
@@ -50,34 +43,19 @@ struct MultiheadAttention {
 
 impl MultiheadAttention {
     fn new(p: &nn::Path, width: i64, heads: i64, attn_std: f64, proj_std: f64) -> Self {
-        let in_proj_weight = p.var(
-            "in_proj_weight",
-            &[3 * width, width],
-            Init::Randn {
-                mean: 0.0,
-                stdev: attn_std,
-            },
-        );
+        let in_proj_weight = p.var("in_proj_weight", &[3 * width, width], Init::Randn { mean: 0.0, stdev: attn_std });
         let in_proj_bias = p.var("in_proj_bias", &[3 * width], Init::Const(0.0));
         let out_proj = nn::linear(
             p / "out_proj",
             width,
             width,
             nn::LinearConfig {
-                ws_init: Init::Randn {
-                    mean: 0.0,
-                    stdev: proj_std,
-                },
+                ws_init: Init::Randn { mean: 0.0, stdev: proj_std },
                 bs_init: Some(Init::Const(0.0)),
                 bias: true,
             },
         );
-        Self {
-            in_proj_weight,
-            in_proj_bias,
-            out_proj,
-            heads,
-        }
+        Self { in_proj_weight, in_proj_bias, out_proj, heads }
     }
 
     fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
@@ -88,16 +66,7 @@ impl MultiheadAttention {
             .view([b, n, 3, self.heads, d])
             .permute([2, 0, 3, 1, 4]); // [3, b, h, n, d]
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            causal,
-            None,
-            false,
-        ); // [b, h, n, d]
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false); // [b, h, n, d]
         y.transpose(1, 2).reshape([b, n, w]).apply(&self.out_proj) // [b, n, w]
     }
 }
@@ -119,22 +88,13 @@ impl Mlp {
                 i,
                 o,
                 nn::LinearConfig {
-                    ws_init: Init::Randn {
-                        mean: 0.0,
-                        stdev: std,
-                    },
-                    bs_init: Some(Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    }),
+                    ws_init: Init::Randn { mean: 0.0, stdev: std },
+                    bs_init: Some(Init::Uniform { lo: -bound, up: bound }),
                     bias: true,
                 },
             )
         };
-        Self {
-            c_fc: lin("c_fc", width, 4 * width, fc_std),
-            c_proj: lin("c_proj", 4 * width, width, proj_std),
-        }
+        Self { c_fc: lin("c_fc", width, 4 * width, fc_std), c_proj: lin("c_proj", 4 * width, width, proj_std) }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -217,39 +177,18 @@ impl TextTransformer {
             p / "token_embedding",
             cfg.vocab_size,
             cfg.width,
-            nn::EmbeddingConfig {
-                ws_init: Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-                ..Default::default()
-            },
+            nn::EmbeddingConfig { ws_init: Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() },
         );
-        let positional_embedding = p.var(
-            "positional_embedding",
-            &[cfg.context_length, cfg.width],
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.01,
-            },
-        );
+        let positional_embedding =
+            p.var("positional_embedding", &[cfg.context_length, cfg.width], Init::Randn { mean: 0.0, stdev: 0.01 });
         let transformer = Transformer::new(&(p / "transformer"), cfg.width, cfg.heads, cfg.layers);
         let ln_final = layer_norm(&(p / "ln_final"), cfg.width);
         let text_projection = p.var(
             "text_projection",
             &[cfg.width, embed_dim],
-            Init::Randn {
-                mean: 0.0,
-                stdev: (cfg.width as f64).powf(-0.5),
-            },
+            Init::Randn { mean: 0.0, stdev: (cfg.width as f64).powf(-0.5) },
         );
-        Self {
-            token_embedding,
-            positional_embedding,
-            transformer,
-            ln_final,
-            text_projection,
-        }
+        Self { token_embedding, positional_embedding, transformer, ln_final, text_projection }
     }
 
     /// Activation checkpointing per residual block (see [`crate::model::grad_checkpointing`]).

@@ -45,14 +45,7 @@ pub struct VisionTransformer {
 }
 
 fn ln(p: nn::Path, w: i64) -> nn::LayerNorm {
-    nn::layer_norm(
-        p,
-        vec![w],
-        nn::LayerNormConfig {
-            eps: 1e-5,
-            ..Default::default()
-        },
-    )
+    nn::layer_norm(p, vec![w], nn::LayerNormConfig { eps: 1e-5, ..Default::default() })
 }
 
 impl VisionTransformer {
@@ -70,17 +63,10 @@ impl VisionTransformer {
             3,
             w,
             cfg.patch_size,
-            nn::ConvConfig {
-                stride: cfg.patch_size,
-                bias: false,
-                ..Default::default()
-            },
+            nn::ConvConfig { stride: cfg.patch_size, bias: false, ..Default::default() },
         );
         let g = cfg.grid_size();
-        let randn = Init::Randn {
-            mean: 0.0,
-            stdev: scale,
-        };
+        let randn = Init::Randn { mean: 0.0, stdev: scale };
         Self {
             conv1,
             class_embedding: p.var("class_embedding", &[w], randn),
@@ -97,10 +83,7 @@ impl VisionTransformer {
         let x = images.apply(&self.conv1); // [b, w, g, g]
         let (b, w) = (x.size()[0], x.size()[1]);
         let x = x.reshape([b, w, -1]).transpose(1, 2); // [b, g², w]
-        let cls = self
-            .class_embedding
-            .view([1, 1, w])
-            .expand([b, 1, w], false); // [b, 1, w]
+        let cls = self.class_embedding.view([1, 1, w]).expand([b, 1, w], false); // [b, 1, w]
         let x = Tensor::cat(&[cls, x], 1) + &self.positional_embedding; // [b, g²+1, w]
         let x = x.apply(&self.ln_pre);
         let x = self.transformer.forward(&x, false).apply(&self.ln_post); // [b, g²+1, w]
@@ -117,10 +100,7 @@ pub fn resize_pos_embed(pos: &Tensor, new_grid: i64) -> Tensor {
     }
     let old_grid = ((n - 1) as f64).sqrt() as i64;
     let tok = pos.narrow(0, 0, 1);
-    let img = pos
-        .narrow(0, 1, n - 1)
-        .reshape([1, old_grid, old_grid, w])
-        .permute([0, 3, 1, 2]);
+    let img = pos.narrow(0, 1, n - 1).reshape([1, old_grid, old_grid, w]).permute([0, 3, 1, 2]);
     let img = img
         .internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None) // [1, w, g', g']
         .permute([0, 2, 3, 1])

@@ -21,10 +21,7 @@ use super::vit::resize_pos_embed;
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: tch::TchError,
-    },
+    Read { path: PathBuf, source: tch::TchError },
     #[error("writing {path}: {message}")]
     Write { path: PathBuf, message: String },
     #[error(
@@ -62,45 +59,25 @@ fn is_stale_hf_buffer(key: &str) -> bool {
 }
 
 fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
-    Tensor::read_safetensors(path).map_err(|source| WeightsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    Tensor::read_safetensors(path).map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })
 }
 
 /// Loads an OpenCLIP state dict into `vs` (built by `Clip::new(&vs.root(), cfg)`), strictly:
 /// every model key must be present with its shape, and no extra key may exist. A leading
 /// `module.` (DDP) is stripped, a 1-element `logit_scale` is reshaped, and a ViT positional
 /// embedding for another grid is resized as OpenCLIP's `resize_pos_embed` does.
-pub fn load_safetensors(
-    vs: &mut tch::nn::VarStore,
-    path: &Path,
-    cfg: &ClipConfig,
-) -> Result<LoadReport, WeightsError> {
+pub fn load_safetensors(vs: &mut tch::nn::VarStore, path: &Path, cfg: &ClipConfig) -> Result<LoadReport, WeightsError> {
     let read = read_file(path)?;
-    let mut file: HashMap<String, Tensor> = read
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                k.strip_prefix("module.").map(str::to_string).unwrap_or(k),
-                v,
-            )
-        })
-        .collect();
+    let mut file: HashMap<String, Tensor> =
+        read.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v)).collect();
     let vars = vs.variables();
     let mut report = LoadReport::default();
-    let stale: Vec<String> = file
-        .keys()
-        .filter(|k| is_stale_hf_buffer(k) && !vars.contains_key(*k))
-        .cloned()
-        .collect();
+    let stale: Vec<String> = file.keys().filter(|k| is_stale_hf_buffer(k) && !vars.contains_key(*k)).cloned().collect();
     for k in stale {
         file.remove(&k);
         report.skipped.push(k);
     }
-    if let (VisionConfig::Vit(vit), Some(pos)) =
-        (&cfg.vision, file.get("visual.positional_embedding"))
-    {
+    if let (VisionConfig::Vit(vit), Some(pos)) = (&cfg.vision, file.get("visual.positional_embedding")) {
         let g = vit.grid_size();
         if pos.dim() == 2 && pos.size()[0] != g * g + 1 {
             let resized = tch::no_grad(|| resize_pos_embed(&pos.to_kind(Kind::Float), g));
@@ -140,34 +117,21 @@ pub fn load_hf_text_encoder(
 ) -> Result<LoadReport, WeightsError> {
     const PREFIX: &str = "text.transformer.";
     if !matches!(cfg.text, TextTower::XlmRoberta(_)) {
-        return Err(WeightsError::NoHfTextTower {
-            path: path.to_path_buf(),
-            arch: cfg.arch.clone(),
-        });
+        return Err(WeightsError::NoHfTextTower { path: path.to_path_buf(), arch: cfg.arch.clone() });
     }
     let mut report = LoadReport::default();
     let mut file: HashMap<String, Tensor> = HashMap::new();
     for (key, t) in read_file(path)? {
         let bare = key.strip_prefix("module.").unwrap_or(&key);
         let bare = bare.strip_prefix("roberta.").unwrap_or(bare);
-        if is_stale_hf_buffer(bare)
-            || !(bare.starts_with("embeddings.") || bare.starts_with("encoder."))
-        {
+        if is_stale_hf_buffer(bare) || !(bare.starts_with("embeddings.") || bare.starts_with("encoder.")) {
             report.skipped.push(key);
         } else {
             file.insert(format!("{PREFIX}{bare}"), t);
         }
     }
-    let vars: BTreeMap<String, Tensor> = vs
-        .variables()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(PREFIX))
-        .collect();
-    let missing: Vec<String> = vars
-        .keys()
-        .filter(|k| !file.contains_key(*k))
-        .cloned()
-        .collect();
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
+    let missing: Vec<String> = vars.keys().filter(|k| !file.contains_key(*k)).cloned().collect();
     let mismatched: Vec<String> = vars
         .iter()
         .filter_map(|(k, v)| {
@@ -210,7 +174,13 @@ fn copy_checked<'a>(
         missing.sort();
         unexpected.sort();
         mismatched.sort();
-        return Err(WeightsError::Mismatch { path: path.to_path_buf(), arch: cfg.arch.clone(), missing, unexpected, mismatched });
+        return Err(WeightsError::Mismatch {
+            path: path.to_path_buf(),
+            arch: cfg.arch.clone(),
+            missing,
+            unexpected,
+            mismatched,
+        });
     }
     let mut n = 0;
     tch::no_grad(|| {

@@ -187,7 +187,8 @@ impl AdamW {
         // Materialize every gradient (a zero backward) so that it can be re-pointed at the flat
         // gradient buffer; afterwards autograd accumulates in place (AccumulateGrad's `grad += new`).
         tch::with_grad(|| {
-            let zero: Tensor = members.iter().map(|(_, p)| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], opts), |a, b| a + b);
+            let zero: Tensor =
+                members.iter().map(|(_, p)| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], opts), |a, b| a + b);
             zero.backward();
         });
         for (i, (_, p)) in members.iter().enumerate() {
@@ -421,13 +422,21 @@ impl AdamW {
             } else {
                 continue;
             };
-            let found = self.groups.iter().enumerate().find_map(|(gi, g)| g.names.iter().position(|n| n == pname).map(|i| (gi, i)));
+            let found = self
+                .groups
+                .iter()
+                .enumerate()
+                .find_map(|(gi, g)| g.names.iter().position(|n| n == pname).map(|i| (gi, i)));
             let Some((gi, i)) = found else {
                 return Err(OptimError::UnknownState(key.clone()));
             };
             let g = &self.groups[gi];
             if t.size() != g.shapes[i] {
-                return Err(OptimError::StateShape { key: key.clone(), expected: g.shapes[i].clone(), found: t.size() });
+                return Err(OptimError::StateShape {
+                    key: key.clone(),
+                    expected: g.shapes[i].clone(),
+                    found: t.size(),
+                });
             }
             let mut dst = g.view(if is_sq { &g.exp_avg_sq } else { &g.exp_avg }, i);
             tch::no_grad(|| dst.copy_(t));
@@ -496,7 +505,8 @@ mod tests {
     fn check_against_torch_fixture(fused: bool) {
         let fx = fixture();
         let named = params_from(&fx);
-        let mut opt = AdamW::new(&named, AdamWConfig { lr: 0.0, betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 }).unwrap();
+        let mut opt =
+            AdamW::new(&named, AdamWConfig { lr: 0.0, betas: (0.9, 0.98), eps: 1e-6, weight_decay: 0.2 }).unwrap();
         opt.set_fused(fused);
         let lrs = &fx["lr"];
         for step in 0..lrs.size()[0] as usize {
@@ -637,8 +647,11 @@ mod tests {
         run(0..2, &mut b, &named_b);
         let saved: Vec<(String, Tensor)> = b.state().into_iter().map(|(k, v)| (k, v.copy())).collect();
         let saved_params: Vec<Tensor> = named_b.iter().map(|(_, p)| p.detach().copy()).collect();
-        let named_c: Vec<(String, Tensor)> =
-            named_b.iter().zip(&saved_params).map(|((n, _), p)| (n.clone(), p.copy().set_requires_grad(true))).collect();
+        let named_c: Vec<(String, Tensor)> = named_b
+            .iter()
+            .zip(&saved_params)
+            .map(|((n, _), p)| (n.clone(), p.copy().set_requires_grad(true)))
+            .collect();
         let mut c = AdamW::new(&named_c, cfg).unwrap();
         c.restore(&saved, b.step_count()).unwrap();
         run(2..4, &mut c, &named_c);

@@ -53,7 +53,14 @@ impl Schedule {
                     base_lr
                 }
             }
-            Schedule::ConstCooldown { base_lr, warmup, total_steps, cooldown_steps, cooldown_power, cooldown_end_lr } => {
+            Schedule::ConstCooldown {
+                base_lr,
+                warmup,
+                total_steps,
+                cooldown_steps,
+                cooldown_power,
+                cooldown_end_lr,
+            } => {
                 let start_cooldown = total_steps.saturating_sub(cooldown_steps);
                 if step < warmup {
                     warmup_lr(base_lr, warmup, step)
@@ -73,7 +80,9 @@ impl Schedule {
     /// The peak rate, for logging.
     pub fn base_lr(&self) -> f64 {
         match *self {
-            Schedule::Cosine { base_lr, .. } | Schedule::Const { base_lr, .. } | Schedule::ConstCooldown { base_lr, .. } => base_lr,
+            Schedule::Cosine { base_lr, .. }
+            | Schedule::Const { base_lr, .. }
+            | Schedule::ConstCooldown { base_lr, .. } => base_lr,
         }
     }
 }
