@@ -122,6 +122,13 @@ fn test_pause_between_files(step: u64) {
     }
 }
 
+/// A state file's contents before they are written (what `TrainState::state` makes): the step, the optimizer's tensors by parameter name, and the metadata.
+pub struct SavedState {
+    pub step: u64,
+    pub tensors: Vec<(String, Tensor)>,
+    pub meta: BTreeMap<String, String>,
+}
+
 /// A checkpoint's two files in host memory: copies, so the live model and optimizer may change
 /// while a background thread writes them.
 pub struct Snapshot {
@@ -147,9 +154,9 @@ impl Snapshot {
         })
     }
 
-    /// The checkpoint of step `state.counters.step`: the model in `vs` (sorted by name, OpenCLIP's
-    /// keys) and the [`crate::train_state::TrainState`]'s tensors and metadata.
-    pub fn of(vs: &tch::nn::VarStore, state: crate::train_state::SavedState) -> Result<Self> {
+    /// The checkpoint of step `state.step`: the model in `vs` (sorted by name, OpenCLIP's keys) and
+    /// the train state's tensors and metadata.
+    pub fn of(vs: &tch::nn::VarStore, state: SavedState) -> Result<Self> {
         let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         model.sort_by(|a, b| a.0.cmp(&b.0));
         let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);

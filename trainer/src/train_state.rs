@@ -12,7 +12,7 @@ use tch::Tensor;
 
 use ferroclip_data::StreamCursor;
 
-use crate::checkpoint;
+use crate::checkpoint::{self, SavedState};
 use crate::config::{Config, ConfigError};
 use crate::optim::adamw::AdamW;
 
@@ -54,14 +54,6 @@ const RUN_KEYS: [&str; 18] = [
 /// `train.max_steps` changes the schedule's length too, but resuming with another one is how a run
 /// is extended or shortened: it is named, not refused.
 const LENGTH_KEY: &str = "train.max_steps";
-
-/// A state file's contents before they are written: the step, the optimizer's tensors (by
-/// parameter name) and the metadata.
-pub struct SavedState {
-    pub step: u64,
-    pub tensors: Vec<(String, Tensor)>,
-    pub meta: BTreeMap<String, String>,
-}
 
 /// A resumed run's state, read back from a state file.
 pub struct TrainState {

@@ -37,6 +37,14 @@ pub fn builtin_names() -> Vec<&'static str> {
     BUILTIN.iter().map(|(name, _)| *name).collect()
 }
 
+impl ClipConfig {
+    /// `model.arch`: a built-in architecture name or the path of an OpenCLIP model-config `.json`
+    /// (see [`resolve`]); the error names the file, key and value, or lists the built-in names.
+    pub fn resolve(arch: &str) -> Result<ClipConfig, String> {
+        resolve(arch)
+    }
+}
+
 /// `model.arch`: a built-in name, or a path (a value ending in `.json` or containing `/`) to an
 /// OpenCLIP model-config file. The architecture is named after the file's stem, as
 /// `open_clip.add_model_config` names it.

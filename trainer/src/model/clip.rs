@@ -90,12 +90,6 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
-    /// `model.arch`: a built-in architecture name or the path of an OpenCLIP model-config `.json`
-    /// (see [`super::arch`]); the error names the file, key and value, or lists the built-in names.
-    pub fn resolve(arch: &str) -> Result<ClipConfig, String> {
-        super::arch::resolve(arch)
-    }
-
     /// Token sequence length of the text tower (77 for every preset).
     pub fn context_length(&self) -> i64 {
         self.text.context_length()
