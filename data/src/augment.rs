@@ -214,6 +214,7 @@ pub fn hwc_to_chw(rgb: &[u8], out: &mut [u8]) {
 /// Returns how many pixels it converted.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "ssse3")]
+#[allow(clippy::needless_range_loop)] // `i` is a pixel index that picks both the mask row and byte
 unsafe fn hwc_to_chw_ssse3(rgb: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) -> usize {
     use std::arch::x86_64::*;
     // mask[plane][load][i]: the byte of load `load` that is pixel i's channel `plane`, or -128 (zero).

@@ -342,12 +342,12 @@ unsafe fn vertical_avx2(tmp: &[u8], row_len: usize, ybox_first: usize, vert: &Ta
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words.0, words.1), lanes);
             _mm256_storeu_si256(orow.as_mut_ptr().add(b * 32) as *mut __m256i, bytes);
         }
-        for x in blocks * 32..row_len {
+        for (x, out) in orow.iter_mut().enumerate().take(row_len).skip(blocks * 32) {
             let mut a = 1i32 << (PRECISION_BITS - 1);
             for (t, &w) in k.iter().enumerate() {
                 a += *base.add(t * row_len + x) as i32 * w;
             }
-            orow[x] = clip8(a);
+            *out = clip8(a);
         }
     }
 }

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tch::Tensor;
 
 use ferroclip_data::StreamCursor;
 

@@ -55,7 +55,7 @@ impl OptimConfig {
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
             return Err("key `optim.lr`: must be a finite number >= 0".into());
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return Err("key `optim.weight_decay`: must be >= 0".into());
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {

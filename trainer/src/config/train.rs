@@ -63,7 +63,7 @@ impl TrainConfig {
         if self.accum_freq == 0 {
             return Err("key `train.accum_freq`: must be at least 1".into());
         }
-        if !(self.grad_clip_norm >= 0.0) {
+        if self.grad_clip_norm.is_nan() || self.grad_clip_norm < 0.0 {
             return Err("key `train.grad_clip_norm`: must be >= 0".into());
         }
         Ok(())
