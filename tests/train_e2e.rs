@@ -352,14 +352,15 @@ fn fine_tune_initializes_a_larger_image_size_from_a_checkpoint() {
 fn vit_fine_tune_at_another_image_size_resizes_the_positional_embedding_as_openclip() {
     let f = Fixture::new();
     let base = f.config("vit_base", "");
-    let out = run(&["--config", base.to_str().unwrap(), "--set", "model.arch=vit_test", "--set", "train.max_steps=2"]);
+    let arch = format!("model.arch={}", test_arch("vit_test").display());
+    let out = run(&["--config", base.to_str().unwrap(), "--set", &arch, "--set", "train.max_steps=2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let init = f.run_dir("vit_base").join("checkpoints").join("step_00000002.safetensors");
 
     // 32 px -> 48 px with patches of 8: a 4 x 4 grid becomes 6 x 6. lr 0, so only the resize changes.
     let ft = f.config("vit_ft", "");
     let init_arg = format!("model.init={}", init.display());
-    let sets = ["model.arch=vit_test", "model.image_size=48", init_arg.as_str(), "optim.lr=0", "train.max_steps=2"];
+    let sets = [arch.as_str(), "model.image_size=48", init_arg.as_str(), "optim.lr=0", "train.max_steps=2"];
     let mut args = vec!["--config", ft.to_str().unwrap()];
     for set in sets {
         args.extend(["--set", set]);
