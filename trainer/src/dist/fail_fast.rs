@@ -41,8 +41,22 @@ fn who() -> String {
 pub fn die(message: &str) -> ! {
     let _ = writeln!(std::io::stderr(), "error on {}: {message}", who());
     let _ = std::io::stdout().flush();
+    linger_if_store_host();
     // SAFETY: _exit ends the process; nothing after it runs.
     unsafe { libc::_exit(1) }
+}
+
+/// How long rank 0, which serves the job's store, keeps serving after the job's end is decided: the
+/// other ranks' watchdogs poll the abort notice every second, and one that finds the store gone
+/// instead would wait out `dist.heartbeat_timeout_s` (or hang in a collective) before it ends.
+const STORE_LINGER: Duration = Duration::from_millis(2500);
+
+fn linger_if_store_host() {
+    if let Some(j) = JOB.get() {
+        if j.rank == 0 && j.world > 1 {
+            std::thread::sleep(STORE_LINGER);
+        }
+    }
 }
 
 /// This rank failed: posts `rank R of W failed: {message}` as the job's abort notice (when this process
@@ -126,6 +140,7 @@ pub fn report_failure(message: &str) {
     if JOB.get().is_some() {
         eprintln!("error on {}: {message}", who());
         post_abort(&format!("{} failed: {message}", who()));
+        linger_if_store_host();
     } else {
         eprintln!("error: {message}");
     }
