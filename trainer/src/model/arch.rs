@@ -156,14 +156,8 @@ const VISION_DEFAULTS: &[(&str, &str)] = &[
     ("timm_drop", "0.0"),
 ];
 /// OpenCLIP `VisionTransformer` keys built only at their default.
-const VIT_DEFAULTS: &[(&str, &str)] = &[
-    ("mlp_ratio", "4.0"),
-    ("ls_init_value", "null"),
-    ("attentional_pool", "false"),
-    ("no_ln_pre", "false"),
-    ("pos_embed_type", "\"learnable\""),
-    ("final_ln_after_pool", "false"),
-    ("pool_type", "\"tok\""),
+/// The residual-block options both of OpenCLIP's transformers (vision and text) take, at their defaults.
+const BLOCK_DEFAULTS: &[(&str, &str)] = &[
     ("act_kwargs", "null"),
     ("norm_kwargs", "null"),
     ("block_type", "null"),
@@ -173,6 +167,15 @@ const VIT_DEFAULTS: &[(&str, &str)] = &[
     ("scale_attn_inner", "false"),
     ("scale_attn", "false"),
     ("scale_fc", "false"),
+];
+const VIT_DEFAULTS: &[(&str, &str)] = &[
+    ("mlp_ratio", "4.0"),
+    ("ls_init_value", "null"),
+    ("attentional_pool", "false"),
+    ("no_ln_pre", "false"),
+    ("pos_embed_type", "\"learnable\""),
+    ("final_ln_after_pool", "false"),
+    ("pool_type", "\"tok\""),
 ];
 /// Read by OpenCLIP only with `attentional_pool: true` (which is refused), so without effect.
 const VIT_ACCEPTED: &[&str] = &["attn_pooler_queries", "attn_pooler_heads"];
@@ -184,7 +187,7 @@ fn vision_tower(v: &VisionCfg, file: &str) -> Result<VisionConfig, String> {
         format!("{file}: key `vision_cfg.{key}` = {value}: {why}")
     };
     let Some(timm) = &v.timm_model_name else {
-        let defaults: Vec<_> = VISION_DEFAULTS.iter().chain(VIT_DEFAULTS).copied().collect();
+        let defaults: Vec<_> = VISION_DEFAULTS.iter().chain(VIT_DEFAULTS).chain(BLOCK_DEFAULTS).copied().collect();
         check_rest(file, "vision_cfg.", &v.other, &defaults, VIT_ACCEPTED)?;
         for (key, value) in [("timm_pool", &v.timm_pool), ("timm_proj", &v.timm_proj)] {
             if let Some(value) = value {
@@ -271,15 +274,6 @@ const TEXT_DEFAULTS: &[(&str, &str)] = &[
     ("proj_bias", "false"),
     ("proj_type", "\"linear\""),
     ("output_tokens", "false"),
-    ("act_kwargs", "null"),
-    ("norm_kwargs", "null"),
-    ("block_type", "null"),
-    ("qk_norm", "false"),
-    ("scaled_cosine_attn", "false"),
-    ("scale_heads", "false"),
-    ("scale_attn_inner", "false"),
-    ("scale_attn", "false"),
-    ("scale_fc", "false"),
 ];
 /// `hf_model_pretrained`: whether OpenCLIP downloads the hub weights when it creates the model;
 /// ferroclip starts the tower from `model.hf_text` instead, so it does not change the architecture.
@@ -292,7 +286,8 @@ fn text_tower(t: &TextCfg, file: &str, source: &Source) -> Result<TextTower, Str
     let context_length = t.context_length.unwrap_or(77);
     let Some(hf_name) = &t.hf_model_name else {
         let accepted: Vec<_> = TEXT_ACCEPTED.iter().chain(&["hf_model_pretrained"]).copied().collect();
-        check_rest(file, "text_cfg.", &t.other, TEXT_DEFAULTS, &accepted)?;
+        let defaults: Vec<_> = TEXT_DEFAULTS.iter().chain(BLOCK_DEFAULTS).copied().collect();
+        check_rest(file, "text_cfg.", &t.other, &defaults, &accepted)?;
         for (key, value) in [("hf_pooler_type", &t.hf_pooler_type), ("hf_proj_type", &t.hf_proj_type)] {
             if let Some(value) = value {
                 return Err(at(key, &format!("{value:?}"), "only read with `hf_model_name`"));
