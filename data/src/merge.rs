@@ -21,11 +21,15 @@ use crossbeam_channel::{RecvTimeoutError, Select, TryRecvError};
 use rand::Rng;
 
 use crate::cursor::{encode_bits, PendingGroup, ReaderCursor, Unit};
-use crate::reader::{self, Handle, Item, Msg, Plan, Shared, Source, UnitEnd, READ_AHEAD_SAMPLES};
+use crate::reader::{self, Handle, Item, Msg, Plan, Shared, Source, UnitEnd};
 use crate::rng::SampleRng;
 
 /// How long the merge waits for the reader whose turn it is before serving the others.
 pub(crate) const GRACE: Duration = Duration::from_secs(1);
+
+/// A lagging reader is back in strict turns once it has this many samples (or half its byte
+/// budget) ready.
+const CAUGHT_UP_SAMPLES: usize = 32;
 
 /// How the merge takes from its readers.
 #[derive(Debug, Clone)]
@@ -181,7 +185,7 @@ impl Merge {
             }
             let slot = &mut self.slots[i];
             if slot.lagging
-                && (slot.handle.rx.len() >= READ_AHEAD_SAMPLES / 2
+                && (slot.handle.rx.len() >= CAUGHT_UP_SAMPLES
                     || slot.handle.budget.used() * 2 >= slot.handle.budget.cap())
             {
                 slot.lagging = false;

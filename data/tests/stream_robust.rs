@@ -389,9 +389,9 @@ fn the_merge_serves_the_other_readers_while_one_waits() {
 fn a_reader_waiting_for_a_slow_consumer_is_not_taken_for_stalled() {
     let dir = tempdir("robust-slow-consumer");
     let pattern = dataset(&dir, 4, 40);
-    // Readers fill their read-ahead (64 samples) and wait for the merge far longer than the
-    // timeout while the consumer sleeps; then the merge empties their channels at once.
-    let cfg = DataConfig { read_timeout_s: 0.3, prefetch: 1, shuffle_buffer: 4, ..cfg() };
+    // Readers fill their read-ahead (200 bytes: some 8 samples) and wait for the merge far
+    // longer than the timeout while the consumer sleeps; then the merge empties them at once.
+    let cfg = DataConfig { read_timeout_s: 0.3, prefetch: 1, shuffle_buffer: 4, read_ahead_bytes: 200, ..cfg() };
     let (keys, stats) = within(60, move || {
         let o = opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None);
         let mut l = Loader::new(&cfg, &pattern, o).unwrap();
@@ -404,4 +404,42 @@ fn a_reader_waiting_for_a_slow_consumer_is_not_taken_for_stalled() {
     let mut distinct = sorted(keys);
     distinct.dedup();
     assert_eq!(distinct.len(), 160, "every sample of the epoch, once");
+}
+
+#[test]
+fn read_ahead_is_bounded_in_bytes_and_spans_a_pipe_shard_switch() {
+    // While the consumer holds off, a reader reads on by `read_ahead_bytes`, not a fixed handful
+    // of samples: through the rest of one shard and all of a `pipe:` shard whose command starts
+    // slowly, so the next shard's start-up is hidden behind what was read ahead.
+    let dir = tempdir("robust-read-ahead");
+    let mut total = 0;
+    for (name, s) in [("a", 0), ("b", 1)] {
+        let samples: Vec<_> = (0..300).map(|i| good(&format!("s{s}_{i:03}"))).collect();
+        let tar = tar_of(&samples);
+        total += tar.len() as u64;
+        std::fs::write(dir.join(format!("{name}.tar")), tar).unwrap();
+    }
+    let sources = format!("{}/a.tar::pipe:sleep 0.2; cat {}/b.tar", dir.display(), dir.display());
+    let cfg = DataConfig { readers: 1, workers: 1, prefetch: 1, ..cfg() };
+    let keys = within(60, move || {
+        let o = opts(0, 1, 1, Mode::Eval, Arc::new(FakeTransform::default()), None);
+        let mut l = Loader::new(&cfg, &sources, o).unwrap();
+        let mut keys: Vec<String> = take(&mut l, 1).into_iter().flat_map(|b| b.keys).collect();
+        let t = std::time::Instant::now();
+        while l.stats().bytes_read < total {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the reader stopped reading ahead after {} of 600 samples were taken: {:?}, {total} bytes in the shards",
+                keys.len(),
+                l.stats()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        while let Some(b) = l.next_batch() {
+            keys.extend(b.keys);
+        }
+        keys
+    });
+    let want: Vec<String> = (0..2).flat_map(|s| (0..300).map(move |i| format!("s{s}_{i:03}"))).collect();
+    assert_eq!(keys, want, "both shards, in order, each sample once");
 }
