@@ -15,9 +15,10 @@
 //! goes on with the other readers. A Train stream that cannot yield one full batch (every shard
 //! unreadable) ends: `next_batch` returns `None` and [`Loader::error`] says why.
 //!
-//! Memory: per reader at most `read_ahead_bytes` (and 64 samples) read ahead plus the sample
+//! Memory: per reader at most `read_ahead_bytes` (and 8192 samples) read ahead plus the sample
 //! being read; the shuffle buffer at most `shuffle_buffer` samples and `shuffle_buffer_bytes`;
-//! a batch's candidates in flight at most `read_ahead_bytes`; `prefetch` finished batches.
+//! the candidates in flight at most `read_ahead_bytes` (and 4 per worker); `prefetch` finished
+//! batches.
 //! Shards are streamed member by member, never loaded whole; members over `max_member_bytes`
 //! are passed over unread.
 

@@ -182,6 +182,93 @@ fn batches_do_not_depend_on_thread_timing_or_worker_count() {
     assert_eq!(a, run(3));
 }
 
+/// 3 shards x 12 samples with a corrupt image every few samples, two of them adjacent: a rejected
+/// candidate moves the end of its batch, while workers already transform the next batch's.
+fn holey_data(name: &str) -> String {
+    let dir = tempdir(name);
+    let pattern = dataset(&dir, 3, 12);
+    for (shard, bad) in [(0, &[3usize, 4, 9][..]), (1, &[0, 7][..]), (2, &[5, 6, 11][..])] {
+        let mut samples: Vec<_> = (0..12).map(|i| good(&format!("s{shard}_{i:02}"))).collect();
+        for &i in bad {
+            samples[i][0].1 = b"IMG CORRUPT".to_vec();
+        }
+        std::fs::write(dir.join(format!("{shard:03}.tar")), tar_of(&samples)).unwrap();
+    }
+    pattern
+}
+
+#[test]
+fn resume_is_exact_after_every_batch_when_rejected_samples_move_batch_ends() {
+    let pattern = holey_data("resume-holey");
+    // 28 usable samples in 7 batches of 4 per epoch, one rank: every cut, and across epochs.
+    let cfg = DataConfig { workers: 3, ..cfg() };
+    for cut in 1..=9 {
+        check_resume(&cfg, &pattern, 0, 1, 10, cut);
+    }
+}
+
+/// Holds the transform of the sample `held` until `others` other samples have been transformed
+/// (or 20 s passed: then `starved` is set).
+struct HoldOne {
+    held: &'static [u8],
+    others: usize,
+    done: std::sync::atomic::AtomicUsize,
+    starved: std::sync::atomic::AtomicBool,
+    inner: FakeTransform,
+}
+
+impl ferroclip_data::augment::ImageTransform for HoldOne {
+    fn output_size(&self) -> usize {
+        self.inner.output_size()
+    }
+    fn apply(
+        &self,
+        e: &[u8],
+        x: &str,
+        r: &mut SampleRng,
+        o: &mut [u8],
+    ) -> Result<Option<ferroclip_data::EraseBox>, ferroclip_data::decode::DecodeError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if e == self.held {
+            let t = std::time::Instant::now();
+            while self.done.load(SeqCst) < self.others {
+                if t.elapsed() > std::time::Duration::from_secs(20) {
+                    self.starved.store(true, SeqCst);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            return self.inner.apply(e, x, r, o);
+        }
+        let out = self.inner.apply(e, x, r, o);
+        self.done.fetch_add(1, SeqCst);
+        out
+    }
+}
+
+#[test]
+fn workers_go_on_with_the_next_batch_while_a_batch_waits_for_its_last_sample() {
+    // The last sample of the first batch is held until five others are transformed: three are
+    // its own batch's, so the other two must be the next batch's, taken up while it waits.
+    let dir = tempdir("cross-batch");
+    let pattern = dataset(&dir, 1, 12);
+    let hold = Arc::new(HoldOne {
+        held: b"IMG:s0_03",
+        others: 5,
+        done: Default::default(),
+        starved: Default::default(),
+        inner: FakeTransform::default(),
+    });
+    let cfg = DataConfig { workers: 2, readers: 1, ..cfg() };
+    let mut o = opts(0, 1, 4, Mode::Eval, Arc::new(FakeTransform::default()), None);
+    o.transform = hold.clone();
+    let l = Loader::new(&cfg, &pattern, o).unwrap();
+    let batches: Vec<Vec<String>> = l.map(|b| b.keys).collect();
+    assert!(!hold.starved.load(std::sync::atomic::Ordering::SeqCst), "the workers idled at the first batch's tail");
+    let want: Vec<Vec<String>> = (0..3).map(|b| (0..4).map(|i| format!("s0_{:02}", 4 * b + i)).collect()).collect();
+    assert_eq!(batches, want, "batches in draw order whatever order the workers finished in");
+}
+
 #[test]
 fn resume_seeks_to_recorded_offsets_and_reads_no_payload_it_skips() {
     let dir = tempdir("resume-seek");
