@@ -84,6 +84,26 @@ def transform(size, use_timm=True):
     return open_clip.image_transform(size, is_train=True, aug_cfg=aug)
 
 
+def tree_cpu_seconds(pid=None):
+    """CPU time (user + system) of a process and all its descendants now alive: the main process
+    and the DataLoader's worker processes."""
+    import os
+
+    pid = pid or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(tree_cpu_seconds(int(c)) for c in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
 def bench_shards(a):
     """OpenCLIP's get_wds_dataset end to end, as its training loop consumes it."""
     import json
@@ -102,17 +122,20 @@ def bench_shards(a):
     data = get_wds_dataset(args, transform(a.size, not a.no_timm), is_train=True, epoch=0, tokenizer=tokenizer)
     batches = iter(data.dataloader)
     next(batches)  # warm-up: worker processes starting, shuffle buffers filling
-    n, start = 0, time.perf_counter()
+    n, start, cpu0 = 0, time.perf_counter(), tree_cpu_seconds()
     while time.perf_counter() - start < a.seconds:
         images, _texts = next(batches)
         n += images.shape[0]
     seconds = time.perf_counter() - start
+    cpu = tree_cpu_seconds() - cpu0
     print(f"open_clip get_wds_dataset on {a.shards}: {a.workers} workers, batch {a.batch}, {a.size}px, "
           f"timm={not a.no_timm}, resampled={not a.no_resampled}")
     print(f"end to end: {n} images in {seconds:.2f} s; {n / seconds / a.workers:.1f} images/s per worker")
+    print(f"end to end by CPU time: {cpu:.2f} CPU s (main + worker processes) = {n / cpu:.1f} images per CPU second")
     print(json.dumps({"impl": "open_clip", "kind": "data", "source": "shards", "shards": a.shards,
                       "threads": a.workers, "workers": a.workers, "batch_size": a.batch, "image_size": a.size,
-                      "images": n, "seconds": seconds, "images_per_s": n / seconds}))
+                      "images": n, "seconds": seconds, "images_per_s": n / seconds,
+                      "cpu_seconds": cpu, "images_per_cpu_s": n / cpu}))
 
 
 def main():

@@ -107,6 +107,17 @@ pub fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// CPU time of the whole process so far (every thread), in nanoseconds
+/// (`CLOCK_PROCESS_CPUTIME_ID`).
+pub fn process_cpu_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid timespec to write to.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Single-thread CPU milliseconds per image of each stage a sample goes through.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StageCosts {
@@ -144,6 +155,11 @@ pub struct LoaderBench {
     pub seconds: f64,
     pub images_per_s: f64,
     pub images_per_s_per_worker: f64,
+    /// CPU time the process spent (all threads: readers, drawing, assembly, workers) while the
+    /// end-to-end images were timed, and images per CPU second: the rate per busy core, which a
+    /// machine other jobs load depresses less than the wall-clock rate.
+    pub cpu_seconds: f64,
+    pub images_per_cpu_s: f64,
     /// The workers' own work only (transform + tokenization of in-memory samples) on `workers`
     /// threads at once, images/s in total.
     pub worker_only_images_per_s: f64,
@@ -172,6 +188,8 @@ impl fmt::Display for LoaderBench {
         let (per, eff) = (self.images_per_s_per_worker, self.efficiency);
         let (images, s) = (self.images, self.seconds);
         writeln!(f, "end to end: {images} images in {s:.2} s; {per:.1} images/s per worker; efficiency {eff:.3}")?;
+        let (cpu, per_cpu) = (self.cpu_seconds, self.images_per_cpu_s);
+        writeln!(f, "end to end by CPU time: {cpu:.2} CPU s (all threads) = {per_cpu:.1} images per CPU second")?;
         if !self.skipped.is_empty() {
             writeln!(f, "skipped while timed: {:?}", self.skipped)?;
         }
@@ -277,18 +295,20 @@ pub fn bench_loader(
     const ROUNDS: usize = 3;
     let slice = min_seconds / ROUNDS as f64;
     let (mut images, mut seconds, mut only_images, mut only_seconds) = (0u64, 0.0, 0.0, 0.0);
+    let mut cpu_ns = 0;
     for _ in 0..ROUNDS {
         let (n, s) = bench_workers(&samples, worker.0.as_ref(), worker.1.as_ref(), cfg.workers, slice);
         (only_images, only_seconds) = (only_images + n, only_seconds + s);
         for _ in 0..cfg.prefetch + 1 {
             loader.next_batch().ok_or_else(|| stalled(&loader))?;
         }
-        let start = Instant::now();
+        let (start, cpu) = (Instant::now(), process_cpu_ns());
         while start.elapsed().as_secs_f64() < slice {
             let batch = loader.next_batch().ok_or_else(|| stalled(&loader))?;
             images += batch.len as u64;
         }
         seconds += start.elapsed().as_secs_f64();
+        cpu_ns += process_cpu_ns() - cpu;
     }
     let worker_only = only_images / only_seconds;
     let after = loader.stats();
@@ -311,6 +331,8 @@ pub fn bench_loader(
         seconds,
         images_per_s,
         images_per_s_per_worker: images_per_s / cfg.workers as f64,
+        cpu_seconds: cpu_ns as f64 / 1e9,
+        images_per_cpu_s: images as f64 / (cpu_ns as f64 / 1e9).max(1e-9),
         worker_only_images_per_s: worker_only,
         efficiency: images_per_s / worker_only,
         stages,
@@ -491,6 +513,7 @@ mod tests {
         assert!((r.images_per_s - r.images as f64 / r.seconds).abs() < 1e-6);
         assert!((r.images_per_s_per_worker * 2.0 - r.images_per_s).abs() < 1e-6);
         assert!((r.efficiency - r.images_per_s / r.worker_only_images_per_s).abs() < 1e-9);
+        assert!(r.cpu_seconds > 0.0 && (r.images_per_cpu_s - r.images as f64 / r.cpu_seconds).abs() < 1e-6);
         assert!(r.stages.decode_ms > 0.0 && r.stages.tokenize_ms > 0.0 && r.skipped.is_empty(), "{r:?}");
         let text = r.to_string();
         assert_eq!(text.lines().last().unwrap(), format!("images_per_s={:.1} threads=2", r.images_per_s));
