@@ -264,7 +264,7 @@ struct Filling {
 /// in draw order, so a batch is the first `batch_size` usable candidates after the one before it,
 /// whichever worker finishes first.
 ///
-/// Drawing runs on a thread of its own for the segment ([`draw`]): a draw can wait for a slow
+/// Drawing runs on a thread of its own for the segment ([`Drawer`]): a draw can wait for a slow
 /// reader, and the batches already complete must not wait with it.
 struct Window {
     pool: rayon::ThreadPool,

@@ -4,6 +4,8 @@
 
 mod stream_support;
 
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use ferroclip_data::rng::SampleRng;
@@ -147,33 +149,18 @@ fn resume_does_not_transform_skipped_samples() {
     assert!(seen.len() >= 8, "the resumed loader transformed the batches it produced");
 }
 
-/// Sleeps a clock-dependent time before delegating, so thread timing varies run to run.
-struct Jitter(FakeTransform);
-
-impl ferroclip_data::augment::ImageTransform for Jitter {
-    fn output_size(&self) -> usize {
-        self.0.output_size()
-    }
-    fn apply(
-        &self,
-        e: &[u8],
-        x: &str,
-        r: &mut SampleRng,
-        o: &mut [u8],
-    ) -> Result<Option<ferroclip_data::EraseBox>, ferroclip_data::decode::DecodeError> {
-        let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        std::thread::sleep(std::time::Duration::from_micros((ns % 400) as u64));
-        self.0.apply(e, x, r, o)
-    }
-}
-
 #[test]
 fn batches_do_not_depend_on_thread_timing_or_worker_count() {
     let pattern = data("determinism");
     let run = |workers| {
         let cfg = DataConfig { workers, ..cfg() };
         let mut o = opts(0, 1, 4, Mode::Train, Arc::new(FakeTransform::default()), None);
-        o.transform = Arc::new(Jitter(FakeTransform::default()));
+        // A clock-dependent sleep before each sample, so thread timing varies run to run.
+        o.transform = Arc::new(Around(|_: &[u8], apply: &mut dyn FnMut() -> Applied| {
+            let ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+            std::thread::sleep(std::time::Duration::from_micros((ns % 400) as u64));
+            apply()
+        }));
         let mut l = Loader::new(&cfg, &pattern, o).unwrap();
         take(&mut l, 15).into_iter().map(|b| (b.keys, b.images)).collect::<Vec<_>>()
     };
@@ -207,64 +194,38 @@ fn resume_is_exact_after_every_batch_when_rejected_samples_move_batch_ends() {
     }
 }
 
-/// Holds the transform of the sample `held` until `others` other samples have been transformed
-/// (or 20 s passed: then `starved` is set).
-struct HoldOne {
-    held: &'static [u8],
-    others: usize,
-    done: std::sync::atomic::AtomicUsize,
-    starved: std::sync::atomic::AtomicBool,
-    inner: FakeTransform,
-}
-
-impl ferroclip_data::augment::ImageTransform for HoldOne {
-    fn output_size(&self) -> usize {
-        self.inner.output_size()
-    }
-    fn apply(
-        &self,
-        e: &[u8],
-        x: &str,
-        r: &mut SampleRng,
-        o: &mut [u8],
-    ) -> Result<Option<ferroclip_data::EraseBox>, ferroclip_data::decode::DecodeError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if e == self.held {
-            let t = std::time::Instant::now();
-            while self.done.load(SeqCst) < self.others {
-                if t.elapsed() > std::time::Duration::from_secs(20) {
-                    self.starved.store(true, SeqCst);
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            return self.inner.apply(e, x, r, o);
-        }
-        let out = self.inner.apply(e, x, r, o);
-        self.done.fetch_add(1, SeqCst);
-        out
-    }
-}
-
 #[test]
 fn workers_go_on_with_the_next_batch_while_a_batch_waits_for_its_last_sample() {
     // The last sample of the first batch is held until five others are transformed: three are
     // its own batch's, so the other two must be the next batch's, taken up while it waits.
     let dir = tempdir("cross-batch");
     let pattern = dataset(&dir, 1, 12);
-    let hold = Arc::new(HoldOne {
-        held: b"IMG:s0_03",
-        others: 5,
-        done: Default::default(),
-        starved: Default::default(),
-        inner: FakeTransform::default(),
-    });
+    // Others transformed so far; set if the held sample waited 20 s for them in vain.
+    let done = Arc::new(AtomicUsize::new(0));
+    let starved = Arc::new(AtomicBool::new(false));
+    let (done2, starved2) = (done.clone(), starved.clone());
+    let hold = move |e: &[u8], apply: &mut dyn FnMut() -> Applied| {
+        if e != b"IMG:s0_03" {
+            let out = apply();
+            done2.fetch_add(1, SeqCst);
+            return out;
+        }
+        let t = std::time::Instant::now();
+        while done2.load(SeqCst) < 5 {
+            if t.elapsed() > std::time::Duration::from_secs(20) {
+                starved2.store(true, SeqCst);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        apply()
+    };
     let cfg = DataConfig { workers: 2, readers: 1, ..cfg() };
     let mut o = opts(0, 1, 4, Mode::Eval, Arc::new(FakeTransform::default()), None);
-    o.transform = hold.clone();
+    o.transform = Arc::new(Around(hold));
     let l = Loader::new(&cfg, &pattern, o).unwrap();
     let batches: Vec<Vec<String>> = l.map(|b| b.keys).collect();
-    assert!(!hold.starved.load(std::sync::atomic::Ordering::SeqCst), "the workers idled at the first batch's tail");
+    assert!(!starved.load(SeqCst), "the workers idled at the first batch's tail ({} others done)", done.load(SeqCst));
     let want: Vec<Vec<String>> = (0..3).map(|b| (0..4).map(|i| format!("s0_{:02}", 4 * b + i)).collect()).collect();
     assert_eq!(batches, want, "batches in draw order whatever order the workers finished in");
 }

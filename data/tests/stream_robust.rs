@@ -7,8 +7,6 @@ mod stream_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferroclip_data::decode::DecodeError;
-use ferroclip_data::rng::SampleRng;
 use ferroclip_data::{DataConfig, DataError, Loader, Mode};
 use stream_support::*;
 
@@ -151,26 +149,15 @@ fn epochs_shorter_than_a_batch_stop_instead_of_spinning() {
     assert!(none);
 }
 
-/// The fake transform, except that it panics on the image of one key (as a decoder bug on one
+/// The fake transform, except that it panics on the image of `key` (as a decoder bug on one
 /// crafted header would).
-struct PanicsOn(&'static str);
-
-impl ferroclip_data::augment::ImageTransform for PanicsOn {
-    fn output_size(&self) -> usize {
-        SIZE
-    }
-    fn apply(
-        &self,
-        e: &[u8],
-        x: &str,
-        r: &mut SampleRng,
-        o: &mut [u8],
-    ) -> Result<Option<ferroclip_data::EraseBox>, DecodeError> {
-        if e == format!("IMG:{}", self.0).as_bytes() {
-            panic!("transform bug on {}", self.0);
+fn panics_on(key: &'static str) -> Arc<dyn ferroclip_data::augment::ImageTransform> {
+    Arc::new(Around(move |e: &[u8], apply: &mut dyn FnMut() -> Applied| {
+        if e == format!("IMG:{key}").as_bytes() {
+            panic!("transform bug on {key}");
         }
-        FakeTransform::default().apply(e, x, r, o)
-    }
+        apply()
+    }))
 }
 
 /// Byte tokens, except that it panics on one caption.
@@ -194,7 +181,7 @@ fn a_sample_that_panics_is_skipped_and_counted_and_every_other_arrives() {
         let pattern = pattern.clone();
         let (keys, stats) = within(60, move || {
             let mut o = opts(0, 1, 2, mode, Arc::new(FakeTransform::default()), None);
-            o.transform = Arc::new(PanicsOn("s1_03"));
+            o.transform = panics_on("s1_03");
             o.tokenizer = Arc::new(TokenizerPanicsOn("s2_05"));
             let cfg = DataConfig { train_num_samples: 16, ..cfg() };
             let mut l = Loader::new(&cfg, &pattern, o).unwrap();
@@ -226,7 +213,7 @@ fn panics_that_leave_no_full_batch_end_the_stream_with_an_error_not_a_hang() {
     let pattern = dataset(&dir, 1, 3);
     let (none, err, panics) = within(60, move || {
         let mut o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
-        o.transform = Arc::new(PanicsOn("s0_00"));
+        o.transform = panics_on("s0_00");
         o.tokenizer = Arc::new(TokenizerPanicsOn("s0_01"));
         let mut l = Loader::new(&DataConfig { readers: 1, ..cfg() }, &pattern, o).unwrap();
         (l.next_batch().is_none(), l.error().map(|e| e.to_string()), l.stats().skipped.get("panic").copied())

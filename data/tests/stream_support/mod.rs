@@ -53,6 +53,23 @@ impl ImageTransform for FakeTransform {
     }
 }
 
+/// What [`FakeTransform::apply`] returns.
+pub type Applied = Result<Option<ferroclip_data::EraseBox>, DecodeError>;
+
+/// The fake transform run through `around(payload, apply)`, which may slow, hold or break a
+/// sample before (or count it after) calling `apply`.
+pub struct Around<F>(pub F);
+
+impl<F: Fn(&[u8], &mut dyn FnMut() -> Applied) -> Applied + Send + Sync> ImageTransform for Around<F> {
+    fn output_size(&self) -> usize {
+        SIZE
+    }
+    fn apply(&self, encoded: &[u8], ext: &str, rng: &mut SampleRng, out: &mut [u8]) -> Applied {
+        let fake = FakeTransform::default();
+        (self.0)(encoded, &mut || fake.apply(encoded, ext, rng, out))
+    }
+}
+
 /// Token ids = caption bytes, zero padded.
 pub struct ByteTokenizer;
 
