@@ -26,6 +26,14 @@ Data pipeline (`--data`): PIL decode + convert('RGB') + OpenCLIP's train transfo
   OpenCLIP ignores `re_prob` unless `use_timm=True` (it warns "Unused augmentation cfg items"), so
   the timm path is the default; `--no-timm` times the cheaper torchvision path without erasing.
 
+End to end (`--e2e-shards PATTERN --workers N`): the same step fed by OpenCLIP's own loader,
+  `open_clip_train.data.get_wds_dataset` with N DataLoader workers and the augreg transform of
+  configs/base_w_augreg.toml; prints `{"kind":"e2e","samples_per_s":..,"data_wait_fraction":..}`,
+  the share of the timed steps the loop spent in `next(dataloader)`.
+
+`--grad-checkpointing` turns on activation checkpointing as open_clip_train's flag does
+  (`model.set_grad_checkpointing(True)`), in the training and end-to-end modes.
+
 Shards of the same JPEGs (`--write-shards DIR --shards N --per-shard M`): N webdataset tars
   `DIR/{00000..}.tar` of M samples each (`{key}.jpg`, `{key}.txt`), cycling through `--images`
   distinct JPEGs, for the end-to-end step of `scripts/gpu-check` (the trainer's real loader on
@@ -133,16 +141,40 @@ def setup(a):
     return torch.device(a.device)
 
 
-def train_mode(a):
+def training_step(a, device):
+    """The model, optimizer and loss of open_clip_train/main.py, and one step of open_clip_train/train.py
+    (accum_freq == 1, no grad scaler: bf16 needs none) as a function of a batch."""
     import torch
     from open_clip.loss import ClipLoss
 
-    device = setup(a)
     model = build(a.arch, a.image_size, device)
+    if a.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # open_clip_train/main.py, --grad-checkpointing
     model.train()
     opt = build_optimizer(model, a.arch)
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
     autocast = autocast_for(a.precision, device)
+
+    def step(images, tokens):
+        opt.zero_grad()
+        with autocast():
+            out = model(images, tokens)
+            losses = loss_fn(**out, output_dict=True)
+            total = sum(losses.values())
+        total.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return total
+
+    return model, step
+
+
+def train_mode(a):
+    import torch
+
+    device = setup(a)
+    model, step = training_step(a, device)
     images, tokens = random_inputs(model, a.batch, a.image_size, device)
 
     def sync():
@@ -156,18 +188,9 @@ def train_mode(a):
         if i == a.warmup:
             sync()
             start = time.perf_counter()
-        # open_clip_train/train.py, accum_freq == 1, no grad scaler (bf16 needs none)
-        opt.zero_grad()
-        with autocast():
-            out = model(images, tokens)
-            losses = loss_fn(**out, output_dict=True)
-            total = sum(losses.values())
-        total.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+        total = step(images, tokens)
     sync()
-    step = (time.perf_counter() - start) / max(a.steps, 1)
+    secs = (time.perf_counter() - start) / max(a.steps, 1)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     print(json.dumps({
         "impl": "open_clip",
@@ -177,12 +200,61 @@ def train_mode(a):
         "precision": a.precision,
         "threads": torch.get_num_threads(),
         "device": a.device,
+        "grad_checkpointing": a.grad_checkpointing,
         "steps": a.steps,
-        "step_time_s": step,
-        "samples_per_s": a.batch / step,
+        "step_time_s": secs,
+        "samples_per_s": a.batch / secs,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": peak_gpu,
         "loss": float(total.detach()),
+    }))
+
+
+def e2e_mode(a):
+    """OpenCLIP end to end: its own loader (`open_clip_train.data.get_wds_dataset`, `--workers`
+    DataLoader processes, the augreg train transform of configs/base_w_augreg.toml) feeding its
+    training step, as open_clip_train/train.py runs them: samples/s and the share of the step time the
+    loop spends waiting for the next batch, after `--warmup` steps."""
+    import warnings
+    from types import SimpleNamespace
+
+    import open_clip
+    import torch
+    from open_clip_train.data import get_wds_dataset
+
+    device = setup(a)
+    model, step = training_step(a, device)
+    aug = dict(scale=(0.33, 1.0), re_prob=0.35, use_timm=True)  # configs/base_w_augreg.toml
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transform = open_clip.image_transform(a.image_size, is_train=True, aug_cfg=aug)
+    args = SimpleNamespace(
+        train_data=a.e2e_shards, val_data=None, dataset_resampled=True, train_data_upsampling_factors=None,
+        train_num_samples=10**9, seed=0, batch_size=a.batch, world_size=1, workers=a.workers,
+    )
+    tokenizer = open_clip.get_tokenizer(register_arch(a.arch))
+    batches = iter(get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenizer).dataloader)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    wait, start = 0.0, time.perf_counter()
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup:
+            sync()
+            wait, start = 0.0, time.perf_counter()
+        t0 = time.perf_counter()
+        images, texts = next(batches)
+        wait += time.perf_counter() - t0
+        step(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
+    sync()
+    seconds = time.perf_counter() - start
+    print(json.dumps({
+        "impl": "open_clip", "kind": "e2e", "arch": a.arch, "image_size": a.image_size, "batch": a.batch,
+        "precision": a.precision, "device": a.device, "workers": a.workers, "steps": a.steps,
+        "step_time_s": seconds / max(a.steps, 1), "samples_per_s": a.steps * a.batch / seconds,
+        "data_wait_fraction": wait / seconds,
     }))
 
 
@@ -342,6 +414,9 @@ def main():
     ap.add_argument("--write-shards", metavar="DIR", help="write webdataset shards of the JPEGs instead")
     ap.add_argument("--shards", type=int, default=4, help="--write-shards: number of shards")
     ap.add_argument("--per-shard", type=int, default=256, help="--write-shards: samples per shard")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing (as open_clip_train)")
+    ap.add_argument("--e2e-shards", metavar="PATTERN", help="time the step fed by get_wds_dataset on these shards")
+    ap.add_argument("--workers", type=int, default=6, help="--e2e-shards: DataLoader worker processes")
     a = ap.parse_args()
     if a.image_size is None:
         a.image_size = 256 if a.data else 224
@@ -349,6 +424,8 @@ def main():
         write_shards_mode(a)
     elif a.data:
         data_mode(a)
+    elif a.e2e_shards:
+        e2e_mode(a)
     elif a.flops:
         flops_mode(a)
     else:

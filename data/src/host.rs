@@ -136,8 +136,13 @@ pub struct PooledBuf {
 impl PooledBuf {
     /// A buffer of exactly `bytes`' contents outside any pool (tests, copies).
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        let mut buf = VecAlloc.alloc(bytes.len());
-        buf.as_bytes_mut().copy_from_slice(bytes);
+        Self::from_bytes_in(&VecAlloc, bytes)
+    }
+
+    /// The same in memory from `alloc` (pinned memory, to check the device path as the loader feeds it).
+    pub fn from_bytes_in(alloc: &dyn HostAlloc, bytes: &[u8]) -> Self {
+        let mut buf = alloc.alloc(bytes.len());
+        buf.as_bytes_mut()[..bytes.len()].copy_from_slice(bytes);
         PooledBuf { buf: Some(buf), used: bytes.len(), home: Weak::new() }
     }
 

@@ -9,8 +9,10 @@ using ferroclip::guarded;
 
 extern "C" {
 
-// Bytes: currently allocated, peak allocated and peak reserved (held by the cache) on `device`.
-int ferroclip_cuda_memory_stats(int device, int64_t* allocated, int64_t* peak_allocated, int64_t* peak_reserved) {
+// Bytes: currently allocated, peak allocated and peak reserved (held by the cache) on `device`; and
+// how often an allocation failed, freed the cache and retried (`num_alloc_retries`).
+int ferroclip_cuda_memory_stats(int device, int64_t* allocated, int64_t* peak_allocated, int64_t* peak_reserved,
+                                int64_t* num_alloc_retries) {
   return guarded(
       [&]() -> int {
         auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(static_cast<c10::DeviceIndex>(device));
@@ -18,6 +20,7 @@ int ferroclip_cuda_memory_stats(int device, int64_t* allocated, int64_t* peak_al
         *allocated = stats.allocated_bytes[all].current;
         *peak_allocated = stats.allocated_bytes[all].peak;
         *peak_reserved = stats.reserved_bytes[all].peak;
+        *num_alloc_retries = stats.num_alloc_retries;
         return 0;
       },
       1);

@@ -279,6 +279,10 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         tch::set_num_threads(b.threads as i32);
     }
     let device = b.device.resolve(0).map_err(anyhow::Error::msg)?;
+    if device.is_cuda() {
+        // As training (`World::start`) and OpenCLIP's side of the benchmark: TF32, cuDNN benchmark.
+        crate::cuda::enable_tf32_and_cudnn_benchmark();
+    }
     // The constructors training uses, with the config's defaults ([optim] as OpenCLIP's).
     let model_cfg = ModelConfig { arch: b.arch.clone(), image_size: b.image_size as usize, ..Default::default() };
     tch::manual_seed(0);
@@ -297,6 +301,8 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
             tch::Cuda::synchronize(i as i64);
         }
     };
+    // As OpenCLIP's side: the peak over warm-up and timed steps.
+    crate::cuda::reset_peak_memory(device)?;
     let mut start = std::time::Instant::now();
     for i in 0..b.warmup + b.steps {
         if i == b.warmup {
@@ -311,6 +317,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
     }
     sync();
     let secs = start.elapsed().as_secs_f64() / b.steps.max(1) as f64;
+    let memory = crate::cuda::memory_stats(device);
     let line = serde_json::json!({
         "impl": "ferroclip",
         "arch": b.arch,
@@ -324,8 +331,10 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         "step_time_s": secs,
         "samples_per_s": b.batch as f64 / secs,
         "peak_rss_mb": peak_rss_mb(),
-        // libtorch's CUDA allocator statistics are not reachable through tch; nvidia-smi shows them.
-        "peak_gpu_mb": serde_json::Value::Null,
+        // `torch.cuda.max_memory_allocated()`, as OpenCLIP's side reports it.
+        "peak_gpu_mb": memory.map(|m| m.peak_allocated as f64 / (1u64 << 20) as f64),
+        "peak_gpu_reserved_mb": memory.map(|m| m.peak_reserved as f64 / (1u64 << 20) as f64),
+        "num_alloc_retries": memory.map(|m| m.num_alloc_retries),
     });
     println!("{line}");
     Ok(())

@@ -40,6 +40,7 @@ extern "C" {
         allocated: *mut i64,
         peak_allocated: *mut i64,
         peak_reserved: *mut i64,
+        num_alloc_retries: *mut i64,
     ) -> c_int;
     fn ferroclip_cuda_reset_peak_memory(device: c_int) -> c_int;
 }
@@ -198,15 +199,24 @@ pub struct MemoryStats {
     pub peak_allocated: i64,
     /// `torch.cuda.max_memory_reserved`: the peak held by the cache.
     pub peak_reserved: i64,
+    /// `num_alloc_retries`: allocations that failed, flushed the cache and tried again — each one a
+    /// full synchronization; a step that needs them is at the edge of the GPU's memory.
+    pub num_alloc_retries: i64,
 }
 
 /// The allocator statistics of `device`; `None` on the CPU (or without CUDA).
 pub fn memory_stats(device: Device) -> Option<MemoryStats> {
     let Device::Cuda(index) = device else { return None };
-    let mut s = MemoryStats { allocated: 0, peak_allocated: 0, peak_reserved: 0 };
-    // SAFETY: writes three i64s.
+    let mut s = MemoryStats { allocated: 0, peak_allocated: 0, peak_reserved: 0, num_alloc_retries: 0 };
+    // SAFETY: writes four i64s.
     let rc = unsafe {
-        ferroclip_cuda_memory_stats(index as c_int, &mut s.allocated, &mut s.peak_allocated, &mut s.peak_reserved)
+        ferroclip_cuda_memory_stats(
+            index as c_int,
+            &mut s.allocated,
+            &mut s.peak_allocated,
+            &mut s.peak_reserved,
+            &mut s.num_alloc_retries,
+        )
     };
     (rc == 0).then_some(s)
 }

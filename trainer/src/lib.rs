@@ -6,7 +6,8 @@
 //! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] (the model file and the
 //! [`train_state`]: counters, optimizer, data cursors, config; written by
 //! [`checkpoint_writer`] in the background) → [`log`] / [`eval`].
-//! [`train`] is the one loop that strings them together; [`commands`] the other subcommands.
+//! [`train`] is the one loop that strings them together; [`commands`] the other subcommands;
+//! [`numerics`] checks the GPU path's numerics against their references.
 //! On the GPU: [`input`] (uint8 batches to normalized device tensors), [`skips`] (non-finite steps
 //! skipped and counted on the device), [`cuda`] (the CUDA pieces tch does not bind).
 pub mod checkpoint;
@@ -22,6 +23,7 @@ pub mod lock;
 pub mod log;
 pub mod loss;
 pub mod model;
+pub mod numerics;
 pub mod optim;
 pub mod precision;
 pub mod skips;

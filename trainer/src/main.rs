@@ -112,6 +112,20 @@ enum Command {
         #[arg(long)]
         grad_checkpointing: bool,
     },
+    /// Check the GPU path's numerics against their references: gradients with vs without activation
+    /// checkpointing under amp_bf16, normalization + random erasing on the device vs the CPU
+    /// reference (one JSON line each; exit 1 when one fails; see scripts/gpu-check).
+    CheckNumerics {
+        /// Architecture (OpenCLIP name or model-config file) whose gradients are compared (repeatable).
+        #[arg(long = "arch", required = true)]
+        archs: Vec<PathBuf>,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// fp32 or amp_bf16 (CUDA only).
+        #[arg(long, default_value = "amp_bf16")]
+        precision: String,
+    },
     /// Print every config key with its default and meaning (the README's tables).
     ConfigDocs,
     /// Print the token ids of each stdin line as a JSON array.
@@ -227,6 +241,14 @@ fn run(cli: Cli) -> Result<()> {
             device: config_value("device", &device)?,
             grad_checkpointing,
         }),
+        Some(Command::CheckNumerics { archs, device, precision }) => {
+            let device: ferroclip::config::DeviceConfig = config_value("device", &device)?;
+            ferroclip::numerics::run(&ferroclip::numerics::CheckNumerics {
+                archs,
+                device: device.resolve(0).map_err(anyhow::Error::msg)?,
+                precision: config_value("precision", &precision)?,
+            })
+        }
         Some(Command::ConfigDocs) => {
             print!("{}", ferroclip::config::docs::markdown());
             Ok(())

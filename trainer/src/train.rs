@@ -280,6 +280,8 @@ fn train(
             if let Some(mem) = crate::cuda::memory_stats(device) {
                 extra.push(("gpu_peak_allocated_gib".into(), mem.peak_allocated as f64 / (1u64 << 30) as f64));
                 extra.push(("gpu_peak_reserved_gib".into(), mem.peak_reserved as f64 / (1u64 << 30) as f64));
+                // Each retry flushed the cache and synchronized: scripts/gpu-check requires 0.
+                extra.push(("gpu_num_alloc_retries".into(), mem.num_alloc_retries as f64));
             }
             for (reason, n) in &data.skipped {
                 extra.push((format!("data/skipped_{reason}"), *n as f64));
