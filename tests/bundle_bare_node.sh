@@ -80,7 +80,7 @@ grep -q '^open_clip .*not importable' env.txt || die "the node's own python3 cou
 grep -q "^open_clip .*$tmp/bundle/site/open_clip" env.txt || die "site/'s open_clip was not the one imported"
 grep -q 'CPU REHEARSAL' report.md || die "report.md does not say it was a CPU rehearsal"
 ! grep -q '^FAIL' summary.txt || die "a stage failed: $(grep '^FAIL' summary.txt)"
-for s in demo-data train-debug resume-debug sync-debug numerics bench e2e-data e2e e2e-openclip; do
+for s in demo-data train-debug resume-debug sync-debug dist-selftest numerics bench e2e-data e2e e2e-openclip; do
     grep -q "^PASS $s:" summary.txt || die "stage $s did not pass: $(cat summary.txt)"
 done
 grep -q '"check": *"normalize_erase"' results.jsonl || grep -q '"check":"normalize_erase"' results.jsonl ||
