@@ -4,6 +4,7 @@
 // prefetcher). Everything goes through c10's device-generic stream and event interfaces, so this file
 // needs no CUDA headers; without a GPU every call reports libtorch's error.
 #include <memory>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
@@ -38,25 +39,34 @@ FcCopyStream* ferroclip_copy_stream_new(int device) {
 
 void ferroclip_copy_stream_free(FcCopyStream* s) { delete s; }
 
-// Copies srcs[i] (pinned host) into dsts[i] (device tensors allocated on the current stream) on the
-// copy stream, without blocking the host. The copy stream first waits for the current (compute) stream,
-// since the destinations may reuse memory that queued kernels still read; the current stream then waits
-// for the copies. Returns the event the copies completed at (to know when the host memory is free again).
+// Copies srcs[i] (pinned host) into new device tensors dsts[i] (heap `at::Tensor*`, owned by the caller)
+// on the copy stream, without blocking the host and without waiting for the compute stream: the
+// destinations are allocated on the copy stream, so the caching allocator hands out only memory whose
+// earlier uses on that stream are ordered before the copy, and `record_stream(compute)` keeps each
+// block from being reused until the compute stream's kernels queued after this call are done with it.
+// So the upload of batch N+1 overlaps step N (waiting for the compute stream first, as an earlier
+// version did, serialized them). The compute stream then waits for the copies. Returns the event the
+// copies completed at (to know when the host memory is free again).
 FcEvent* ferroclip_copy_stream_upload(FcCopyStream* s, at::Tensor** srcs, at::Tensor** dsts, size_t n) {
   return guarded(
       [&]() -> FcEvent* {
         c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
         c10::Stream compute = impl.getStream(s->device);
-        c10::Event ready(c10::DeviceType::CUDA);
-        ready.record(compute);
-        ready.block(s->stream);
         auto done = std::make_unique<FcEvent>();
+        std::vector<at::Tensor> out;
+        out.reserve(n);
         {
           c10::StreamGuard guard(s->stream);
-          for (size_t i = 0; i < n; ++i) dsts[i]->copy_(*srcs[i], /*non_blocking=*/true);
+          for (size_t i = 0; i < n; ++i) {
+            at::Tensor d = at::empty(srcs[i]->sizes(), srcs[i]->options().device(s->device).pinned_memory(false));
+            d.copy_(*srcs[i], /*non_blocking=*/true);
+            out.push_back(std::move(d));
+          }
           done->event.record(s->stream);
         }
         done->event.block(compute);
+        for (auto& d : out) d.record_stream(compute);
+        for (size_t i = 0; i < n; ++i) dsts[i] = new at::Tensor(std::move(out[i]));
         return done.release();
       },
       static_cast<FcEvent*>(nullptr));

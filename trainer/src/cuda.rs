@@ -28,7 +28,7 @@ extern "C" {
     fn ferroclip_copy_stream_upload(
         s: *mut RawCopyStream,
         srcs: *const RawTensor,
-        dsts: *const RawTensor,
+        dsts: *mut RawTensor,
         n: usize,
     ) -> *mut RawEvent;
     fn ferroclip_event_query(e: *mut RawEvent) -> c_int;
@@ -138,15 +138,22 @@ impl CopyStream {
             .ok_or_else(|| anyhow::anyhow!("creating a copy stream on {device:?}: {}", last_error()))
     }
 
-    /// Copies each `src` (pinned host) into its `dst` (on the device, allocated on the compute stream)
-    /// on this stream without blocking the host; the compute stream waits for the copies. The returned
-    /// event completes when the host memory may be reused.
-    pub fn upload(&self, pairs: &[(&Tensor, &Tensor)]) -> Result<Event> {
-        let srcs: Vec<RawTensor> = pairs.iter().map(|(s, _)| raw(s)).collect();
-        let dsts: Vec<RawTensor> = pairs.iter().map(|(_, d)| raw(d)).collect();
-        // SAFETY: the tensors outlive the call (the shim takes references to them only while copying).
-        let e = unsafe { ferroclip_copy_stream_upload(self.0.as_ptr(), srcs.as_ptr(), dsts.as_ptr(), pairs.len()) };
-        NonNull::new(e).map(Event).ok_or_else(|| anyhow::anyhow!("host-to-device copy: {}", last_error()))
+    /// Copies each of `srcs` (pinned host) into a new device tensor of its shape and dtype on this
+    /// stream, without blocking the host and without waiting for the compute stream's queued work
+    /// (the copy overlaps the running step; see `copy_stream.cpp`); the compute stream waits for the
+    /// copies. Returns the device tensors and the event that completes when the host memory may be
+    /// reused.
+    pub fn upload(&self, srcs: &[&Tensor]) -> Result<(Vec<Tensor>, Event)> {
+        let raw_srcs: Vec<RawTensor> = srcs.iter().map(|s| raw(s)).collect();
+        let mut dsts: Vec<RawTensor> = vec![std::ptr::null_mut(); srcs.len()];
+        // SAFETY: the sources outlive the call; the shim fills `dsts` with new heap tensors on success.
+        let e =
+            unsafe { ferroclip_copy_stream_upload(self.0.as_ptr(), raw_srcs.as_ptr(), dsts.as_mut_ptr(), srcs.len()) };
+        let event =
+            NonNull::new(e).map(Event).ok_or_else(|| anyhow::anyhow!("host-to-device copy: {}", last_error()))?;
+        // SAFETY: each is a new `at::Tensor*` whose ownership passes to the Tensor.
+        let tensors = dsts.into_iter().map(|t| unsafe { Tensor::from_ptr(t) }).collect();
+        Ok((tensors, event))
     }
 }
 

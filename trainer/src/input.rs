@@ -231,17 +231,14 @@ impl DeviceInput {
         };
         let (n, s, ctx) = (batch.len as i64, batch.image_size as i64, batch.context_length as i64);
         let (rows, elements) = erase_table(&batch.erase);
-        let image_bytes = batch.images.len();
-        let token_bytes = batch.tokens.len();
         let table_host = pinned_copy_of(bytemuck_i64(&rows))?;
         let sources = [host_view(&batch.images), host_view(&batch.tokens), table_host];
-        let u8_on_device = |bytes: usize| Tensor::empty([bytes as i64], (Kind::Uint8, self.device));
-        let targets = [u8_on_device(image_bytes), u8_on_device(token_bytes), u8_on_device(rows.len() * 8)];
-        let pairs: Vec<(&Tensor, &Tensor)> = sources.iter().zip(&targets).collect();
-        let done = copy.upload(&pairs).context("copying a batch to the GPU")?;
+        let (targets, done) = copy.upload(&sources.iter().collect::<Vec<_>>()).context("copying a batch to the GPU")?;
         self.in_flight.push_back((batch, done));
         self.release_completed()?;
-        let [images, tokens, table] = targets;
+        let Ok([images, tokens, table]) = <[Tensor; 3]>::try_from(targets) else {
+            anyhow::bail!("the copy stream returned a wrong number of tensors");
+        };
         let images = images.view([n, 3, s, s]);
         let tokens = tokens.view_dtype(Kind::Int64).view([n, ctx]);
         let table = table.view_dtype(Kind::Int64).view([rows.len() as i64 / COLUMNS, COLUMNS]);
@@ -301,25 +298,8 @@ mod tests {
     /// none, against the data crate's CPU reference.
     #[test]
     fn device_path_on_cpu_equals_the_data_crates_reference() {
-        let (n, s) = (6usize, 24usize);
-        let mut state = 0x9e37_79b9_u32;
-        let images: Vec<u8> = (0..n * 3 * s * s)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 24) as u8
-            })
-            .collect();
-        let b = |top, left, height, width, noise_seed| Some(EraseBox { top, left, height, width, noise_seed });
-        let erase = vec![
-            b(0, 0, 5, 7, 1),
-            None,
-            b(0, 0, 24, 24, u64::MAX),
-            b(23, 23, 1, 1, 0x1234_5678_9abc_def0),
-            b(10, 3, 14, 21, 0xffff_ffff),
-            b(4, 17, 20, 7, 1 << 40),
-        ];
+        let (s, images, erase) = crate::numerics::erase_batch();
+        let n = erase.len();
         let mut want = vec![0f32; images.len()];
         normalize_and_erase(&images, &erase, &mut want);
         let batch = Batch {

@@ -129,8 +129,9 @@ fn checkpointing_gradients(arch: &std::path::Path, device: Device, precision: Pr
     Ok(Outcome { json, pass })
 }
 
-/// Pseudo-random pixels with boxes at the corners, over the whole image, of one pixel and none.
-fn erase_batch() -> (usize, Vec<u8>, Vec<Option<EraseBox>>) {
+/// `(size, pixels, boxes)`: six 24 px images of pseudo-random pixels with erase boxes at the corners,
+/// over the whole image, of one pixel and none (also the fixture of `input`'s unit test).
+pub fn erase_batch() -> (usize, Vec<u8>, Vec<Option<EraseBox>>) {
     let (n, s) = (6usize, 24usize);
     let mut state = 0x9e37_79b9_u32;
     let images: Vec<u8> = (0..n * 3 * s * s)

@@ -4,6 +4,13 @@
 //! Keys under `visual.`: `conv1.weight` (no bias), `class_embedding` `[w]`,
 //! `positional_embedding` `[grid²+1, w]`, `ln_pre`, `transformer.resblocks.N.*`, `ln_post`,
 //! `proj` `[w, embed]` (used as `x @ proj`).
+//!
+//! Under bf16 autocast the residual stream stays fp32 here, a deliberate difference from OpenCLIP:
+//! there the class and positional embeddings are cast to the patch embedding's dtype (bf16) and its
+//! `LayerNorm` returns the input's dtype, so the residual stream is bf16. Ours adds the blocks'
+//! outputs in fp32 (the matmuls still run in bf16), which costs activation memory and bandwidth on
+//! the residual adds; the ViT-B-32 rows of `scripts/gpu-check`'s bench stage measure that cost
+//! against OpenCLIP (not yet run on a GPU). In fp32 both are identical (`tests/model_parity.rs`).
 
 use tch::nn::{self, Init};
 use tch::Tensor;
