@@ -1,4 +1,5 @@
-//! Mixed precision: bf16 autocast on CUDA (OpenCLIP's `amp_bf16`); master weights and the loss stay fp32.
+//! Mixed precision: bf16 autocast on CUDA (OpenCLIP's `amp_bf16`); master weights stay fp32, the
+//! loss's logits matmul runs in bf16 as in OpenCLIP, its log-softmax and reductions in fp32.
 
 use tch::Device;
 
@@ -8,7 +9,8 @@ use tch::Device;
 pub enum Precision {
     /// Everything in fp32.
     Fp32,
-    /// bf16 autocast on CUDA (OpenCLIP's `amp_bf16`), the loss in fp32; fp32 on the CPU.
+    /// bf16 autocast on CUDA (OpenCLIP's `amp_bf16`: the loss's logits matmul in bf16, its
+    /// log-softmax and reductions in fp32); fp32 on the CPU.
     AmpBf16,
 }
 
