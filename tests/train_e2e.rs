@@ -3,7 +3,7 @@
 //! writer is half done) resumes to bitwise the same parameters, SIGTERM checkpoints and stops (also
 //! during an evaluation), a fine-tune loads weights from a smaller image size (a ViT's positional
 //! embedding resized as OpenCLIP's `resize_pos_embed`), evaluation labels
-//! class folders by name and checks its inputs first, and the GPU check's dry run passes on the CPU.
+//! class folders by name and checks its inputs first.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -12,111 +12,9 @@ use std::time::{Duration, Instant};
 
 use ferroclip::checkpoint;
 
-const TRAINER: &str = env!("CARGO_BIN_EXE_trainer");
+mod support;
 
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    /// A temp dir with 2 small training shards of the demo dataset.
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = run(&[
-            "make-demo-data",
-            "--out",
-            dir.path().join("data").to_str().unwrap(),
-            "--shards",
-            "2",
-            "--per-shard",
-            "48",
-        ]);
-        assert!(out.status.success(), "make-demo-data failed: {}", String::from_utf8_lossy(&out.stderr));
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Write a config for a tiny run and return its path.
-    fn config(&self, name: &str, extra: &str) -> PathBuf {
-        let d = self.path();
-        let text = format!(
-            r#"name = "{name}"
-output_dir = "{out}"
-seed = 3
-
-[model]
-arch = "{arch}"
-image_size = 32
-
-[data]
-train = "{data}/train/{{00000..00001}}.tar"
-batch_size = 8
-workers = 1
-readers = 1
-shuffle_buffer = 32
-
-[train]
-max_steps = 12
-threads = 1
-
-[optim]
-lr = 2e-3
-
-[schedule]
-warmup_steps = 2
-
-[checkpoint]
-every_steps = 4
-keep = 0
-
-[log]
-every_steps = 1
-{extra}
-"#,
-            out = d.join("runs").display(),
-            data = d.join("data").display(),
-            arch = test_arch("convnext_test").display(),
-        );
-        let path = d.join(format!("{name}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn run_dir(&self, name: &str) -> PathBuf {
-        self.path().join("runs").join(name)
-    }
-}
-
-/// A test architecture (`tests/models/NAME.json`), as `model.arch` takes it.
-fn test_arch(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/models").join(format!("{name}.json"))
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(TRAINER).args(args).stdin(Stdio::null()).output().expect("trainer runs")
-}
-
-fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl written");
-    text.lines().map(|l| serde_json::from_str(l).expect("metrics line is JSON")).collect()
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let (named, _) = checkpoint::read(path).unwrap();
-    named
-        .into_iter()
-        .map(|(n, t)| {
-            let t = t.contiguous();
-            let bytes = t.numel() * t.kind().elt_size_in_bytes();
-            // SAFETY: contiguous CPU tensor of `bytes` bytes.
-            let data = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) }.to_vec();
-            (n, data)
-        })
-        .collect()
-}
+use support::{metrics, run, tensors, test_arch, Fixture, TRAINER};
 
 #[test]
 fn bad_config_key_is_rejected_with_its_name_and_status_2() {
