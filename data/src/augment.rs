@@ -12,6 +12,7 @@
 //! (`RandomErasing._erase`), torchvision `CenterCrop`/`Resize` geometry. Python's `round` is
 //! round-half-to-even, hence `round_ties_even` throughout.
 
+use crate::section::Range;
 use rand::{Rng, RngCore};
 
 use crate::decode::{decode_rgb, decode_rgb_region, probe_size, recycle, DecodeError, RgbImage};
@@ -31,15 +32,15 @@ crate::config_section! {
     /// `[data.augment]`: the train-time augmentation recipe (defaults: augreg).
     pub struct AugmentConfig {
         /// RandomResizedCrop area fraction range (augreg: 0.33–1).
-        pub scale: [f64; 2] = [0.33, 1.0],
+        pub scale: [f64; 2] = [0.33, 1.0] => Range::positive_to(1.0),
         /// RandomResizedCrop aspect ratio range.
-        pub ratio: [f64; 2] = [3.0 / 4.0, 4.0 / 3.0],
+        pub ratio: [f64; 2] = [3.0 / 4.0, 4.0 / 3.0] => Range::positive(),
         /// Random erasing probability, 'pixel' mode (augreg: 0.35).
-        pub re_prob: f64 = 0.35,
+        pub re_prob: f64 = 0.35 => Range::closed(0.0, 1.0),
         /// Color jitter strength (brightness, contrast, saturation); 0 disables.
-        pub color_jitter: f64 = 0.0,
+        pub color_jitter: f64 = 0.0 => Range::at_least(0.0),
         /// Probability of converting to grayscale; 0 disables.
-        pub grayscale_prob: f64 = 0.0,
+        pub grayscale_prob: f64 = 0.0 => Range::closed(0.0, 1.0),
     }
 }
 
@@ -53,20 +54,13 @@ pub struct AugmentConfigError {
 impl AugmentConfig {
     pub fn validate(&self) -> Result<(), AugmentConfigError> {
         let err = |key: &str, message: &str| Err(AugmentConfigError { key: key.into(), message: message.into() });
-        if !(0.0 < self.scale[0] && self.scale[0] <= self.scale[1] && self.scale[1] <= 1.0) {
-            return err("scale", "must satisfy 0 < min <= max <= 1");
+        use crate::section::Section;
+        self.check_ranges().map_err(|e| AugmentConfigError { key: e.key.into(), message: e.message })?;
+        if self.scale[0] > self.scale[1] {
+            return err("scale", "must satisfy min <= max");
         }
-        if !(0.0 < self.ratio[0] && self.ratio[0] <= self.ratio[1]) {
-            return err("ratio", "must satisfy 0 < min <= max");
-        }
-        if !(0.0..=1.0).contains(&self.re_prob) {
-            return err("re_prob", "must be in [0, 1]");
-        }
-        if !(0.0..=1.0).contains(&self.grayscale_prob) {
-            return err("grayscale_prob", "must be in [0, 1]");
-        }
-        if !(self.color_jitter >= 0.0 && self.color_jitter.is_finite()) {
-            return err("color_jitter", "must be >= 0");
+        if self.ratio[0] > self.ratio[1] {
+            return err("ratio", "must satisfy min <= max");
         }
         Ok(())
     }

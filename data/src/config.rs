@@ -1,6 +1,7 @@
 //! The `[data]` section of a run config: typed, with defaults and validation in one place.
 
 use crate::augment::AugmentConfig;
+use crate::section::{Range, Section};
 
 crate::config_section! {
     /// `[data]`: where training samples come from and how they are batched.
@@ -10,38 +11,38 @@ crate::config_section! {
         pub train: String = "",
         /// Sampling weight per `::`-separated source (OpenCLIP's `--train-data-upsampling-factors`);
         /// empty: every source weighted by its shard count.
-        pub train_weights: Vec<f64> = Vec::new(),
+        pub train_weights: Vec<f64> = Vec::new() => Range::positive(),
         /// Samples per rank per optimizer micro-step.
-        pub batch_size: usize = 32,
+        pub batch_size: usize = 32 => Range::closed(1.0, 1048576.0),
         /// Decode/augment threads per rank.
-        pub workers: usize = 4,
+        pub workers: usize = 4 => Range::closed(1.0, 1024.0),
         /// Shard reader threads per rank (read-ahead across shards); the rank's shards are split
         /// between them like webdataset's `split_by_worker`.
-        pub readers: usize = 2,
+        pub readers: usize = 2 => Range::closed(1.0, 1024.0),
         /// Image member extensions in priority order, `;`-separated.
         pub image_keys: String = "jpg;jpeg;png;webp",
         /// Caption member: an extension (`"txt"`) or a field of a JSON member (`"json:caption"`).
         pub caption_key: String = "txt",
         /// Sample shuffle buffer size, in samples held encoded in memory (0 disables; eval never
         /// shuffles).
-        pub shuffle_buffer: usize = 2000,
+        pub shuffle_buffer: usize = 2000 => Range::closed(0.0, 16777216.0),
         /// The shuffle buffer also stops filling at this many bytes of encoded samples.
-        pub shuffle_buffer_bytes: u64 = 1 << 30,
+        pub shuffle_buffer_bytes: u64 = 1 << 30 => Range::closed(1.0, 1099511627776.0),
         /// Each reader thread reads ahead of the merge by at most this many bytes (and 8192
         /// samples): the slack that hides a `pipe:` shard switch (128 MiB of ~30 KB samples is
         /// about a second at 9k samples/s over 2 readers). The candidates being transformed are
         /// bounded by it too.
-        pub read_ahead_bytes: u64 = 128 << 20,
+        pub read_ahead_bytes: u64 = 128 << 20 => Range::closed(1.0, 1099511627776.0),
         /// Tar members larger than this are passed over unread (the sample is skipped as
         /// `member_too_large`).
-        pub max_member_bytes: u64 = 256 << 20,
+        pub max_member_bytes: u64 = 256 << 20 => Range::closed(1.0, 1099511627776.0),
         /// Captions are cut to this many bytes (at a character boundary) before cleaning and
         /// tokenization.
-        pub max_caption_bytes: usize = 16 << 10,
+        pub max_caption_bytes: usize = 16 << 10 => Range::closed(1.0, 16777216.0),
         /// A reader that makes no progress for this many seconds (a hung `pipe:` command or
         /// network filesystem) is abandoned: its shard counts as failed, its command is ended, and
         /// reading goes on with the next one.
-        pub read_timeout_s: f64 = 300.0,
+        pub read_timeout_s: f64 = 300.0 => Range::positive(),
         /// Shuffle the shard order every epoch.
         pub shuffle_shards: bool = true,
         /// Draw shards with replacement forever (OpenCLIP's `--dataset-resampled`).
@@ -52,9 +53,9 @@ crate::config_section! {
         /// epoch. `trainer data-check` counts the samples.
         pub train_num_samples: u64 = 0,
         /// Batches prepared ahead of the trainer.
-        pub prefetch: usize = 4,
+        pub prefetch: usize = 4 => Range::closed(1.0, 1024.0),
         /// Images with more pixels than this are skipped (decompression bombs); PIL's limit.
-        pub max_image_pixels: u64 = 89_478_485,
+        pub max_image_pixels: u64 = 89_478_485 => Range::at_least(1.0),
         /// Train-time augmentation (`[data.augment]`).
         pub augment: AugmentConfig = AugmentConfig::default(),
     }
@@ -74,17 +75,10 @@ impl DataConfig {
         self.image_keys.split(';').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect()
     }
 
+    /// Every key within its declared range (`[data.augment]`'s too), then the rules across keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, message: String| Err(ConfigError { key: key.into(), message });
-        if self.batch_size == 0 {
-            return err("batch_size", "must be at least 1".into());
-        }
-        if self.workers == 0 {
-            return err("workers", "must be at least 1".into());
-        }
-        if self.readers == 0 {
-            return err("readers", "must be at least 1".into());
-        }
+        Section::check_ranges(self).map_err(|e| ConfigError { key: e.key.into(), message: e.message })?;
         if self.image_extensions().is_empty() {
             return err("image_keys", "names no extension".into());
         }
@@ -93,25 +87,6 @@ impl DataConfig {
         }
         if self.resampled && self.train_num_samples == 0 {
             return err("train_num_samples", "must be set (> 0) when resampled = true".into());
-        }
-        if self.prefetch == 0 {
-            return err("prefetch", "must be at least 1".into());
-        }
-        for (key, v) in [
-            ("shuffle_buffer_bytes", self.shuffle_buffer_bytes),
-            ("read_ahead_bytes", self.read_ahead_bytes),
-            ("max_member_bytes", self.max_member_bytes),
-            ("max_caption_bytes", self.max_caption_bytes as u64),
-        ] {
-            if v == 0 {
-                return err(key, "must be at least 1".into());
-            }
-        }
-        if !(self.read_timeout_s > 0.0 && self.read_timeout_s.is_finite()) {
-            return err("read_timeout_s", "must be a number of seconds > 0".into());
-        }
-        if self.train_weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
-            return err("train_weights", "weights must be finite and > 0".into());
         }
         if !self.train_weights.is_empty() {
             let sources = self.train.split("::").count();

@@ -127,12 +127,12 @@ pub fn decode_rgb_region(
     check_limit(w, h, max_pixels)?;
     // Decoders may still panic on adversarial input in paths we cannot audit; a bad member
     // must cost one sample, never the worker thread.
-    let result = std::panic::catch_unwind(|| match format {
+    let result = crate::guard::guarded(|| match format {
         ImageFormat::Png => decode_png(bytes),
         ImageFormat::Webp => decode_webp(bytes),
         ImageFormat::Jpeg => unreachable!("decoded above"),
     });
-    let img = result.unwrap_or_else(|_| Err(corrupt("decoder panicked")))?;
+    let img = result.unwrap_or_else(|m| Err(corrupt(format!("decoder panicked: {m}"))))?;
     if img.pixels.len() != img.width as usize * img.height as usize * 3 {
         return Err(corrupt("decoder returned a short buffer"));
     }

@@ -36,3 +36,18 @@ pub enum DataError {
     #[error("no usable batch: {0}")]
     Stalled(String),
 }
+
+impl DataError {
+    /// Whether the run's config (its shard patterns, its `[data]` values, or what it resumes with)
+    /// is what is wrong, rather than the data or the machine: `trainer` exits with status 2 then.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            DataError::NoShards { .. }
+                | DataError::BadPattern { .. }
+                | DataError::Config(_)
+                | DataError::TooFewShards { .. }
+                | DataError::DataChanged { .. }
+        )
+    }
+}

@@ -113,4 +113,3 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         })
         .collect()
 }
-

@@ -284,7 +284,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<()> {
         crate::cuda::enable_tf32_and_cudnn_benchmark();
     }
     // The constructors training uses, with the config's defaults ([optim] as OpenCLIP's).
-    let model_cfg = ModelConfig { arch: b.arch.clone(), image_size: b.image_size as usize, ..Default::default() };
+    let model_cfg = ModelConfig { arch: b.arch.clone(), image_size: Some(b.image_size as usize), ..Default::default() };
     tch::manual_seed(0);
     let vs = VarStore::new(device);
     let (model, mcfg) = model_cfg.init(&vs, b.grad_checkpointing).context("--arch")?;

@@ -295,8 +295,25 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// 2 when the error is the user's config or input (a [`ConfigError`] anywhere in the chain, a
+/// data error that names a config value: a shard pattern that matches nothing, a bad `[data]`
+/// value; a weights file that cannot be read into the model), else 1.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    use ferroclip::model::WeightsError;
+    let config = e.chain().any(|c| {
+        c.downcast_ref::<ConfigError>().is_some()
+            || c.downcast_ref::<ferroclip_data::DataError>().is_some_and(|d| d.is_config_error())
+            || c.downcast_ref::<WeightsError>().is_some_and(|w| !matches!(w, WeightsError::Write { .. }))
+    });
+    if config {
+        2
+    } else {
+        1
+    }
+}
+
 fn main() -> ExitCode {
-    ferroclip::dist::fail_fast::install_abort_on_panic();
+    ferroclip::dist::fail_fast::install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -307,7 +324,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if e.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 };
+            let code = exit_code(&e);
             // The other ranks would wait forever in their next collective: tell them, through the
             // job's store (their watchdogs exit with this message), or MPI_Abort under MPI.
             ferroclip::dist::fail_fast::report_failure(&format!("{e:#}"));

@@ -1,5 +1,6 @@
 //! `[dist]`: how the ranks of a job talk, and what ends a job that can no longer make progress.
 
+use ferroclip_data::section::Range;
 ferroclip_data::config_section! {
     /// `[dist]`
     pub struct DistConfig {
@@ -8,16 +9,16 @@ ferroclip_data::config_section! {
         pub backend: Backend = Backend::Auto,
         /// Seconds the rendezvous, any collective or any store read may take before the job ends,
         /// naming the operation.
-        pub timeout_s: u64 = 600,
+        pub timeout_s: u64 = 600 => Range::at_least(1.0),
         /// A rank whose heartbeat (every few seconds, through the job's store) stops for this long
         /// (stopped process, stuck I/O) ends the job, naming it.
-        pub heartbeat_timeout_s: u64 = 60,
+        pub heartbeat_timeout_s: u64 = 60 => Range::at_least(1.0),
         /// End the job when a rank has not finished a step for this long, saying what it was doing
         /// (waiting for data, in a collective, writing a checkpoint, evaluating); 0: never. Counts
         /// set-up, evaluation and checkpoint writing too.
         pub step_timeout_s: u64 = 1800,
         /// Gradient all-reduce bucket size in MB (DDP's `bucket_cap_mb`).
-        pub bucket_mb: f64 = 25.0,
+        pub bucket_mb: f64 = 25.0 => Range::positive(),
         /// All-reduce each gradient bucket during backward, as soon as it is complete (same sums as
         /// without).
         pub overlap: bool = true,
@@ -56,12 +57,7 @@ pub enum Requeue {
 
 impl DistConfig {
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.timeout_s == 0 || self.heartbeat_timeout_s == 0 {
-            return Err("key `dist.timeout_s`/`dist.heartbeat_timeout_s`: must be at least 1".into());
-        }
-        if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
-            return Err("key `dist.bucket_mb`: must be a number > 0".into());
-        }
+        super::check_ranges("dist", self)?;
         if self.backend == Backend::Mpi && !cfg!(feature = "mpi") {
             return Err("key `dist.backend`: \"mpi\" needs a trainer built with `--features mpi`".into());
         }

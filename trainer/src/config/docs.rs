@@ -47,20 +47,30 @@ impl SectionDoc {
         }
     }
 
-    /// `| key | default | meaning |` rows; keys that are sections of their own get their own table.
+    /// `| key | default | range | meaning |` rows; keys that are sections of their own get their
+    /// own table. The range is the one the key is checked against when a config is read.
     pub fn table(&self) -> String {
-        let mut out = String::from("| key | default | meaning |\n| --- | --- | --- |\n");
+        let mut out = String::from("| key | default | range | meaning |\n| --- | --- | --- | --- |\n");
         for k in self.keys {
-            // A key the serializer leaves out has no TOML value (none of ours); a table is a section.
+            // The serializer leaves out an `Option` that is unset by default; a table is a section.
             let default = match self.defaults.get(k.key) {
                 Some(toml::Value::Table(_)) => continue,
                 Some(v) => format!("`{v}`"),
-                None => String::new(),
+                None => "unset".to_string(),
             };
+            let range = k.range.map(|r| format!("`{r}`")).unwrap_or_default();
             let meaning = k.doc.lines().map(str::trim).collect::<Vec<_>>().join(" ").replace('|', "\\|");
-            out.push_str(&format!("| `{}` | {default} | {} |\n", k.key, meaning.trim()));
+            out.push_str(&format!("| `{}` | {default} | {range} | {} |\n", k.key, meaning.trim()));
         }
         out
+    }
+
+    /// The full TOML name of a key of this section (`data.batch_size`, `seed`).
+    pub fn full_key(&self, key: &str) -> String {
+        match self.name {
+            "" => key.to_string(),
+            name => format!("{name}.{key}"),
+        }
     }
 }
 
@@ -80,7 +90,7 @@ mod tests {
         for s in &docs {
             for (key, value) in &s.defaults {
                 if value.is_table() {
-                    let full = if s.name.is_empty() { key.clone() } else { format!("{}.{key}", s.name) };
+                    let full = s.full_key(key);
                     assert!(
                         names.contains(&full.as_str()),
                         "section `[{full}]` has no table in config::docs::sections"

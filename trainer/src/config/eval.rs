@@ -1,5 +1,6 @@
 //! `[eval]`: zero-shot classification, retrieval and validation loss.
 
+use ferroclip_data::section::Range;
 ferroclip_data::config_section! {
     /// `[eval]`
     pub struct EvalConfig {
@@ -20,7 +21,7 @@ ferroclip_data::config_section! {
         /// Evaluate every N optimizer steps during training (and always at the end); 0 only at the end.
         pub every_steps: u64 = 0,
         /// Images, or prompts, per forward pass.
-        pub batch_size: usize = 64,
+        pub batch_size: usize = 64 => Range::closed(1.0, 1048576.0),
     }
 }
 
@@ -31,9 +32,7 @@ impl EvalConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.batch_size == 0 {
-            return Err("key `eval.batch_size`: must be at least 1".into());
-        }
+        super::check_ranges("eval", self)?;
         let zero_shot_lists =
             [("zeroshot_classnames", &self.zeroshot_classnames), ("zeroshot_templates", &self.zeroshot_templates)];
         for (key, value) in zero_shot_lists {

@@ -14,6 +14,8 @@ pub mod train;
 
 use std::path::{Path, PathBuf};
 
+use ferroclip_data::section::Section;
+
 pub use dist::{Backend, DistConfig, Requeue};
 pub use eval::EvalConfig;
 pub use ferroclip_data::augment::AugmentConfig;
@@ -86,16 +88,17 @@ impl Config {
         if self.name.is_empty() || self.name.contains('/') {
             return Err("key `name`: must be a non-empty name without `/`".into());
         }
+        check_ranges("", self)?;
+        check_ranges("model", &self.model)?;
         self.data.validate().map_err(|e| format!("key `data.{}`: {}", e.key, e.message))?;
         if self.data.train.trim().is_empty() {
             return Err("key `data.train`: no training shards given".into());
         }
         self.train.validate()?;
-        self.optim.validate()?;
+        check_ranges("optim", &self.optim)?;
         self.schedule.validate(self.train.max_steps)?;
-        if self.log.every_steps == 0 {
-            return Err("key `log.every_steps`: must be at least 1".into());
-        }
+        check_ranges("checkpoint", &self.checkpoint)?;
+        check_ranges("log", &self.log)?;
         self.dist.validate()?;
         self.eval.validate()?;
         self.model.arch_config().map_err(|e| format!("{e:#}"))?;
@@ -106,6 +109,15 @@ impl Config {
     pub fn run_dir(&self) -> PathBuf {
         self.output_dir.join(&self.name)
     }
+}
+
+/// Every key of one section (`section`: its TOML name, `""` at the top level) within the range
+/// declared with it ([`ferroclip_data::section::Range`]), or the first that is not, named in full.
+fn check_ranges<S: Section>(section: &str, values: &S) -> Result<(), String> {
+    values.check_ranges().map_err(|e| match section {
+        "" => format!("key `{}`: {}", e.key, e.message),
+        s => format!("key `{s}.{}`: {}", e.key, e.message),
+    })
 }
 
 /// Apply one `section.key=value` override to the raw TOML table. The value is read as TOML

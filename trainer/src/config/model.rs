@@ -1,6 +1,7 @@
 //! `[model]`: the architecture, its overrides, the weights to start from and the tokenizer; builds
 //! the model and the tokenizer every command uses.
 
+use ferroclip_data::section::Range;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -16,8 +17,10 @@ ferroclip_data::config_section! {
         /// OpenCLIP architecture: a built-in name (`convnext_base_w`, `convnext_large_d_320`, `ViT-B-32`,
         /// …; see Models) or the path of an OpenCLIP model-config `.json`.
         pub arch: String = "convnext_base_w",
-        /// Input resolution; 0 keeps the architecture's own.
-        pub image_size: usize = 0,
+        /// Input resolution; unset keeps the architecture's own. A ViT's must be a multiple of its
+        /// patch size, a ConvNeXt's a multiple of its stem stride (4) and at least 32 (its stride
+        /// after the last downsampling).
+        pub image_size: Option<usize> = None => Range::closed(1.0, 8192.0),
         /// Weights to start from (an OpenCLIP-compatible `.safetensors`), with a fresh optimizer,
         /// schedule and data stream; ignored on resume.
         pub init: String = "",
@@ -25,9 +28,9 @@ ferroclip_data::config_section! {
         /// bare `embeddings.*`/`encoder.*` keys) to start the text tower of an HF-text architecture
         /// from; applied after `init`, ignored on resume.
         pub text_init: String = "",
-        /// Stochastic depth rate of the image tower; negative keeps the architecture's (0.1 for the
+        /// Stochastic depth rate of the image tower; unset keeps the architecture's (0.1 for the
         /// ConvNeXts).
-        pub drop_path: f64 = -1.0,
+        pub drop_path: Option<f64> = None => Range::below(0.0, 1.0),
         /// Text tokenizer: `"clip"` (OpenAI CLIP BPE) or the path of a Hugging Face `tokenizer.json`.
         pub tokenizer: TokenizerConfig = TokenizerConfig::Clip,
     }
@@ -37,11 +40,12 @@ impl ModelConfig {
     /// The architecture `arch` names, with `image_size` and `drop_path` applied.
     pub fn arch_config(&self) -> Result<ClipConfig> {
         let mut m = ClipConfig::resolve(&self.arch).map_err(|e| anyhow::anyhow!("key `model.arch`: {e}"))?;
-        if self.image_size > 0 {
-            m = m.with_image_size(self.image_size as i64);
+        if let Some(size) = self.image_size {
+            m.check_image_size(size as i64).map_err(|e| anyhow::anyhow!("key `model.image_size`: {e}"))?;
+            m = m.with_image_size(size as i64);
         }
-        if self.drop_path >= 0.0 {
-            m = m.with_drop_path(self.drop_path);
+        if let Some(rate) = self.drop_path {
+            m = m.with_drop_path(rate);
         }
         Ok(m)
     }

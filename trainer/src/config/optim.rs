@@ -1,5 +1,6 @@
 //! `[optim]` and `[schedule]`: AdamW and the learning rate by step, as OpenCLIP's defaults.
 
+use ferroclip_data::section::Range;
 use tch::Tensor;
 
 use crate::optim::adamw::{AdamW, AdamWConfig, OptimError};
@@ -9,16 +10,16 @@ ferroclip_data::config_section! {
     /// `[optim]`: AdamW. Betas and eps default to OpenCLIP's per-architecture choice.
     pub struct OptimConfig {
         /// Peak learning rate.
-        pub lr: f64 = 5e-4,
+        pub lr: f64 = 5e-4 => Range::at_least(0.0),
         /// Decoupled weight decay; not applied where `ndim < 2` or the name contains `bn`, `ln`,
         /// `bias`, `logit_scale` (OpenCLIP 3.3.0's rule, logged at start-up).
-        pub weight_decay: f64 = 0.2,
+        pub weight_decay: f64 = 0.2 => Range::at_least(0.0),
         /// Adam beta1.
-        pub beta1: f64 = 0.9,
-        /// Adam beta2; 0 picks OpenCLIP's: 0.98 for ViT, 0.999 otherwise.
-        pub beta2: f64 = 0.0,
-        /// Adam epsilon; 0 picks OpenCLIP's: 1e-6 for ViT, 1e-8 otherwise.
-        pub eps: f64 = 0.0,
+        pub beta1: f64 = 0.9 => Range::below(0.0, 1.0),
+        /// Adam beta2; unset picks OpenCLIP's: 0.98 for ViT, 0.999 otherwise.
+        pub beta2: Option<f64> = None => Range::below(0.0, 1.0),
+        /// Adam epsilon; unset picks OpenCLIP's: 1e-6 for ViT, 1e-8 otherwise.
+        pub eps: Option<f64> = None => Range::positive(),
     }
 }
 
@@ -27,20 +28,8 @@ impl OptimConfig {
     /// by whether the model name contains "vit").
     pub fn resolved_beta2_eps(&self, arch: &str) -> (f64, f64) {
         let vit = arch.to_ascii_lowercase().contains("vit");
-        let beta2 = if self.beta2 > 0.0 {
-            self.beta2
-        } else if vit {
-            0.98
-        } else {
-            0.999
-        };
-        let eps = if self.eps > 0.0 {
-            self.eps
-        } else if vit {
-            1e-6
-        } else {
-            1e-8
-        };
+        let beta2 = self.beta2.unwrap_or(if vit { 0.98 } else { 0.999 });
+        let eps = self.eps.unwrap_or(if vit { 1e-6 } else { 1e-8 });
         (beta2, eps)
     }
 
@@ -49,19 +38,6 @@ impl OptimConfig {
         let (beta2, eps) = self.resolved_beta2_eps(arch);
         let cfg = AdamWConfig { lr: self.lr, betas: (self.beta1, beta2), eps, weight_decay: self.weight_decay };
         AdamW::new(trainable, cfg)
-    }
-
-    pub(crate) fn validate(&self) -> Result<(), String> {
-        if !(self.lr >= 0.0 && self.lr.is_finite()) {
-            return Err("key `optim.lr`: must be a finite number >= 0".into());
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return Err("key `optim.weight_decay`: must be >= 0".into());
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return Err("key `optim.beta1`/`optim.beta2`: must be in [0, 1)".into());
-        }
-        Ok(())
     }
 }
 
@@ -87,9 +63,9 @@ ferroclip_data::config_section! {
         /// `const-cooldown`: steps of the final cooldown.
         pub cooldown_steps: u64 = 0,
         /// `const-cooldown`: power of the cooldown curve.
-        pub cooldown_power: f64 = 1.0,
+        pub cooldown_power: f64 = 1.0 => Range::positive(),
         /// `const-cooldown`: learning rate at the end.
-        pub cooldown_end_lr: f64 = 0.0,
+        pub cooldown_end_lr: f64 = 0.0 => Range::at_least(0.0),
     }
 }
 
@@ -112,6 +88,7 @@ impl ScheduleConfig {
     }
 
     pub(crate) fn validate(&self, max_steps: u64) -> Result<(), String> {
+        super::check_ranges("schedule", self)?;
         if self.kind == ScheduleKind::ConstCooldown && self.cooldown_steps > max_steps {
             return Err("key `schedule.cooldown_steps`: longer than train.max_steps".into());
         }

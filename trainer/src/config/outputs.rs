@@ -1,5 +1,6 @@
 //! `[checkpoint]` and `[log]`: what a run writes while it trains.
 
+use ferroclip_data::section::Range;
 ferroclip_data::config_section! {
     /// `[checkpoint]`
     pub struct CheckpointConfig {
@@ -25,7 +26,7 @@ ferroclip_data::config_section! {
     pub struct LogConfig {
         /// TensorBoard scalars, a `metrics.jsonl` line and a plain log line every N optimizer steps
         /// (rank 0 only).
-        pub every_steps: u64 = 10,
+        pub every_steps: u64 = 10 => Range::at_least(1.0),
         /// Every rank writes the keys of the samples it trains on to `sample_keys/rank{R}.tsv`
         /// (`step<TAB>epoch<TAB>key` per sample), to check afterwards what a run saw.
         pub sample_keys: bool = false,

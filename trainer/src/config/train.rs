@@ -2,6 +2,7 @@
 
 pub use crate::device::DeviceConfig;
 pub use crate::precision::Precision;
+use ferroclip_data::section::Range;
 
 use crate::lock::LockSpec;
 
@@ -9,16 +10,16 @@ ferroclip_data::config_section! {
     /// `[train]`
     pub struct TrainConfig {
         /// Stop after this many optimizer steps, whatever the epoch plan.
-        pub max_steps: u64 = 1000,
+        pub max_steps: u64 = 1000 => Range::at_least(1.0),
         /// `"fp32"` or `"amp_bf16"` (bf16 autocast on CUDA; fp32 on the CPU). Under autocast the logits matmul of the loss runs in bf16, as in OpenCLIP; the log-softmax and the loss reductions run in fp32 (autocast's fp32 list), and master weights and AdamW stay fp32.
         pub precision: Precision = Precision::Fp32,
         /// Micro-batches per optimizer step; the loss sees all their negatives (OpenCLIP `--accum-freq`).
-        pub accum_freq: usize = 1,
+        pub accum_freq: usize = 1 => Range::closed(1.0, 65536.0),
         /// Each rank computes only its rows of the logits (OpenCLIP `--local-loss`); same gradients,
         /// less memory.
         pub local_loss: bool = false,
         /// Clip gradients to this global L2 norm; 0 disables.
-        pub grad_clip_norm: f64 = 0.0,
+        pub grad_clip_norm: f64 = 0.0 => Range::at_least(0.0),
         /// Freeze the image tower (OpenCLIP `--lock-image`).
         pub lock_image: bool = false,
         /// With `lock_image`, leave the last N layer groups trainable.
@@ -29,7 +30,7 @@ ferroclip_data::config_section! {
         pub lock_text_unlocked_layers: usize = 0,
         /// Abort after this many consecutive steps with a non-finite loss or gradient (each is
         /// skipped on the device; checked at log and checkpoint steps).
-        pub max_bad_steps: u64 = 20,
+        pub max_bad_steps: u64 = 20 => Range::at_least(1.0),
         /// `"auto"`, `"cpu"` or `"cuda"`. `auto` takes this rank's GPU, the CPU when the job has none,
         /// and is an error when the launcher allocated GPUs (`CUDA_VISIBLE_DEVICES`, `SLURM_GPUS*`,
         /// `SLURM_JOB_GPUS`, `SLURM_STEP_GPUS`) that libtorch does not see (usually a node driver
@@ -37,7 +38,7 @@ ferroclip_data::config_section! {
         /// `cuda`.
         pub device: DeviceConfig = DeviceConfig::Auto,
         /// libtorch intra-op threads per rank; 0 keeps libtorch's choice.
-        pub threads: usize = 0,
+        pub threads: usize = 0 => Range::closed(0.0, 4096.0),
         /// Recompute each ConvNeXt block and transformer block in backward instead of keeping its
         /// activations (OpenCLIP `--grad-checkpointing`): far less activation memory for one more
         /// forward pass; same gradients. Not applied to the XLM-RoBERTa text tower.
@@ -57,15 +58,6 @@ impl TrainConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.max_steps == 0 {
-            return Err("key `train.max_steps`: must be at least 1".into());
-        }
-        if self.accum_freq == 0 {
-            return Err("key `train.accum_freq`: must be at least 1".into());
-        }
-        if self.grad_clip_norm.is_nan() || self.grad_clip_norm < 0.0 {
-            return Err("key `train.grad_clip_norm`: must be >= 0".into());
-        }
-        Ok(())
+        super::check_ranges("train", self)
     }
 }

@@ -146,22 +146,24 @@ pub fn report_failure(message: &str) {
     }
 }
 
-/// Makes a panic on any thread end the whole job: the default hook prints the panic message, then
-/// the abort notice is posted (MPI_Abort under the `mpi` backend) and the process exits with status
-/// 101. Without a job a panic already ends the one process. Call once, early in `main`.
-pub fn install_abort_on_panic() {
+/// Makes a panic on any thread an error like any other. A panic is a bug (no input should reach
+/// one), but when one happens the rank still ends through the failure path rather than with a
+/// hung peer or a signal: after the default hook's message (and backtrace, with `RUST_BACKTRACE`),
+/// `error on rank R of W: internal error: panic at FILE:LINE: MESSAGE` ([`report_failure`], which
+/// also posts the abort notice that stops the other ranks; MPI_Abort under the `mpi` backend),
+/// then exit status 1. Panics caught on purpose (a bad sample's decoder inside
+/// `ferroclip_data::guard`) never reach this hook. Call once, first thing in `main`.
+pub fn install_panic_hook() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
+        let what = ferroclip_data::guard::panic_message(info.payload());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        report_failure(&format!("internal error: panic{at}: {what}"));
         #[cfg(feature = "mpi")]
-        super::mpi::abort_world_if_initialized(101);
-        if JOB.get().is_some() {
-            let what = info.payload().downcast_ref::<&str>().map(|s| s.to_string());
-            let what = what.or_else(|| info.payload().downcast_ref::<String>().cloned()).unwrap_or_default();
-            post_abort(&format!("{} panicked: {what}", who()));
-            // SAFETY: ends the process; other threads may be inside collectives that would never return.
-            unsafe { libc::_exit(101) }
-        }
+        super::mpi::abort_world_if_initialized(1);
+        // SAFETY: ends the process; other threads may be inside collectives that would never return.
+        unsafe { libc::_exit(1) }
     }));
 }
 

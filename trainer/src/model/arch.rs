@@ -96,13 +96,16 @@ pub fn parse(name: &str, text: &str, source: &Source) -> Result<ClipConfig, Stri
         return Err(at("custom_text", &true, "built only with a `text_cfg.hf_model_name` text tower"));
     }
     positive(&file, "embed_dim", cfg.embed_dim)?;
-    Ok(ClipConfig {
+    let clip = ClipConfig {
         arch: name.to_string(),
         embed_dim: cfg.embed_dim,
         vision: vision_tower(&cfg.vision_cfg, &file)?,
         text: text_tower,
         grad_checkpointing: false,
-    })
+    };
+    let size = clip.image_size();
+    clip.check_image_size(size).map_err(|why| at("vision_cfg.image_size", &size, &why))?;
+    Ok(clip)
 }
 
 /// serde with the key path of any type error (`vision_cfg.image_size`).
@@ -396,6 +399,54 @@ impl HfConfig {
             return Err(format!("{file}: key `model_type` = {:?}: only \"xlm-roberta\" is built", self.model_type));
         }
         check_rest(file, "", &self.other, HF_CONFIG_DEFAULTS, HF_CONFIG_ACCEPTED)?;
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ] {
+            positive(file, key, value)?;
+        }
+        let bad = |key: &str, value: &dyn std::fmt::Display, why: String| {
+            Err(format!("{file}: key `{key}` = {value}: {why}"))
+        };
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(
+                "num_attention_heads",
+                &self.num_attention_heads,
+                format!("must divide `hidden_size` ({})", self.hidden_size),
+            );
+        }
+        if !(0..self.vocab_size).contains(&self.pad_token_id) {
+            return bad(
+                "pad_token_id",
+                &self.pad_token_id,
+                format!("must be a token id below `vocab_size` ({})", self.vocab_size),
+            );
+        }
+        // RoBERTa's positions start after the padding id: 77 tokens need pad_token_id + 1 + 77 rows.
+        let needed = self.pad_token_id + 1 + 77;
+        if self.max_position_embeddings < needed {
+            return bad(
+                "max_position_embeddings",
+                &self.max_position_embeddings,
+                format!("must be at least {needed} for 77 tokens"),
+            );
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return bad("layer_norm_eps", &self.layer_norm_eps, "must be a number > 0".into());
+        }
+        for (key, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(key, &p, "must be in [0, 1)".into());
+            }
+        }
         Ok(XlmrConfig {
             context_length: 77,
             vocab_size: self.vocab_size,

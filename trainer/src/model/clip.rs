@@ -108,6 +108,22 @@ impl ClipConfig {
         }
     }
 
+    /// Whether the image tower takes `image_size`-pixel inputs: a ViT's patches must tile the
+    /// image (its positional grid has one entry per patch), a ConvNeXt needs at least one pixel
+    /// left after its stride-4 stem and three stride-2 downsamplings (32) and a size the stem
+    /// tiles. The reason when it does not.
+    pub fn check_image_size(&self, image_size: i64) -> Result<(), String> {
+        match &self.vision {
+            VisionConfig::Vit(c) if image_size < c.patch_size || image_size % c.patch_size != 0 => {
+                Err(format!("{image_size} is not a positive multiple of the ViT's patch size {}", c.patch_size))
+            }
+            VisionConfig::ConvNext(_) if image_size < 32 || image_size % 4 != 0 => Err(format!(
+                "{image_size} does not suit a ConvNeXt: it needs a multiple of its stem stride 4, at least 32"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Same model at another input resolution (ViT: the positional grid changes; checkpoints
     /// from another size are resized on load).
     pub fn with_image_size(mut self, image_size: i64) -> Self {

@@ -99,18 +99,26 @@ impl VisionTransformer {
 }
 
 /// OpenCLIP `resize_pos_embed`: keep the class token, resample the `[g, g]` grid to `new_grid`
-/// with bicubic interpolation, antialias on, `align_corners = False`. `pos`: `[1 + g², w]`.
-pub fn resize_pos_embed(pos: &Tensor, new_grid: i64) -> Tensor {
-    let (n, w) = pos.size2().expect("positional_embedding must be 2-D");
+/// with bicubic interpolation, antialias on, `align_corners = False`. `pos`: `[1 + g², w]`, from a
+/// file: a tensor of any other shape is an error saying why, not a panic.
+pub fn resize_pos_embed(pos: &Tensor, new_grid: i64) -> Result<Tensor, String> {
+    let size = pos.size();
+    let &[n, w] = size.as_slice() else {
+        return Err(format!("has shape {size:?}, not [1 + grid², width]"));
+    };
     if n == new_grid * new_grid + 1 {
-        return pos.shallow_clone();
+        return Ok(pos.shallow_clone());
     }
-    let old_grid = ((n - 1) as f64).sqrt() as i64;
+    let old_grid = ((n - 1).max(0) as f64).sqrt().round() as i64;
+    if n < 2 || old_grid * old_grid != n - 1 {
+        return Err(format!("has {n} rows: one class token plus a square grid (1 + g²) expected"));
+    }
     let tok = pos.narrow(0, 0, 1);
     let img = pos.narrow(0, 1, n - 1).reshape([1, old_grid, old_grid, w]).permute([0, 3, 1, 2]);
     let img = img
-        .internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None) // [1, w, g', g']
+        .f_internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None) // [1, w, g', g']
+        .map_err(|e| format!("resizing its {old_grid}x{old_grid} grid to {new_grid}x{new_grid}: {e}"))?
         .permute([0, 2, 3, 1])
         .reshape([new_grid * new_grid, w]);
-    Tensor::cat(&[tok, img], 0)
+    Ok(Tensor::cat(&[tok, img], 0))
 }

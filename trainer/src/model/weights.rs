@@ -38,6 +38,8 @@ pub enum WeightsError {
     },
     #[error("{arch} has no Hugging Face text tower to initialize from {path}")]
     NoHfTextTower { path: PathBuf, arch: String },
+    #[error("{path}: tensor `{key}` {message}")]
+    BadTensor { path: PathBuf, key: String, message: String },
 }
 
 /// What [`load_safetensors`] did besides plain copies.
@@ -80,7 +82,9 @@ pub fn load_safetensors(vs: &mut tch::nn::VarStore, path: &Path, cfg: &ClipConfi
     if let (VisionConfig::Vit(vit), Some(pos)) = (&cfg.vision, file.get("visual.positional_embedding")) {
         let g = vit.grid_size();
         if pos.dim() == 2 && pos.size()[0] != g * g + 1 {
-            let resized = tch::no_grad(|| resize_pos_embed(&pos.to_kind(Kind::Float), g));
+            let resized = tch::no_grad(|| resize_pos_embed(&pos.to_kind(Kind::Float), g)).map_err(|message| {
+                WeightsError::BadTensor { path: path.to_path_buf(), key: "visual.positional_embedding".into(), message }
+            })?;
             file.insert("visual.positional_embedding".into(), resized);
             report.resized.push("visual.positional_embedding".into());
         }
