@@ -611,6 +611,30 @@ mod tests {
         parse("x", &accepted, &Source::Builtin("x")).unwrap();
     }
 
+    #[test]
+    fn shapes_the_towers_cannot_build_are_errors_naming_the_key() {
+        let convnext = std::fs::read_to_string(repo().join("tests/models/convnext_test.json")).unwrap();
+        let e = err(&convnext.replace(r#""image_size": 64"#, r#""image_size": 20"#));
+        assert!(e.contains("`vision_cfg.image_size` = 20") && e.contains("at least 32"), "{e}");
+
+        // A Hugging Face config.json whose shapes would make the text tower panic in libtorch.
+        let hf = std::fs::read_to_string(repo().join("tests/models/xlmr_tiny/config.json")).unwrap();
+        let base: serde_json::Value = serde_json::from_str(&hf).unwrap();
+        for (key, value, needle) in [
+            ("num_attention_heads", serde_json::json!(3), "must divide `hidden_size`"),
+            ("hidden_size", serde_json::json!(0), "must be at least 1"),
+            ("pad_token_id", serde_json::json!(-1), "below `vocab_size`"),
+            ("max_position_embeddings", serde_json::json!(40), "at least 79"),
+            ("hidden_dropout_prob", serde_json::json!(1.5), "[0, 1)"),
+        ] {
+            let mut bad = base.clone();
+            bad[key] = value;
+            let cfg: HfConfig = serde_json::from_value(bad).unwrap();
+            let e = cfg.xlmr("hf/config.json").unwrap_err();
+            assert!(e.starts_with("hf/config.json: key `") && e.contains(key) && e.contains(needle), "{key}: {e}");
+        }
+    }
+
     /// The README's example of a new architecture is one we build.
     #[test]
     fn readme_example_builds() {

@@ -235,6 +235,20 @@ mod tests {
     }
 
     #[test]
+    fn image_sizes_are_checked_against_the_tower() {
+        let convnext = test_arch("convnext_test");
+        assert!(convnext.check_image_size(32).is_ok() && convnext.check_image_size(100).is_ok());
+        for bad in [1, 7, 28, 34] {
+            assert!(convnext.check_image_size(bad).is_err(), "{bad}");
+        }
+        let vit = test_arch("vit_test");
+        assert!(vit.check_image_size(8).is_ok() && vit.check_image_size(48).is_ok());
+        for bad in [1, 4, 36] {
+            assert!(vit.check_image_size(bad).unwrap_err().contains("patch size 8"), "{bad}");
+        }
+    }
+
+    #[test]
     fn overrides_change_only_their_field() {
         let base = ClipConfig::resolve("convnext_base_w").unwrap();
         let cfg = base.clone().with_image_size(320).with_drop_path(0.2);

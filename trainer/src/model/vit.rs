@@ -122,3 +122,21 @@ pub fn resize_pos_embed(pos: &Tensor, new_grid: i64) -> Result<Tensor, String> {
         .reshape([new_grid * new_grid, w]);
     Ok(Tensor::cat(&[tok, img], 0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_positional_embedding_that_is_not_a_square_grid_is_an_error() {
+        let ok = Tensor::zeros([1 + 16, 8], (tch::Kind::Float, tch::Device::Cpu));
+        assert_eq!(resize_pos_embed(&ok, 2).unwrap().size(), vec![1 + 4, 8]);
+        for rows in [1 + 15, 1, 0] {
+            let bad = Tensor::zeros([rows, 8], (tch::Kind::Float, tch::Device::Cpu));
+            let e = resize_pos_embed(&bad, 2).unwrap_err();
+            assert!(e.contains(&format!("{rows} rows")), "{e}");
+        }
+        let e = resize_pos_embed(&Tensor::zeros([17], (tch::Kind::Float, tch::Device::Cpu)), 2).unwrap_err();
+        assert!(e.contains("[17]"), "{e}");
+    }
+}
