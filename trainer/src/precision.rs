@@ -10,7 +10,9 @@ pub enum Precision {
     /// Everything in fp32.
     Fp32,
     /// bf16 autocast on CUDA (OpenCLIP's `amp_bf16`: the loss's logits matmul in bf16, its
-    /// log-softmax and reductions in fp32); fp32 on the CPU.
+    /// log-softmax and reductions in fp32); fp32 on the CPU. `amp_bfloat16`, OpenCLIP's other
+    /// spelling of the same choice, reads as this.
+    #[serde(alias = "amp_bfloat16")]
     AmpBf16,
 }
 

@@ -11,7 +11,7 @@ ferroclip_data::config_section! {
     pub struct TrainConfig {
         /// Stop after this many optimizer steps, whatever the epoch plan.
         pub max_steps: u64 = 1000 => Range::at_least(1.0),
-        /// `"fp32"` or `"amp_bf16"` (bf16 autocast on CUDA; fp32 on the CPU). Under autocast the logits matmul of the loss runs in bf16, as in OpenCLIP; the log-softmax and the loss reductions run in fp32 (autocast's fp32 list), and master weights and AdamW stay fp32.
+        /// `"fp32"` or `"amp_bf16"` (also spelled `"amp_bfloat16"`, as OpenCLIP allows; bf16 autocast on CUDA; fp32 on the CPU). Under autocast the logits matmul of the loss runs in bf16, as in OpenCLIP; the log-softmax and the loss reductions run in fp32 (autocast's fp32 list), and master weights and AdamW stay fp32.
         pub precision: Precision = Precision::Fp32,
         /// Micro-batches per optimizer step; the loss sees all their negatives (OpenCLIP `--accum-freq`).
         pub accum_freq: usize = 1 => Range::closed(1.0, 65536.0),
