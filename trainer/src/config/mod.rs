@@ -203,9 +203,9 @@ mod tests {
             Config::load(f.path(), &["schedule.kind=const-cooldown".into(), "model.tokenizer=t/tokenizer.json".into()])
                 .unwrap();
         assert_eq!(cfg.schedule.kind, ScheduleKind::ConstCooldown);
+        assert_eq!(cfg.model.tokenizer, TokenizerConfig::HuggingFace("t/tokenizer.json".into()));
         let cfg = Config::load(f.path(), &["train.precision=amp_bfloat16".into()]).unwrap();
         assert_eq!(cfg.train.precision, Precision::AmpBf16, "OpenCLIP's spelling");
-        assert_eq!(cfg.model.tokenizer, TokenizerConfig::HuggingFace("t/tokenizer.json".into()));
     }
 
     #[test]
