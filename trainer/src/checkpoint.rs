@@ -429,11 +429,10 @@ pub fn resolve_resume(spec: &str, dir: &CheckpointDir) -> Result<Option<(PathBuf
 pub fn check_init_file(path: &Path) -> Result<()> {
     match verify_model_file(path) {
         Ok(_) => Ok(()),
-        Err(bad) => Err(ConfigError {
-            file: path.display().to_string(),
-            message: format!("key `model.init`: {}", bad.reason),
+        Err(bad) => {
+            Err(ConfigError { file: path.display().to_string(), message: format!("key `model.init`: {}", bad.reason) }
+                .into())
         }
-        .into()),
     }
 }
 
@@ -663,9 +662,13 @@ mod tests {
         assert_eq!(cd.verify(7), Ok(Verified::Manifest));
         assert_eq!(verify_model_file(&cd.model_path(7)), Ok(Verified::Manifest));
         // No temporary file is left behind.
-        let mut names: Vec<String> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<String> =
+            fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
-        assert_eq!(names, ["step_00000007.manifest.json", "step_00000007.safetensors", "step_00000007.state.safetensors"]);
+        assert_eq!(
+            names,
+            ["step_00000007.manifest.json", "step_00000007.safetensors", "step_00000007.state.safetensors"]
+        );
     }
 
     #[test]
@@ -758,7 +761,11 @@ mod tests {
         let e = resolve_resume(&given, &cd).unwrap_err();
         let ce = e.downcast_ref::<ConfigError>().expect("a ConfigError");
         assert_eq!(ce.file, given);
-        assert!(ce.message.contains("checkpoint.resume") && ce.message.contains("step_00000003.safetensors: CRC32C"), "{}", ce.message);
+        assert!(
+            ce.message.contains("checkpoint.resume") && ce.message.contains("step_00000003.safetensors: CRC32C"),
+            "{}",
+            ce.message
+        );
         let garbage = d.path().join("garbage.safetensors");
         fs::write(&garbage, b"not safetensors").unwrap();
         let e = check_init_file(&garbage).unwrap_err();
