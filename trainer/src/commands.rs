@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -212,10 +212,10 @@ pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) ->
 /// `trainer verify-checkpoint`: each path a model file, state file or manifest of a checkpoint, or a
 /// `checkpoints/` folder (or the run folder above one: every checkpoint in it). Prints `ok step N`
 /// or `BAD step N: FILE: REASON` per checkpoint; any bad one is a [`ConfigError`] (status 2).
-pub fn verify_checkpoints(paths: &[std::path::PathBuf]) -> Result<()> {
+pub fn verify_checkpoints(paths: &[PathBuf]) -> Result<()> {
     use crate::checkpoint::{self, CheckpointDir, Verified};
     // (what to call it, its model and state file), or (a path that names no checkpoint, why).
-    type Found = std::result::Result<(String, std::path::PathBuf, std::path::PathBuf), (std::path::PathBuf, String)>;
+    type Found = std::result::Result<(String, PathBuf, PathBuf), (PathBuf, String)>;
     let mut found: Vec<Found> = Vec::new();
     for path in paths {
         if path.is_dir() {
