@@ -1,18 +1,28 @@
-//! Checkpoints: `checkpoints/step_{N:08}.safetensors` (the OpenCLIP-compatible model file) and
+//! Checkpoints: `checkpoints/step_{N:08}.safetensors` (the OpenCLIP-compatible model file),
 //! `checkpoints/step_{N:08}.state.safetensors` (optimizer moments keyed by parameter name, counters,
-//! data cursor, config — everything else a resume needs, in tensors and string metadata).
+//! data cursor, config — everything else a resume needs, in tensors and string metadata) and
+//! `checkpoints/step_{N:08}.manifest.json` (the step, and each file's name, size and CRC32C).
 //!
-//! Crash safety: each file is written under a temporary name, fsynced and renamed into place,
-//! model file first. A step counts as saved only once both of its files exist, so a crash at any
-//! point of a save leaves the previous checkpoint as the newest complete one. Training writes
+//! Crash safety: each file is written under a temporary name, fsynced, read back for its size and
+//! CRC32C and renamed into place: model file, state file, then the manifest. A step counts as saved
+//! once its manifest exists, so a crash at any point of a save leaves the previous checkpoint as the
+//! newest complete one. A step with both files but no manifest (written before manifests existed,
+//! or a save cut off between its state file and its manifest) also counts, and is checked by
+//! parsing both files as safetensors instead. Resuming takes the newest checkpoint that
+//! [verifies](CheckpointDir::verify), so a file truncated or corrupted after the save (a full disk,
+//! a copy cut short) costs the steps since the previous checkpoint, not the run. Training writes
 //! them in the background ([`crate::checkpoint_writer`]) from a [`Snapshot`] in host memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+use crate::config::ConfigError;
 
 /// Tensors with names, in file order.
 pub type Named = Vec<(String, Tensor)>;
@@ -31,6 +41,70 @@ pub struct Saved {
     pub state: PathBuf,
 }
 
+/// `step_{N:08}.manifest.json`: what a save wrote, so that a later reader can tell a complete file
+/// from a truncated or corrupted one without trusting its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub step: u64,
+    /// The model file, then the state file.
+    pub files: Vec<FileRecord>,
+}
+
+/// One file of a checkpoint as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// File name, in the manifest's folder.
+    pub name: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// CRC32C (Castagnoli) of the whole file.
+    pub crc32c: u32,
+}
+
+/// How a checkpoint verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Every file has the size and CRC32C its manifest records.
+    Manifest,
+    /// No manifest beside the files (a checkpoint written before manifests, or a save cut off just
+    /// before its manifest): each file parses fully as safetensors.
+    NoManifest,
+}
+
+/// Why a checkpoint file does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    #[error("missing")]
+    Missing,
+    #[error("unreadable: {0}")]
+    Unreadable(String),
+    #[error("size {actual} bytes, expected {expected}")]
+    Size { actual: u64, expected: u64 },
+    #[error("CRC32C mismatch: {actual:08x}, the manifest records {expected:08x}")]
+    Crc { actual: u32, expected: u32 },
+    #[error("manifest unreadable: {0}")]
+    ManifestUnreadable(String),
+    #[error("no manifest, and not a complete safetensors file: {0}")]
+    NotSafetensors(String),
+}
+
+/// A checkpoint that does not verify: the first file found wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {reason}", file.display())]
+pub struct BadFile {
+    pub file: PathBuf,
+    pub reason: Reason,
+}
+
+impl BadFile {
+    fn new(file: &Path, reason: Reason) -> Self {
+        Self { file: file.to_path_buf(), reason }
+    }
+}
+
+/// The result of verifying a checkpoint.
+pub type Verification = std::result::Result<Verified, BadFile>;
+
 impl CheckpointDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
@@ -48,34 +122,46 @@ impl CheckpointDir {
         self.dir.join(format!("step_{step:08}.state.safetensors"))
     }
 
-    /// Steps with both files present, ascending.
+    pub fn manifest_path(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("step_{step:08}.manifest.json"))
+    }
+
+    /// Steps whose save completed, ascending: those with a manifest, and those without one that have
+    /// both files. Complete is not verified: see [`CheckpointDir::verify`].
     pub fn complete_steps(&self) -> Result<Vec<u64>> {
-        let mut steps = Vec::new();
+        let mut steps = BTreeSet::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(steps),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("listing {}", self.dir.display())),
         };
         for entry in entries {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            let Some(n) = name.strip_prefix("step_").and_then(|s| s.strip_suffix(".state.safetensors")) else {
-                continue;
-            };
-            if let Ok(step) = n.parse::<u64>() {
+            let name = entry.with_context(|| format!("listing {}", self.dir.display()))?.file_name();
+            let name = name.to_string_lossy();
+            let Some(rest) = name.strip_prefix("step_") else { continue };
+            if let Some(step) = rest.strip_suffix(".manifest.json").and_then(|n| n.parse::<u64>().ok()) {
+                steps.insert(step);
+            } else if let Some(step) = rest.strip_suffix(".state.safetensors").and_then(|n| n.parse::<u64>().ok()) {
                 if self.model_path(step).is_file() {
-                    steps.push(step);
+                    steps.insert(step);
                 }
             }
         }
-        steps.sort_unstable();
-        Ok(steps)
+        Ok(steps.into_iter().collect())
     }
 
+    /// The newest complete step (verified or not).
     pub fn latest(&self) -> Result<Option<u64>> {
         Ok(self.complete_steps()?.last().copied())
     }
 
-    /// Write both files of `step` atomically, then drop all but the newest `keep` (0 keeps all).
+    /// Checks step `step`'s files on disk: see [`verify_files`].
+    pub fn verify(&self, step: u64) -> Verification {
+        verify_files(&self.model_path(step), &self.state_path(step))
+    }
+
+    /// Write both files of `step` and its manifest atomically, then drop old checkpoints as
+    /// [`CheckpointDir::write`] does.
     pub fn save(
         &self,
         step: u64,
@@ -88,24 +174,146 @@ impl CheckpointDir {
         self.write(&Snapshot::take(step, model, model_meta, state, state_meta)?, keep)
     }
 
-    /// Write a snapshot's two files atomically, model file first, then drop all but the newest
-    /// `keep` checkpoints (0 keeps all). [`crate::checkpoint_writer`] calls this on its thread.
+    /// Write a snapshot's two files atomically, model file first, then its manifest; verify the new
+    /// checkpoint from disk and drop old ones (see `prune`). [`crate::checkpoint_writer`]
+    /// calls this on its thread.
     pub fn write(&self, snapshot: &Snapshot, keep: usize) -> Result<Saved> {
         let step = snapshot.step;
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let saved = Saved { step, model: self.model_path(step), state: self.state_path(step) };
-        write_atomic(&saved.model, &snapshot.model)?;
+        let model = write_atomic(&saved.model, |tmp| snapshot.model.serialize_to(tmp))?;
         test_pause_between_files(step);
-        write_atomic(&saved.state, &snapshot.state)?;
-        if keep > 0 {
-            let steps = self.complete_steps()?;
-            for old in steps.iter().take(steps.len().saturating_sub(keep)) {
-                // State first: without it the step no longer counts as complete.
-                let _ = fs::remove_file(self.state_path(*old));
-                let _ = fs::remove_file(self.model_path(*old));
+        let state = write_atomic(&saved.state, |tmp| snapshot.state.serialize_to(tmp))?;
+        let manifest = serde_json::to_vec_pretty(&Manifest { step, files: vec![model, state] })
+            .context("encoding the checkpoint manifest")?;
+        write_atomic(&self.manifest_path(step), |tmp| Ok(fs::write(tmp, &manifest)?))?;
+        self.prune(step, keep)?;
+        Ok(saved)
+    }
+
+    /// After the save of `newest`: verify it from disk, then delete all complete checkpoints but the
+    /// newest `keep` (0 keeps all) and the newest one that verifies, so that a bad new checkpoint
+    /// never costs the last good one.
+    fn prune(&self, newest: u64, keep: usize) -> Result<()> {
+        let steps = self.complete_steps()?;
+        let verified = match self.verify(newest) {
+            Ok(_) => Some(newest),
+            Err(bad) => {
+                let older = steps.iter().rev().copied().filter(|&s| s < newest).find(|&s| self.verify(s).is_ok());
+                let kept = older.map_or("no older checkpoint verifies".to_string(), |s| format!("keeping step {s}"));
+                eprintln!("ferroclip: the checkpoint of step {newest} does not verify after writing ({bad}); {kept}");
+                older
+            }
+        };
+        if keep == 0 {
+            return Ok(());
+        }
+        for &old in steps.iter().take(steps.len().saturating_sub(keep)) {
+            if Some(old) == verified {
+                continue;
+            }
+            // Manifest first, state next: a deletion cut off midway leaves either a checkpoint
+            // without manifest whose files are whole, or no complete checkpoint.
+            for path in [self.manifest_path(old), self.state_path(old), self.model_path(old)] {
+                let _ = fs::remove_file(path);
             }
         }
-        Ok(saved)
+        Ok(())
+    }
+}
+
+/// The manifest a model file `NAME.safetensors` would have: `NAME.manifest.json` beside it.
+fn manifest_beside(model: &Path) -> Option<PathBuf> {
+    let name = model.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".safetensors")?;
+    Some(model.with_file_name(format!("{stem}.manifest.json")))
+}
+
+/// The model and state file of the checkpoint that `path` (its model file, state file or
+/// manifest) belongs to; `None` for any other name.
+pub fn checkpoint_files(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let name = path.file_name()?.to_str()?;
+    let stem = [".manifest.json", ".state.safetensors", ".safetensors"].iter().find_map(|s| name.strip_suffix(s))?;
+    Some((path.with_file_name(format!("{stem}.safetensors")), path.with_file_name(format!("{stem}.state.safetensors"))))
+}
+
+/// Checks a checkpoint's two files. With the manifest beside the model file: both have the size and
+/// CRC32C it records. Without one: both parse fully as safetensors (no checksum to compare).
+pub fn verify_files(model: &Path, state: &Path) -> Verification {
+    match manifest_beside(model).filter(|m| m.exists()) {
+        Some(manifest) => verify_against(&manifest, &[model, state]),
+        None => {
+            parse_fully(model)?;
+            parse_fully(state)?;
+            Ok(Verified::NoManifest)
+        }
+    }
+}
+
+/// Checks a model file alone (`model.init`): against the manifest beside it if there is one, else
+/// that it parses fully as safetensors.
+pub fn verify_model_file(model: &Path) -> Verification {
+    match manifest_beside(model).filter(|m| m.exists()) {
+        Some(manifest) => verify_against(&manifest, &[model]),
+        None => parse_fully(model).map(|()| Verified::NoManifest),
+    }
+}
+
+/// Checks `files` against the records of `manifest` with the same file names.
+fn verify_against(manifest: &Path, files: &[&Path]) -> Verification {
+    let unreadable = |why: String| BadFile::new(manifest, Reason::ManifestUnreadable(why));
+    let text = fs::read(manifest).map_err(|e| unreadable(e.to_string()))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| unreadable(e.to_string()))?;
+    for &file in files {
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let record = m
+            .files
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| unreadable(format!("it lists no file named `{name}`")))?;
+        let bytes = match fs::metadata(file) {
+            Ok(md) => md.len(),
+            Err(e) => return Err(BadFile::new(file, io_reason(&e))),
+        };
+        if bytes != record.bytes {
+            return Err(BadFile::new(file, Reason::Size { actual: bytes, expected: record.bytes }));
+        }
+        let (_, crc) = size_and_crc(file).map_err(|e| BadFile::new(file, io_reason(&e)))?;
+        if crc != record.crc32c {
+            return Err(BadFile::new(file, Reason::Crc { actual: crc, expected: record.crc32c }));
+        }
+    }
+    Ok(Verified::Manifest)
+}
+
+/// A file without a manifest: whole and well-formed as safetensors (header, tensor offsets and
+/// length agree).
+fn parse_fully(path: &Path) -> std::result::Result<(), BadFile> {
+    let bytes = fs::read(path).map_err(|e| BadFile::new(path, io_reason(&e)))?;
+    safetensors::SafeTensors::deserialize(&bytes)
+        .map(|_| ())
+        .map_err(|e| BadFile::new(path, Reason::NotSafetensors(e.to_string())))
+}
+
+fn io_reason(e: &std::io::Error) -> Reason {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Reason::Missing,
+        _ => Reason::Unreadable(e.to_string()),
+    }
+}
+
+/// Size and CRC32C of a file, read in 1 MiB pieces.
+fn size_and_crc(path: &Path) -> std::io::Result<(u64, u32)> {
+    let mut f = fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut bytes, mut crc) = (0u64, 0u32);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((bytes, crc));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        bytes += n as u64;
     }
 }
 
@@ -169,45 +377,80 @@ impl Snapshot {
     }
 }
 
-/// Resolve `[checkpoint] resume`: `""` → none, `"latest"` → newest complete step of this run (none
-/// if there is none yet, so a requeued job and a first start use the same config), else a path to
-/// a model file or a state file of a complete checkpoint.
+/// Resolve `[checkpoint] resume`: `""` → none; `"latest"` → the newest checkpoint of this run that
+/// verifies, warning about each newer one skipped (none if there is none yet, so a requeued job and
+/// a first start use the same config; an error if there are some and none verifies); else the path
+/// of a checkpoint's model or state file, which must verify (a [`ConfigError`] otherwise).
 pub fn resolve_resume(spec: &str, dir: &CheckpointDir) -> Result<Option<(PathBuf, PathBuf)>> {
     match spec {
         "" => Ok(None),
-        "latest" => Ok(dir.latest()?.map(|s| (dir.model_path(s), dir.state_path(s)))),
-        path => {
-            let p = PathBuf::from(path);
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let (model, state) = if let Some(stem) = name.strip_suffix(".state.safetensors") {
-                (p.with_file_name(format!("{stem}.safetensors")), p.clone())
-            } else if let Some(stem) = name.strip_suffix(".safetensors") {
-                (p.clone(), p.with_file_name(format!("{stem}.state.safetensors")))
-            } else {
-                bail!("checkpoint.resume: `{path}` is not a .safetensors checkpoint file");
-            };
-            if !model.is_file() || !state.is_file() {
-                bail!("checkpoint.resume: `{path}` needs both {} and {}", model.display(), state.display());
+        "latest" => {
+            let steps = dir.complete_steps()?;
+            for &step in steps.iter().rev() {
+                match dir.verify(step) {
+                    Ok(how) => {
+                        if how == Verified::NoManifest {
+                            eprintln!("ferroclip: checkpoint step {step} has no manifest; both of its files parse as safetensors");
+                        }
+                        return Ok(Some((dir.model_path(step), dir.state_path(step))));
+                    }
+                    Err(bad) => eprintln!("ferroclip: skipping checkpoint step {step} ({bad})"),
+                }
             }
-            Ok(Some((model, state)))
+            if steps.is_empty() {
+                return Ok(None);
+            }
+            Err(ConfigError {
+                file: dir.dir().display().to_string(),
+                message: format!(
+                    "key `checkpoint.resume` = \"latest\": none of the {} checkpoints verifies (see above)",
+                    steps.len()
+                ),
+            }
+            .into())
+        }
+        path => {
+            let error = |message: String| ConfigError { file: path.to_string(), message };
+            let Some((model, state)) = checkpoint_files(Path::new(path)) else {
+                bail!(error("key `checkpoint.resume`: not a checkpoint's .safetensors file".into()));
+            };
+            match verify_files(&model, &state) {
+                Ok(_) => Ok(Some((model, state))),
+                Err(bad) if bad.file == Path::new(path) => {
+                    bail!(error(format!("key `checkpoint.resume`: {}", bad.reason)))
+                }
+                Err(bad) => bail!(error(format!("key `checkpoint.resume`: {bad}"))),
+            }
         }
     }
 }
 
-fn write_atomic(path: &Path, file: &HostFile) -> Result<()> {
-    let tmp =
-        path.with_file_name(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-    // Streamed from the host copy: no second buffer of the whole file.
-    safetensors::serialize_to_file(file.views(), &Some(file.meta()), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+/// `model.init`'s file, checked before it loads: a bad one is a [`ConfigError`] naming the key.
+pub fn check_init_file(path: &Path) -> Result<()> {
+    match verify_model_file(path) {
+        Ok(_) => Ok(()),
+        Err(bad) => {
+            Err(ConfigError { file: path.display().to_string(), message: format!("key `model.init`: {}", bad.reason) }
+                .into())
+        }
+    }
+}
+
+/// Writes `path` through `write` under a temporary name, fsyncs it, reads it back for its size and
+/// CRC32C (which also proves the bytes reached the file) and renames it into place.
+fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<FileRecord> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    write(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
+    let (bytes, crc32c) = size_and_crc(&tmp).with_context(|| format!("reading back {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Some(parent) = path.parent() {
         if let Ok(d) = fs::File::open(parent) {
             let _ = d.sync_all();
         }
     }
-    Ok(())
+    Ok(FileRecord { name, bytes, crc32c })
 }
 
 fn dtype_of(kind: Kind) -> Result<(safetensors::Dtype, usize)> {
@@ -299,6 +542,11 @@ impl HostFile {
     fn bytes(&self) -> usize {
         self.tensors.iter().map(|(_, t)| t.data.len()).sum()
     }
+
+    /// Streamed from the host copy: no second buffer of the whole file.
+    fn serialize_to(&self, path: &Path) -> Result<()> {
+        Ok(safetensors::serialize_to_file(self.views(), &Some(self.meta()), path)?)
+    }
 }
 
 /// The safetensors encoding of named tensors (copied to contiguous CPU memory) with metadata.
@@ -377,6 +625,170 @@ mod tests {
         assert!(read(&cd.state_path(30)).is_ok());
     }
 
+    /// Flips every bit of the byte in the middle of `path`: same size, other contents.
+    fn flip_middle_byte(path: &Path) {
+        let mut bytes = fs::read(path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::write(path, bytes).unwrap();
+    }
+
+    fn truncate(path: &Path, by: u64) {
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - by).unwrap();
+    }
+
+    fn saved(cd: &CheckpointDir, steps: &[u64]) {
+        for &step in steps {
+            cd.save(step, &tensors(step as f32), &BTreeMap::new(), &tensors(0.5), &BTreeMap::new(), 0).unwrap();
+        }
+    }
+
+    #[test]
+    fn manifest_records_each_files_size_and_crc32c() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[7]);
+        let m: Manifest = serde_json::from_slice(&fs::read(cd.manifest_path(7)).unwrap()).unwrap();
+        assert_eq!(m.step, 7);
+        let names: Vec<&str> = m.files.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["step_00000007.safetensors", "step_00000007.state.safetensors"]);
+        for (record, path) in m.files.iter().zip([cd.model_path(7), cd.state_path(7)]) {
+            let bytes = fs::read(&path).unwrap();
+            assert_eq!(record.bytes, bytes.len() as u64);
+            assert_eq!(record.crc32c, crc32c::crc32c(&bytes));
+        }
+        assert_eq!(cd.verify(7), Ok(Verified::Manifest));
+        assert_eq!(verify_model_file(&cd.model_path(7)), Ok(Verified::Manifest));
+        // No temporary file is left behind.
+        let mut names: Vec<String> =
+            fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["step_00000007.manifest.json", "step_00000007.safetensors", "step_00000007.state.safetensors"]
+        );
+    }
+
+    #[test]
+    fn truncated_file_fails_on_its_size() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[1]);
+        let full = fs::metadata(cd.model_path(1)).unwrap().len();
+        truncate(&cd.model_path(1), 10);
+        let bad = cd.verify(1).unwrap_err();
+        assert_eq!(bad, BadFile { file: cd.model_path(1), reason: Reason::Size { actual: full - 10, expected: full } });
+        assert!(bad.to_string().contains("step_00000001.safetensors: size"), "{bad}");
+    }
+
+    #[test]
+    fn flipped_byte_of_same_size_fails_on_its_crc() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[1]);
+        let size = fs::metadata(cd.state_path(1)).unwrap().len();
+        flip_middle_byte(&cd.state_path(1));
+        assert_eq!(fs::metadata(cd.state_path(1)).unwrap().len(), size);
+        let bad = cd.verify(1).unwrap_err();
+        assert_eq!(bad.file, cd.state_path(1));
+        assert!(matches!(bad.reason, Reason::Crc { actual, expected } if actual != expected), "{bad}");
+        // The model file alone still verifies against the same manifest.
+        assert_eq!(verify_model_file(&cd.model_path(1)), Ok(Verified::Manifest));
+    }
+
+    #[test]
+    fn unreadable_manifest_and_missing_file_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[1, 2]);
+        fs::write(cd.manifest_path(1), b"{\"step\": 1, ").unwrap();
+        let bad = cd.verify(1).unwrap_err();
+        assert_eq!(bad.file, cd.manifest_path(1));
+        assert!(matches!(bad.reason, Reason::ManifestUnreadable(_)), "{bad}");
+        // With its manifest, a step missing its state file is complete but does not verify.
+        fs::remove_file(cd.state_path(2)).unwrap();
+        assert_eq!(cd.complete_steps().unwrap(), vec![1, 2]);
+        assert_eq!(cd.verify(2), Err(BadFile { file: cd.state_path(2), reason: Reason::Missing }));
+    }
+
+    #[test]
+    fn checkpoint_without_manifest_verifies_by_parsing_both_files() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[4, 8]);
+        // As written before manifests existed.
+        fs::remove_file(cd.manifest_path(4)).unwrap();
+        fs::remove_file(cd.manifest_path(8)).unwrap();
+        assert_eq!(cd.complete_steps().unwrap(), vec![4, 8]);
+        assert_eq!(cd.verify(8), Ok(Verified::NoManifest));
+        assert_eq!(verify_model_file(&cd.model_path(8)), Ok(Verified::NoManifest));
+        truncate(&cd.state_path(8), 3);
+        let bad = cd.verify(8).unwrap_err();
+        assert_eq!(bad.file, cd.state_path(8));
+        assert!(matches!(bad.reason, Reason::NotSafetensors(_)), "{bad}");
+        assert!(bad.to_string().contains("no manifest"), "{bad}");
+        // `latest` falls back to the older one.
+        let (model, state) = resolve_resume("latest", &cd).unwrap().unwrap();
+        assert_eq!((model, state), (cd.model_path(4), cd.state_path(4)));
+    }
+
+    #[test]
+    fn latest_skips_newer_checkpoints_that_do_not_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[4, 8, 12]);
+        truncate(&cd.model_path(12), 1);
+        flip_middle_byte(&cd.state_path(8));
+        let (model, _) = resolve_resume("latest", &cd).unwrap().unwrap();
+        assert_eq!(model, cd.model_path(4));
+        // None verifying is an error (status 2), not a silent fresh start.
+        flip_middle_byte(&cd.model_path(4));
+        let e = resolve_resume("latest", &cd).unwrap_err();
+        assert!(e.downcast_ref::<ConfigError>().is_some(), "{e:#}");
+        assert!(format!("{e:#}").contains("none of the 3 checkpoints verifies"), "{e:#}");
+    }
+
+    #[test]
+    fn explicit_resume_path_that_does_not_verify_is_a_config_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[3]);
+        flip_middle_byte(&cd.model_path(3));
+        // Given the state file, the bad model file is named too.
+        let given = cd.state_path(3).display().to_string();
+        let e = resolve_resume(&given, &cd).unwrap_err();
+        let ce = e.downcast_ref::<ConfigError>().expect("a ConfigError");
+        assert_eq!(ce.file, given);
+        assert!(
+            ce.message.contains("checkpoint.resume") && ce.message.contains("step_00000003.safetensors: CRC32C"),
+            "{}",
+            ce.message
+        );
+        let garbage = d.path().join("garbage.safetensors");
+        fs::write(&garbage, b"not safetensors").unwrap();
+        let e = check_init_file(&garbage).unwrap_err();
+        let ce = e.downcast_ref::<ConfigError>().expect("a ConfigError");
+        assert!(ce.file.ends_with("garbage.safetensors") && ce.message.contains("model.init"), "{ce}");
+        assert!(check_init_file(&cd.model_path(3)).unwrap_err().to_string().contains("CRC32C"));
+    }
+
+    #[test]
+    fn keep_never_deletes_the_newest_verified_checkpoint_for_a_newer_unverified_one() {
+        let d = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(d.path());
+        saved(&cd, &[10, 20, 30]);
+        truncate(&cd.state_path(30), 5);
+        cd.prune(30, 1).unwrap();
+        assert_eq!(cd.complete_steps().unwrap(), vec![20, 30]);
+        assert!(!cd.model_path(10).exists() && !cd.manifest_path(10).exists());
+        assert_eq!(cd.verify(20), Ok(Verified::Manifest));
+        // Once a newer one verifies, the rule is plain keep = 1 again.
+        cd.save(40, &tensors(4.0), &BTreeMap::new(), &tensors(0.0), &BTreeMap::new(), 1).unwrap();
+        assert_eq!(cd.complete_steps().unwrap(), vec![40]);
+    }
+
     #[test]
     fn resume_paths_resolve_or_fail_clearly() {
         let d = tempfile::tempdir().unwrap();
@@ -387,6 +799,7 @@ mod tests {
         let by_state = resolve_resume(cd.state_path(3).to_str().unwrap(), &cd).unwrap().unwrap();
         assert_eq!(by_state.0, cd.model_path(3));
         let e = resolve_resume(d.path().join("nope.safetensors").to_str().unwrap(), &cd).unwrap_err();
-        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(e.to_string().contains("nope") && e.to_string().contains("missing"), "{e}");
+        assert!(e.downcast_ref::<ConfigError>().is_some(), "{e:#}");
     }
 }

@@ -1,7 +1,8 @@
 //! Checkpoints written in the background, so that rank 0 does not hold up every rank while a
 //! 2 GB checkpoint goes to a network filesystem: the training thread copies the state to host
 //! memory ([`Snapshot::take`]) and a thread writes the files ([`CheckpointDir::write`]: temp
-//! file, fsync, rename, model file first; a step counts once both files exist).
+//! file, fsync, rename, model file first, the manifest last; a step counts once its manifest
+//! exists, and the thread verifies it from disk before dropping old checkpoints).
 //!
 //! At most one write is in flight. The next save, a preemption and the end of training wait for
 //! it ([`CheckpointWriter::wait`]); a write that failed is an error there, naming the file. A

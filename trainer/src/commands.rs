@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -207,6 +207,76 @@ pub fn make_demo_data(out: &Path, shards: usize, per_shard: usize, seed: u64) ->
     std::fs::write(out.join("templates.txt"), "a photo of a {}.\na {}.\n")?;
     eprintln!("ferroclip: wrote {} training and {} evaluation shards under {}", train.len(), eval.len(), out.display());
     Ok(())
+}
+
+/// `trainer verify-checkpoint`: each path a model file, state file or manifest of a checkpoint, or a
+/// `checkpoints/` folder (or the run folder above one: every checkpoint in it). Prints `ok step N`
+/// or `BAD step N: FILE: REASON` per checkpoint; any bad one is a [`ConfigError`] (status 2).
+pub fn verify_checkpoints(paths: &[PathBuf]) -> Result<()> {
+    use crate::checkpoint::{self, CheckpointDir, Verified};
+    // (what to call it, its model and state file), or (a path that names no checkpoint, why).
+    type Found = std::result::Result<(String, PathBuf, PathBuf), (PathBuf, String)>;
+    let mut found: Vec<Found> = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let dir = match path.join("checkpoints") {
+                run if run.is_dir() => CheckpointDir::new(run),
+                _ => CheckpointDir::new(path),
+            };
+            let steps = dir.complete_steps()?;
+            if steps.is_empty() {
+                found.push(Err((dir.dir().to_path_buf(), "no checkpoints".into())));
+            }
+            for step in steps {
+                found.push(Ok((format!("step {step}"), dir.model_path(step), dir.state_path(step))));
+            }
+        } else {
+            match checkpoint::checkpoint_files(path) {
+                Some((model, state)) => found.push(Ok((label_of(&model), model, state))),
+                None => found
+                    .push(Err((path.clone(), "not a checkpoint's model, state or manifest file, nor a folder".into()))),
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let mut bad: Vec<String> = Vec::new();
+    for entry in &found {
+        match entry {
+            Ok((label, model, state)) => match checkpoint::verify_files(model, state) {
+                Ok(Verified::Manifest) => writeln!(out, "ok {label}")?,
+                Ok(Verified::NoManifest) => writeln!(out, "ok {label} (no manifest: both files parse as safetensors)")?,
+                Err(e) => {
+                    writeln!(out, "BAD {label}: {e}")?;
+                    bad.push(e.file.display().to_string());
+                }
+            },
+            Err((path, why)) => {
+                writeln!(out, "BAD {}: {why}", path.display())?;
+                bad.push(path.display().to_string());
+            }
+        }
+    }
+    out.flush()?;
+    match bad.first() {
+        None => Ok(()),
+        Some(first) => Err(crate::config::ConfigError {
+            file: first.clone(),
+            message: format!("{} of {} checkpoints do not verify", bad.len(), found.len()),
+        }
+        .into()),
+    }
+}
+
+/// `step N` for a model file `step_{N:08}.safetensors`, else the file's path.
+fn label_of(model: &Path) -> String {
+    let step = model
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step_")?.strip_suffix(".safetensors")?.parse::<u64>().ok());
+    match step {
+        Some(step) => format!("step {step}"),
+        None => model.display().to_string(),
+    }
 }
 
 /// `trainer dist-selftest`

@@ -126,6 +126,15 @@ enum Command {
         #[arg(long, default_value = "amp_bf16")]
         precision: String,
     },
+    /// Check checkpoints on disk: each file's size and CRC32C against the manifest written with it
+    /// (without a manifest: that both files parse fully as safetensors). One line per checkpoint,
+    /// `ok step N` or `BAD step N: FILE: REASON`; exit 0 when all verify, 2 otherwise.
+    VerifyCheckpoint {
+        /// Model files, state files or manifests of checkpoints, or `checkpoints/` folders (every
+        /// checkpoint in them).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Print every config key with its default and meaning (the README's tables).
     ConfigDocs,
     /// Print the token ids of each stdin line as a JSON array.
@@ -249,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
                 precision: config_value("precision", &precision)?,
             })
         }
+        Some(Command::VerifyCheckpoint { paths }) => commands::verify_checkpoints(&paths),
         Some(Command::ConfigDocs) => {
             print!("{}", ferroclip::config::docs::markdown());
             Ok(())

@@ -95,6 +95,7 @@ fn train(
         checkpoint::load_model_file(&mut vs, model_path, &mcfg)?;
     } else if !cfg.model.init.is_empty() {
         // Fine-tune: weights only, a fresh optimizer, schedule and data stream (any image size).
+        checkpoint::check_init_file(Path::new(&cfg.model.init))?;
         checkpoint::load_model_file(&mut vs, Path::new(&cfg.model.init), &mcfg)?;
         if is_main {
             eprintln!("ferroclip: initialized weights from {}", cfg.model.init);
@@ -375,9 +376,9 @@ fn train(
     Ok(stopped_at)
 }
 
-/// `checkpoint.resume`, decided once: rank 0 resolves it (`"latest"`: the newest complete checkpoint
-/// it sees) and broadcasts its choice, so that a rank whose filesystem view lags cannot pick another
-/// step. Every rank then checks that it can read the chosen files.
+/// `checkpoint.resume`, decided once: rank 0 resolves and verifies it (`"latest"`: the newest
+/// checkpoint it sees that verifies) and broadcasts its choice, so that a rank whose filesystem
+/// view lags cannot pick another step. Every rank then checks that it can read the chosen files.
 fn choose_resume(spec: &str, ckpt: &CheckpointDir, control: &dyn Control) -> Result<Option<(PathBuf, PathBuf)>> {
     let mine = if control.rank() == 0 {
         let choice = checkpoint::resolve_resume(spec, ckpt)?;
