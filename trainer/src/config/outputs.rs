@@ -6,10 +6,12 @@ ferroclip_data::config_section! {
     pub struct CheckpointConfig {
         /// Save every N optimizer steps, and always at the end; 0 saves only at the end.
         pub every_steps: u64 = 1000,
-        /// Keep the newest N checkpoints; 0 keeps all.
+        /// Keep the newest N checkpoints, and always the newest one that verifies; 0 keeps all.
         pub keep: usize = 3,
-        /// `""` (fresh start), `"latest"` (the newest complete checkpoint of this run, as rank 0 sees
-        /// it; a fresh start if none), or the path of a checkpoint.
+        /// `""` (fresh start), `"latest"` (the newest checkpoint of this run that verifies, as rank 0
+        /// sees it, skipping newer ones that do not with a warning; a fresh start if there is none,
+        /// exit status 2 if none verifies), or the path of a checkpoint (one that does not verify:
+        /// exit status 2).
         pub resume: String = "",
         /// Resume even if what determines the data stream changed (shards, weights, readers, shuffle
         /// buffer, seed, resampled): the stream then continues as well as it can instead of exactly.
