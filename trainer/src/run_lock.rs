@@ -45,13 +45,15 @@ const ATTEMPTS: usize = 20;
 /// What the lock file says: who holds the folder, since when, and how far it got.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
+    /// The holder's machine (rank 0's host).
     pub host: String,
+    /// The holder's process id on that host.
     pub pid: u32,
     /// `SLURM_JOB_ID` of the holder's job, if it ran under Slurm.
     pub slurm_job_id: Option<String>,
     /// The last step the holder finished.
     pub step: u64,
-    /// When it took the folder (UTC, `2026-01-31T12:00:00Z`).
+    /// When it took the folder (UTC, `2026-01-31T12:00:00.000Z`).
     pub since: String,
     /// When it last rewrote the file (UTC); a lease holder is alive while this is recent.
     pub refreshed: String,
@@ -86,7 +88,9 @@ impl Holder {
 pub struct Settings {
     /// This process as the lock file will name it (`step`, `since`, `refreshed` are set on acquiring).
     pub host: String,
+    /// This process's id.
     pub pid: u32,
+    /// `SLURM_JOB_ID`, if any: the same id in the file is this job's earlier incarnation.
     pub slurm_job_id: Option<String>,
     /// A lease holder whose `refreshed` is older than this is dead (`dist.heartbeat_timeout_s`).
     pub lease_timeout: Duration,
@@ -411,7 +415,8 @@ fn take_lease(path: &Path, me: &Holder, settings: &Settings) -> Result<File> {
             Ok(holder) => match age(&holder.refreshed) {
                 Some(age) if age < settings.lease_timeout => return Err(refusal(path, &holder, settings)),
                 age => {
-                    let age = age.map(|a| format!("{} s ago", a.as_secs())).unwrap_or_else(|| "at an unknown time".into());
+                    let age =
+                        age.map(|a| format!("{} s ago", a.as_secs())).unwrap_or_else(|| "at an unknown time".into());
                     eprintln!(
                         "ferroclip: warning: {} names {}, refreshed {age}, longer ago than \
                          dist.heartbeat_timeout_s = {} s: taking the stale lease over",
@@ -490,7 +495,8 @@ pub fn acquire_for_job(run_dir: &Path, settings: &Settings, control: &dyn Contro
     } else {
         (Ok(None), Verdict::Held)
     };
-    let bytes = if rank == 0 { serde_json::to_vec(&verdict).context("encoding the run lock's outcome")? } else { Vec::new() };
+    let bytes =
+        if rank == 0 { serde_json::to_vec(&verdict).context("encoding the run lock's outcome")? } else { Vec::new() };
     let verdict: Verdict = serde_json::from_slice(&control.broadcast_bytes(&bytes, 0))
         .with_context(|| format!("rank {rank}: decoding rank 0's run lock outcome"))?;
     if rank == 0 {
@@ -568,12 +574,15 @@ fn utc_now() -> String {
     format_utc(SystemTime::now())
 }
 
-/// `t` as the lock file writes times: `2026-01-31T12:00:00Z` (RFC 3339, UTC, whole seconds).
+/// `t` as the lock file writes times: `2026-01-31T12:00:00.250Z` (RFC 3339, UTC, milliseconds, so
+/// that a lease of a few seconds is not off by a whole one).
 pub fn format_utc(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = since_epoch.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let ms = since_epoch.subsec_millis();
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// The inverse of [`format_utc`].
@@ -583,12 +592,21 @@ fn parse_utc(s: &str) -> Option<SystemTime> {
     let mut d = date.split('-');
     let (y, mo, day) = (num(d.next())?, num(d.next())?, num(d.next())?);
     let mut t = time.split(':');
-    let (h, mi, sec) = (num(t.next())?, num(t.next())?, num(t.next())?);
+    let (h, mi) = (num(t.next())?, num(t.next())?);
+    let seconds = t.next()?;
+    let (sec, ms) = match seconds.split_once('.') {
+        // Milliseconds: the first three digits of the fraction.
+        Some((s, frac)) if !frac.is_empty() && frac.bytes().all(|b| b.is_ascii_digit()) => {
+            (num(Some(s))?, format!("{frac:0<3}")[..3].parse::<u64>().ok()?)
+        }
+        Some(_) => return None,
+        None => (num(Some(seconds))?, 0),
+    };
     if d.next().is_some() || t.next().is_some() || !(1..=12).contains(&mo) || !(1..=31).contains(&day) {
         return None;
     }
     let secs = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec;
-    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?) + Duration::from_millis(ms))
 }
 
 // Days since 1970-01-01 to and from the proleptic Gregorian calendar: Howard Hinnant's
@@ -703,7 +721,7 @@ mod tests {
             refreshed: utc_now(),
         };
         std::fs::write(&path, serde_json::to_vec(&dead).unwrap()).unwrap();
-        // Fresh: held (lease of 2 s; `refreshed` has whole seconds).
+        // Fresh: held (a lease of 2 s).
         let text = refusal_text(RunLock::acquire(dir.path(), &settings(100, None, true)).err().unwrap());
         assert!(text.contains("pid 9") && text.contains("host node-b"), "{text}");
         // The holder is gone: once its last refresh is older than the lease, the folder is free.
@@ -764,11 +782,14 @@ mod tests {
 
     #[test]
     fn utc_times_round_trip() {
-        assert_eq!(format_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(format_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_796_731_199);
+        assert_eq!(format_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_utc(UNIX_EPOCH + Duration::from_millis(951_782_400_250)), "2000-02-29T00:00:00.250Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_796_731_199_007);
         assert_eq!(parse_utc(&format_utc(t)), Some(t));
+        assert_eq!(parse_utc("2026-12-31T23:59:59Z"), Some(UNIX_EPOCH + Duration::from_secs(1_798_761_599)));
+        assert_eq!(parse_utc("2026-12-31T23:59:59.5Z"), Some(UNIX_EPOCH + Duration::from_millis(1_798_761_599_500)));
         assert_eq!(parse_utc("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_utc("2026-12-01T00:00:00.Z"), None);
         assert_eq!(parse_utc("yesterday"), None);
     }
 
@@ -782,7 +803,9 @@ mod tests {
             .map(|t| {
                 let run = run.clone();
                 std::thread::spawn(move || {
-                    acquire_for_job(&run, &settings(200, None, false), &t).err().map(|e| (is_refusal(&e), format!("{e:#}")))
+                    acquire_for_job(&run, &settings(200, None, false), &t)
+                        .err()
+                        .map(|e| (is_refusal(&e), format!("{e:#}")))
                 })
             })
             .collect();
