@@ -5,7 +5,8 @@
 //! [`model`] (OpenCLIP-compatible towers) → [`step`] (exact global InfoNCE step, [`loss`]) →
 //! [`optim`] (AdamW on flat buffers, schedules) → [`checkpoint`] (the model file and the
 //! [`train_state`]: counters, optimizer, data cursors, config; written by
-//! [`checkpoint_writer`] in the background) → [`log`] / [`eval`].
+//! [`checkpoint_writer`] in the background) → [`log`] / [`eval`]; [`run_lock`] keeps a second run out
+//! of the run folder.
 //! [`train`] is the one loop that strings them together; [`commands`] the other subcommands;
 //! [`numerics`] checks the GPU path's numerics against their references.
 //! On the GPU: [`input`] (uint8 batches to normalized device tensors), [`skips`] (non-finite steps
@@ -26,6 +27,7 @@ pub mod model;
 pub mod numerics;
 pub mod optim;
 pub mod precision;
+pub mod run_lock;
 pub mod skips;
 pub mod step;
 pub mod train;

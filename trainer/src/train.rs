@@ -28,7 +28,7 @@ use crate::model::ContrastiveModel;
 use crate::skips::SkippedSteps;
 use crate::train_state::{Counters, TrainState};
 use crate::world::World;
-use crate::{eval, lock, step};
+use crate::{eval, lock, run_lock, step};
 
 pub fn run(cfg: &Config) -> Result<()> {
     // First thing: a preemption signal during set-up must not kill the process unsaved.
@@ -37,6 +37,13 @@ pub fn run(cfg: &Config) -> Result<()> {
     let eval_inputs = eval::EvalInputs::open(cfg)?;
     let s = World::start(cfg)?;
     let result = train(cfg, &s, &eval_inputs, &stop);
+    if let Err(e) = &result {
+        if run_lock::is_refusal(e) {
+            // Rank 0's refusal, which every rank returned: the job ends in order and main exits 2.
+            s.finish();
+            return result.map(|_| ());
+        }
+    }
     if s.collective.world_size() > 1 {
         // The other ranks would wait forever for this one in their next collective: end the job.
         dist::fail_fast::exit_on_error(
@@ -79,6 +86,13 @@ fn train(
     let device = s.device;
 
     let run_dir = cfg.run_dir();
+    // Before anything is written: a second run on this folder stops here, on every rank (status 2).
+    let run_lock = run_lock::acquire_for_job(&run_dir, &run_lock::Settings::for_run(cfg), control)?;
+    let publish_step = |step: u64| {
+        if let Some(l) = &run_lock {
+            l.set_step(step);
+        }
+    };
     let ckpt = CheckpointDir::new(run_dir.join("checkpoints"));
     if is_main {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -187,6 +201,7 @@ fn train(
     let mut buckets_reported = false;
     let mut writer = CheckpointWriter::new(ckpt.clone(), cfg.checkpoint.keep);
     watchdog::step_done(counters.step);
+    publish_step(counters.step);
     while counters.step < cfg.train.max_steps {
         if counters.step > first_step && sync_debug != SyncDebug::Off {
             sync_debug.apply();
@@ -240,6 +255,7 @@ fn train(
         counters.step += 1;
         counters.samples_seen += global_batch;
         watchdog::step_done(counters.step);
+        publish_step(counters.step);
         window.steps += 1;
         // The interval's mean loss over the applied steps: (loss or 0, applied).
         let applied = found_inf.neg() + 1.0;

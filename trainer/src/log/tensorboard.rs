@@ -67,7 +67,8 @@ fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-fn hostname() -> String {
+/// This machine's name (`localhost` if it has none), as event file names and the run lock give it.
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success
     // (or truncates, which we handle by searching for the NUL within the buffer).
