@@ -690,18 +690,16 @@ mod tests {
         assert!(lock.is_owner());
     }
 
+    /// Another run's lock file: pid 9 on node-b, refreshed now.
+    fn node_b_holder() -> Holder {
+        Holder { host: "node-b".into(), pid: 9, slurm_job_id: None, step: 3, since: utc_now(), refreshed: utc_now() }
+    }
+
     #[test]
     fn a_lock_file_left_behind_is_taken_in_flock_mode() {
         // What a SIGKILLed holder leaves: the file, but no flock on it.
         let dir = tempfile::tempdir().unwrap();
-        let stale = Holder {
-            host: "node-b".into(),
-            pid: 9,
-            slurm_job_id: None,
-            step: 3,
-            since: utc_now(),
-            refreshed: utc_now(),
-        };
+        let stale = node_b_holder();
         std::fs::write(dir.path().join(FILE_NAME), serde_json::to_vec(&stale).unwrap()).unwrap();
         let lock = RunLock::acquire(dir.path(), &settings(100, None, false)).unwrap();
         assert_eq!(lock.mode(), Mode::Flock);
@@ -712,14 +710,7 @@ mod tests {
     fn a_lease_expires_when_its_holder_stops_refreshing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        let mut dead = Holder {
-            host: "node-b".into(),
-            pid: 9,
-            slurm_job_id: None,
-            step: 3,
-            since: utc_now(),
-            refreshed: utc_now(),
-        };
+        let mut dead = node_b_holder();
         std::fs::write(&path, serde_json::to_vec(&dead).unwrap()).unwrap();
         // Fresh: held (a lease of 2 s).
         let text = refusal_text(RunLock::acquire(dir.path(), &settings(100, None, true)).err().unwrap());
