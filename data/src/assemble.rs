@@ -28,6 +28,7 @@ use crate::augment::ImageTransform;
 use crate::batch::Batch;
 use crate::cursor::{PendingGroup, StreamCursor};
 use crate::erase::EraseBox;
+use crate::error::DataError;
 use crate::guard::guarded;
 use crate::host::BufPool;
 use crate::merge::{Candidates, Merge, MergeRules, ShuffleBuffer};
@@ -413,15 +414,16 @@ impl Window {
         Window { pool, done_tx, done_rx, spare_tx, spare_rx, limit }
     }
 
-    fn filling(&self, ctx: &Context) -> Filling {
+    /// Buffers for the next batch; an error (naming `data.batch_size`) when none can be allocated.
+    fn filling(&self, ctx: &Context) -> Result<Filling, String> {
         let bs = ctx.layout.batch_size;
-        let px = 3 * ctx.transform.output_size().pow(2);
-        Filling {
-            images: ctx.images.take(bs * px),
-            tokens: ctx.tokens.take(bs * ctx.tokenizer.context_length() * 8),
+        let failed = |what, alloc| DataError::BatchBuffer { batch_size: bs, what, alloc }.to_string();
+        Ok(Filling {
+            images: ctx.images.take(ctx.images.bytes()).map_err(|e| failed("image", e))?,
+            tokens: ctx.tokens.take(ctx.tokens.bytes()).map_err(|e| failed("token", e))?,
             erase: Vec::with_capacity(bs),
             kept: Vec::with_capacity(bs),
-        }
+        })
     }
 
     /// Transform and batch the candidates of `cur`'s segment (the rest of it, after a resume) and
@@ -468,8 +470,11 @@ impl Window {
         let mut back: BTreeMap<u64, Done> = BTreeMap::new();
         let mut ends: VecDeque<(u64, Position)> = VecDeque::new();
         let mut last: Option<(u64, Result<Position, String>)> = None;
-        let mut filling = self.filling(ctx);
         let mut sent_any = false;
+        let mut filling = match self.filling(ctx) {
+            Ok(filling) => filling,
+            Err(why) => return SegmentEnd::Failed { why, sent_any },
+        };
         loop {
             if ctx.stop.load(Ordering::Relaxed) {
                 return SegmentEnd::Closed;
@@ -533,7 +538,17 @@ impl Window {
                 if filling.kept.len() == bs {
                     let (seq, position) = ends.pop_front().expect("a batch ends where an end was recorded");
                     debug_assert_eq!(seq, done.seq);
-                    let full = std::mem::replace(&mut filling, self.filling(ctx));
+                    let next = match self.filling(ctx) {
+                        Ok(next) => next,
+                        // The finished batch still goes out; the stream cannot go on without buffers.
+                        Err(why) => {
+                            return match send(ctx, cur, position, filling, tx) {
+                                true => SegmentEnd::Failed { why, sent_any: true },
+                                false => SegmentEnd::Closed,
+                            }
+                        }
+                    };
+                    let full = std::mem::replace(&mut filling, next);
                     if !send(ctx, cur, position, full, tx) {
                         return SegmentEnd::Closed;
                     }

@@ -108,13 +108,6 @@ fn start_up_errors_name_the_problem() {
     assert!(matches!(err, DataError::BadPattern { .. }), "{err}");
 }
 
-/// Run `f` on a thread and fail the test if it does not finish in time (a hang).
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(f()).unwrap());
-    rx.recv_timeout(Duration::from_secs(secs)).expect("loader hung")
-}
-
 #[test]
 fn all_bad_shards_in_train_mode_end_with_an_error_not_a_hang() {
     for resampled in [false, true] {
