@@ -131,6 +131,42 @@ fn all_bad_shards_in_train_mode_end_with_an_error_not_a_hang() {
 }
 
 #[test]
+fn fixed_length_epochs_over_only_undecodable_images_end_with_an_error_not_a_hang() {
+    // The samples are complete (image and caption), so the shard readers deliver every one; only
+    // the transform rejects them. Pass after pass (draw after draw) would find the same: two
+    // barren passes end it, and a resampled stream gives up after a long run of rejections.
+    let dir = tempdir("robust-undecodable");
+    let samples: Vec<_> = (0..4)
+        .map(|i| {
+            let mut s = good(&format!("k{i}"));
+            s[0].1 = b"IMG CORRUPT".to_vec();
+            s
+        })
+        .collect();
+    std::fs::write(dir.join("0.tar"), tar_of(&samples)).unwrap();
+    for resampled in [false, true] {
+        let pattern = format!("{}/0.tar", dir.display());
+        let (none, err, corrupt) = within(60, move || {
+            let cfg = DataConfig { train_num_samples: 8, resampled, ..cfg() };
+            let o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
+            let mut l = Loader::new(&cfg, &pattern, o).unwrap();
+            (
+                l.next_batch().is_none(),
+                l.error().map(|e| e.to_string()),
+                l.stats().skipped.get("corrupt_image").copied(),
+            )
+        });
+        assert!(none, "resampled={resampled}");
+        let err = err.expect("the stream says why it ended");
+        assert!(err.contains("no usable sample"), "resampled={resampled}: {err}");
+        assert!(
+            corrupt.is_some_and(|n| n >= 8),
+            "resampled={resampled}: more than one pass was transformed: {corrupt:?}"
+        );
+    }
+}
+
+#[test]
 fn epochs_shorter_than_a_batch_stop_instead_of_spinning() {
     let dir = tempdir("robust-short");
     let pattern = dataset(&dir, 1, 3);
