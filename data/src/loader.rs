@@ -17,7 +17,8 @@
 //!
 //! Batch buffers come from the caller's [`HostAlloc`]; the first ones are allocated when the
 //! loader opens, so a `data.batch_size` no memory holds fails [`Loader::new`]
-//! ([`DataError::BatchBuffer`]); a later failed allocation ends the stream like a stall, with
+//! ([`DataError::BatchBuffer`], or a config error on `data.batch_size` where the size does not
+//! even fit the address space); a later failed allocation ends the stream like a stall, with
 //! the same words.
 //!
 //! Memory: per reader at most `read_ahead_bytes` (and 8192 samples) read ahead plus the sample
@@ -40,7 +41,7 @@ use crate::batch::Batch;
 use crate::config::{ConfigError, DataConfig};
 use crate::error::DataError;
 use crate::guard::panic_message;
-use crate::host::{AllocError, BufPool, HostAlloc, VecAlloc};
+use crate::host::{BufPool, HostAlloc, VecAlloc};
 use crate::plan::Layout;
 use crate::reader::Shared;
 use crate::resume::{self, ResumeFrom, ResumeKind};
@@ -186,8 +187,9 @@ impl Loader {
         let batch_size = opts.batch_size;
         let buffer_error = |what, alloc| DataError::BatchBuffer { batch_size, what, alloc };
         let pool = |what, per_sample: Option<usize>| -> Result<Arc<BufPool>, DataError> {
-            let bytes = per_sample.and_then(|n| n.checked_mul(batch_size)).ok_or_else(|| {
-                buffer_error(what, AllocError::new(usize::MAX, "the size overflows the address space"))
+            let bytes = per_sample.and_then(|n| n.checked_mul(batch_size)).ok_or_else(|| ConfigError {
+                key: "batch_size".into(),
+                message: format!("{batch_size} samples: the {what} buffer of a batch is larger than the address space"),
             })?;
             let pool = BufPool::new(alloc.clone(), bytes, keep);
             // The first batch's buffer now, so that a size no memory holds is an error of the

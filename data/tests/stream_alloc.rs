@@ -52,13 +52,18 @@ fn a_first_batch_buffer_that_cannot_be_allocated_fails_the_open_naming_the_batch
 fn a_batch_size_no_memory_holds_is_an_error_with_plain_memory_too() {
     let dir = tempdir("alloc-huge");
     let pattern = dataset(&dir, 1, 4);
-    // 3 · 2⁵⁸ · SIZE² bytes overflows; 2⁵⁸ · 12 bytes fits a usize but no machine.
-    for batch_size in [1usize << 62, 1 << 58] {
+    let open = |batch_size| {
         let o = opts(0, 1, batch_size, Mode::Train, Arc::new(FakeTransform::default()), None);
-        let err = Loader::new(&cfg(), &pattern, o).err().expect("the open must fail");
-        assert!(matches!(err, DataError::BatchBuffer { batch_size: b, .. } if b == batch_size), "{err}");
-        assert!(err.to_string().contains(&format!("batch of {batch_size} samples")), "{err}");
-    }
+        Loader::new(&cfg(), &pattern, o).err().expect("the open must fail")
+    };
+    // 2⁵⁸ · 3 · SIZE² bytes fit a usize, but no machine.
+    let err = open(1 << 58);
+    assert!(matches!(err, DataError::BatchBuffer { batch_size, .. } if batch_size == 1 << 58), "{err}");
+    assert!(err.to_string().contains(&format!("batch of {} samples", 1u64 << 58)), "{err}");
+    // 2⁶² · 3 · SIZE² bytes do not even fit a usize.
+    let err = open(1 << 62);
+    assert!(matches!(&err, DataError::Config(e) if e.key == "batch_size"), "{err}");
+    assert!(err.to_string().starts_with("data.batch_size: "), "{err}");
 }
 
 #[test]
