@@ -28,6 +28,7 @@ use crate::augment::ImageTransform;
 use crate::batch::Batch;
 use crate::cursor::{PendingGroup, StreamCursor};
 use crate::erase::EraseBox;
+use crate::error::DataError;
 use crate::guard::guarded;
 use crate::host::BufPool;
 use crate::merge::{Candidates, Merge, MergeRules, ShuffleBuffer};
@@ -36,6 +37,13 @@ use crate::reader::{Item, Shared};
 use crate::rng::SampleRng;
 use crate::stats::Stats;
 use crate::tokenize::Tokenizer;
+
+/// Candidates in a row that a resampled stream may reject before it gives up. Its readers draw
+/// shards forever and give up only on shards without a single complete sample; when every
+/// sample is complete but no image decodes, this ends the stream instead. Far more than any
+/// usable dataset rejects in a row (one with 99.9 % bad images still has a usable sample in
+/// this many with probability 1 - 5e-5).
+const RESAMPLED_REJECTED_RUN: u64 = 10_000;
 
 /// Tags that keep the loader's keyed random streams apart.
 const DRAW_STREAM: u64 = 1;
@@ -161,13 +169,25 @@ fn stream_error(ctx: &Context, cur: &StreamCursor, sent_any: bool, why: &str) ->
     }
 }
 
+/// Whether the passes over a rank's shards still find usable samples: a pass whose candidates
+/// were all rejected (no sample selected, or every image undecodable) is barren, and two barren
+/// passes in a row end the stream instead of passing over the same bad shards forever.
+#[derive(Default)]
+struct Barren {
+    passes: u32,
+    /// Usable candidates when the last pass ended.
+    accepted: u64,
+}
+
 /// The next candidate, starting another pass over the rank's shards when a fixed-length segment
-/// needs more; `Ok(None)` when a one-pass epoch has run out.
+/// needs more; `Ok(None)` when a one-pass epoch has run out. `accepted` waits until every
+/// candidate drawn so far is transformed and says how many were usable (`None`: the loader stops).
 fn next_candidate(
     ctx: &Context,
     cands: &mut Candidates,
     cur: &mut StreamCursor,
-    empty_passes: &mut u32,
+    barren: &mut Barren,
+    accepted: &mut dyn FnMut() -> Option<u64>,
 ) -> Result<Option<Item>, String> {
     loop {
         if let Some(item) = cands.next() {
@@ -179,8 +199,11 @@ fn next_candidate(
         if ctx.layout.resampled {
             return Err("every reader gave up: the shards it drew held no usable sample".into());
         }
-        *empty_passes = if cands.pulled_in_pass == 0 { *empty_passes + 1 } else { 0 };
-        if *empty_passes >= 2 {
+        let Some(now) = accepted() else { return Ok(None) };
+        let usable = cands.pulled_in_pass > 0 && now > barren.accepted;
+        barren.accepted = now;
+        barren.passes = if usable { 0 } else { barren.passes + 1 };
+        if barren.passes >= 2 {
             return Err("two passes over its shards found no usable sample".into());
         }
         cur.pass += 1;
@@ -286,6 +309,8 @@ struct Progress {
     /// Results back from the pool, and how many of them were rejections.
     resolved: u64,
     rejected: u64,
+    /// Placed candidates since the last usable one.
+    rejected_run: u64,
     /// The segment is over (or the loader stops): draw no more.
     finished: bool,
 }
@@ -328,7 +353,7 @@ struct Drawer<'a> {
 impl Drawer<'_> {
     fn run(self, mut cands: Candidates, mut drawing: StreamCursor) {
         let (ctx, bs) = (self.ctx, self.ctx.layout.batch_size as u64);
-        let (mut drawn, mut drawn_bytes, mut empty_passes) = (0u64, 0u64, 0u32);
+        let (mut drawn, mut drawn_bytes, mut barren) = (0u64, 0u64, Barren::default());
         loop {
             // Wait for room; the counts seen here may lag behind placing, which only makes the
             // recorded ends more, never fewer.
@@ -336,6 +361,11 @@ impl Drawer<'_> {
                 let mut p = self.gate.progress.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
                     if p.finished || ctx.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if ctx.layout.resampled && p.rejected_run >= RESAMPLED_REJECTED_RUN {
+                        let why = format!("{} candidates in a row held no usable sample", p.rejected_run);
+                        let _ = self.news.send(Drawn::Last { drawn, at: Err(why) });
                         return;
                     }
                     let room = drawn - p.placed < self.limit
@@ -352,7 +382,7 @@ impl Drawer<'_> {
                         .0;
                 }
             };
-            match next_candidate(ctx, &mut cands, &mut drawing, &mut empty_passes) {
+            match next_candidate(ctx, &mut cands, &mut drawing, &mut barren, &mut || self.accepted(drawn)) {
                 Ok(Some(item)) => {
                     // Usable candidates up to this one: at most `hi`, at least `hi - unresolved`.
                     // A batch can end here only if a multiple of the batch size lies between.
@@ -374,6 +404,21 @@ impl Drawer<'_> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Usable candidates among the first `drawn`, once all of them are back from the pool;
+    /// `None` when the segment is over or the loader stops first.
+    fn accepted(&self, drawn: u64) -> Option<u64> {
+        let mut p = self.gate.progress.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if p.finished || self.ctx.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if p.resolved >= drawn {
+                return Some(p.resolved - p.rejected);
+            }
+            p = self.gate.moved.wait_timeout(p, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -413,15 +458,16 @@ impl Window {
         Window { pool, done_tx, done_rx, spare_tx, spare_rx, limit }
     }
 
-    fn filling(&self, ctx: &Context) -> Filling {
+    /// Buffers for the next batch; an error (naming `data.batch_size`) when none can be allocated.
+    fn filling(&self, ctx: &Context) -> Result<Filling, String> {
         let bs = ctx.layout.batch_size;
-        let px = 3 * ctx.transform.output_size().pow(2);
-        Filling {
-            images: ctx.images.take(bs * px),
-            tokens: ctx.tokens.take(bs * ctx.tokenizer.context_length() * 8),
+        let failed = |what, alloc| DataError::BatchBuffer { batch_size: bs, what, alloc }.to_string();
+        Ok(Filling {
+            images: ctx.images.take(ctx.images.bytes()).map_err(|e| failed("image", e))?,
+            tokens: ctx.tokens.take(ctx.tokens.bytes()).map_err(|e| failed("token", e))?,
             erase: Vec::with_capacity(bs),
             kept: Vec::with_capacity(bs),
-        }
+        })
     }
 
     /// Transform and batch the candidates of `cur`'s segment (the rest of it, after a resume) and
@@ -468,8 +514,11 @@ impl Window {
         let mut back: BTreeMap<u64, Done> = BTreeMap::new();
         let mut ends: VecDeque<(u64, Position)> = VecDeque::new();
         let mut last: Option<(u64, Result<Position, String>)> = None;
-        let mut filling = self.filling(ctx);
         let mut sent_any = false;
+        let mut filling = match self.filling(ctx) {
+            Ok(filling) => filling,
+            Err(why) => return SegmentEnd::Failed { why, sent_any },
+        };
         loop {
             if ctx.stop.load(Ordering::Relaxed) {
                 return SegmentEnd::Closed;
@@ -512,6 +561,7 @@ impl Window {
                 gate.update(|p| {
                     p.placed += 1;
                     p.placed_bytes += done.item.bytes;
+                    p.rejected_run = if done.result.is_ok() { 0 } else { p.rejected_run + 1 };
                 });
                 match done.result {
                     Ok(erase) => {
@@ -533,7 +583,17 @@ impl Window {
                 if filling.kept.len() == bs {
                     let (seq, position) = ends.pop_front().expect("a batch ends where an end was recorded");
                     debug_assert_eq!(seq, done.seq);
-                    let full = std::mem::replace(&mut filling, self.filling(ctx));
+                    let next = match self.filling(ctx) {
+                        Ok(next) => next,
+                        // The finished batch still goes out; the stream cannot go on without buffers.
+                        Err(why) => {
+                            return match send(ctx, cur, position, filling, tx) {
+                                true => SegmentEnd::Failed { why, sent_any: true },
+                                false => SegmentEnd::Closed,
+                            }
+                        }
+                    };
+                    let full = std::mem::replace(&mut filling, next);
                     if !send(ctx, cur, position, full, tx) {
                         return SegmentEnd::Closed;
                     }

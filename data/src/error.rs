@@ -5,8 +5,10 @@
 use std::io;
 
 use crate::config::ConfigError;
+use crate::host::AllocError;
 
-/// Errors the loader reports at start-up (or, for `Stalled`, when no data can be produced).
+/// Errors the loader reports at start-up (or, for `Stalled`, when no data can be produced; a
+/// `BatchBuffer` error after start-up ends the stream as `Stalled`, with its text).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("shard pattern `{pattern}` matches no file")]
@@ -35,6 +37,9 @@ pub enum DataError {
     BadCursor(String),
     #[error("no usable batch: {0}")]
     Stalled(String),
+    /// A batch buffer (its size set by `data.batch_size`) cannot be allocated.
+    #[error("the {what} buffer of a batch of {batch_size} samples: {alloc}; lower data.batch_size")]
+    BatchBuffer { batch_size: usize, what: &'static str, alloc: AllocError },
 }
 
 impl DataError {

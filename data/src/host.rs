@@ -9,6 +9,10 @@
 //!
 //! A batch's buffers go back to their loader's pool when the batch is dropped ([`PooledBuf`]),
 //! so a steady run allocates only its first few batches.
+//!
+//! Allocation is fallible ([`AllocError`]): a batch buffer is sized by `data.batch_size` and the
+//! image size, so an impossible request comes from the config and must end the loader with an
+//! error that says so, not abort the process (as `vec!` does) or panic a loader thread.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex, Weak};
@@ -23,7 +27,24 @@ pub trait HostMemory: Any + Send {
 /// Allocates the loader's batch buffers (e.g. pinned host memory for fast host→device copies).
 pub trait HostAlloc: Send + Sync {
     /// At least `bytes` bytes, 8-byte aligned; the contents need not be initialized to anything.
-    fn alloc(&self, bytes: usize) -> HostBuf;
+    /// An error when the memory cannot be had (the loader reports it, it does not retry).
+    fn alloc(&self, bytes: usize) -> Result<HostBuf, AllocError>;
+}
+
+/// A [`HostAlloc`] could not hand out `bytes` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot allocate {bytes} bytes of host memory: {message}")]
+pub struct AllocError {
+    /// The bytes asked for.
+    pub bytes: usize,
+    /// Why not (the allocator's own words).
+    pub message: String,
+}
+
+impl AllocError {
+    pub fn new(bytes: usize, message: impl Into<String>) -> Self {
+        AllocError { bytes, message: message.into() }
+    }
 }
 
 /// One allocation of a [`HostAlloc`].
@@ -85,9 +106,19 @@ impl HostMemory for Words {
     }
 }
 
+impl Words {
+    /// `bytes` zeroed bytes; an error instead of the abort `vec!` makes of a failed allocation.
+    fn zeroed(bytes: usize) -> Result<Words, AllocError> {
+        let mut words = Vec::new();
+        words.try_reserve_exact(bytes.div_ceil(8)).map_err(|e| AllocError::new(bytes, e.to_string()))?;
+        words.resize(bytes.div_ceil(8), 0u64);
+        Ok(Words { words, len: bytes })
+    }
+}
+
 impl HostAlloc for VecAlloc {
-    fn alloc(&self, bytes: usize) -> HostBuf {
-        HostBuf::new(Words { words: vec![0u64; bytes.div_ceil(8)], len: bytes })
+    fn alloc(&self, bytes: usize) -> Result<HostBuf, AllocError> {
+        Ok(HostBuf::new(Words::zeroed(bytes)?))
     }
 }
 
@@ -105,15 +136,27 @@ impl BufPool {
         Arc::new(BufPool { alloc, bytes, keep, free: Mutex::new(Vec::new()) })
     }
 
-    /// A buffer of `self.bytes` bytes (reused or new), `used` of them in use.
-    pub fn take(self: &Arc<Self>, used: usize) -> PooledBuf {
+    /// The size of every buffer of the pool.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A buffer of `self.bytes` bytes (reused or new), `used` of them in use; an error when a new
+    /// one cannot be allocated.
+    pub fn take(self: &Arc<Self>, used: usize) -> Result<PooledBuf, AllocError> {
         let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let buf = reused.unwrap_or_else(|| {
-            let buf = self.alloc.alloc(self.bytes);
-            assert!(buf.as_bytes().len() >= self.bytes, "HostAlloc returned fewer bytes than asked for");
-            buf
-        });
-        PooledBuf { buf: Some(buf), used: used.min(self.bytes), home: Arc::downgrade(self) }
+        let buf = match reused {
+            Some(buf) => buf,
+            None => {
+                let buf = self.alloc.alloc(self.bytes)?;
+                let got = buf.as_bytes().len();
+                if got < self.bytes {
+                    return Err(AllocError::new(self.bytes, format!("the allocator returned only {got} bytes")));
+                }
+                buf
+            }
+        };
+        Ok(PooledBuf { buf: Some(buf), used: used.min(self.bytes), home: Arc::downgrade(self) })
     }
 
     fn give_back(&self, buf: HostBuf) {
@@ -134,16 +177,19 @@ pub struct PooledBuf {
 }
 
 impl PooledBuf {
-    /// A buffer of exactly `bytes`' contents outside any pool (tests, copies).
+    /// A buffer of exactly `bytes`' contents outside any pool (tests, copies). A copy of memory
+    /// that exists already: like `to_vec`, it aborts only when the process is out of memory.
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        Self::from_bytes_in(&VecAlloc, bytes)
+        let mut words = Words { words: vec![0u64; bytes.len().div_ceil(8)], len: bytes.len() };
+        words.as_bytes_mut().copy_from_slice(bytes);
+        PooledBuf { buf: Some(HostBuf::new(words)), used: bytes.len(), home: Weak::new() }
     }
 
     /// The same in memory from `alloc` (pinned memory, to check the device path as the loader feeds it).
-    pub fn from_bytes_in(alloc: &dyn HostAlloc, bytes: &[u8]) -> Self {
-        let mut buf = alloc.alloc(bytes.len());
+    pub fn from_bytes_in(alloc: &dyn HostAlloc, bytes: &[u8]) -> Result<Self, AllocError> {
+        let mut buf = alloc.alloc(bytes.len())?;
         buf.as_bytes_mut()[..bytes.len()].copy_from_slice(bytes);
-        PooledBuf { buf: Some(buf), used: bytes.len(), home: Weak::new() }
+        Ok(PooledBuf { buf: Some(buf), used: bytes.len(), home: Weak::new() })
     }
 
     /// The same for token ids.
@@ -239,9 +285,9 @@ mod tests {
     }
     struct TaggedAlloc(std::sync::atomic::AtomicUsize);
     impl HostAlloc for TaggedAlloc {
-        fn alloc(&self, bytes: usize) -> HostBuf {
+        fn alloc(&self, bytes: usize) -> Result<HostBuf, AllocError> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            HostBuf::new(Tagged(vec![0; bytes.div_ceil(8)], "mine"))
+            Ok(HostBuf::new(Tagged(vec![0; bytes.div_ceil(8)], "mine")))
         }
     }
 
@@ -249,23 +295,51 @@ mod tests {
     fn buffers_come_back_to_the_pool_and_keep_the_callers_type() {
         let alloc = Arc::new(TaggedAlloc(Default::default()));
         let pool = BufPool::new(alloc.clone(), 100, 2);
-        let mut a = pool.take(100);
+        let mut a = pool.take(100).unwrap();
         a.as_bytes_mut()[..3].copy_from_slice(b"abc");
         assert_eq!(a.memory().unwrap().downcast_ref::<Tagged>().unwrap().1, "mine");
         assert!(a.memory().unwrap().downcast_ref::<Words>().is_none());
         let ptr = a.as_bytes().as_ptr();
         drop(a);
-        let b = pool.take(40);
+        let b = pool.take(40).unwrap();
         assert_eq!(b.as_bytes().as_ptr(), ptr, "the dropped buffer is reused");
         assert_eq!(b.len(), 40);
-        let c = pool.take(100);
+        let c = pool.take(100).unwrap();
         assert_eq!(alloc.0.load(std::sync::atomic::Ordering::Relaxed), 2);
         // Only `keep` idle buffers stay; a clone lives outside the pool.
         let d = c.clone();
         assert_eq!(d, c);
         assert!(d.memory().unwrap().downcast_ref::<Words>().is_some());
-        drop((b, c, d, pool.take(1)));
+        drop((b, c, d, pool.take(1).unwrap()));
         assert_eq!(pool.free.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_impossible_size_is_an_error_not_an_abort() {
+        // Past `isize::MAX`: no allocator can, and `vec!` would abort the process.
+        let huge = usize::MAX - 7;
+        let err = VecAlloc.alloc(huge).unwrap_err();
+        assert_eq!(err.bytes, huge);
+        assert!(err.to_string().contains(&format!("{huge} bytes")), "{err}");
+        // Within `isize::MAX`, but beyond any address space: the allocator itself says no.
+        assert_eq!(VecAlloc.alloc(1 << 62).unwrap_err().bytes, 1 << 62);
+        let pool = BufPool::new(Arc::new(VecAlloc), huge, 1);
+        assert_eq!(pool.take(1).unwrap_err().bytes, huge);
+        let ok = VecAlloc.alloc(13).unwrap();
+        assert!(ok.as_bytes().len() == 13 && ok.as_bytes().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_short_buffer_from_an_allocator_is_an_error() {
+        struct Short;
+        impl HostAlloc for Short {
+            fn alloc(&self, bytes: usize) -> Result<HostBuf, AllocError> {
+                VecAlloc.alloc(bytes / 2)
+            }
+        }
+        let err = BufPool::new(Arc::new(Short), 64, 1).take(64).unwrap_err();
+        assert_eq!(err.bytes, 64);
+        assert!(err.message.contains("only 32 bytes"), "{err}");
     }
 
     #[test]

@@ -112,10 +112,15 @@ pub fn decode_region(
     assert!((1..=8).contains(&scale_num), "JPEG scale {scale_num}/8");
     let (sw, sh) = (scaled_size(head.width, scale_num), scaled_size(head.height, scale_num));
     let (width, height) = (width.min(sw.saturating_sub(left)), height.min(sh.saturating_sub(top)));
+    if width == 0 || height == 0 {
+        return Err(DecodeError::Corrupt(format!(
+            "decode region {width}x{height}+{left}+{top} outside the {sw}x{sh} image (scale {scale_num}/8)"
+        )));
+    }
     // With `jpeg_crop_scanline`, fancy upsampling treats the decoded columns' edges as the image's
     // edges and replicates chroma there, so the outermost columns can differ from a full decode.
     // Asking for EDGE more columns on each side keeps the wanted ones exact.
-    let (wl, wr) = (left.saturating_sub(EDGE), (left + width + EDGE).min(sw));
+    let (wl, wr) = (left.saturating_sub(EDGE), (left + width).saturating_add(EDGE).min(sw));
     let mut region = FcRegion { left: wl, top, width: wr - wl, height, ..FcRegion::default() };
     let width = wr - wl;
     // Widened further by at most one iMCU (≤ 32 px at any scale) on the left and right.

@@ -53,7 +53,7 @@ pub use config::DataConfig;
 pub use cursor::StreamCursor;
 pub use erase::EraseBox;
 pub use error::DataError;
-pub use host::{HostAlloc, HostBuf, HostMemory, PooledBuf, VecAlloc};
+pub use host::{AllocError, HostAlloc, HostBuf, HostMemory, PooledBuf, VecAlloc};
 pub use loader::{Loader, LoaderOptions, Mode};
 pub use resume::ResumeFrom;
 pub use stats::StatsSnapshot;

@@ -15,6 +15,12 @@
 //! goes on with the other readers. A Train stream that cannot yield one full batch (every shard
 //! unreadable) ends: `next_batch` returns `None` and [`Loader::error`] says why.
 //!
+//! Batch buffers come from the caller's [`HostAlloc`]; the first ones are allocated when the
+//! loader opens, so a `data.batch_size` no memory holds fails [`Loader::new`]
+//! ([`DataError::BatchBuffer`], or a config error on `data.batch_size` where the size does not
+//! even fit the address space); a later failed allocation ends the stream like a stall, with
+//! the same words.
+//!
 //! Memory: per reader at most `read_ahead_bytes` (and 8192 samples) read ahead plus the sample
 //! being read; the shuffle buffer at most `shuffle_buffer` samples and `shuffle_buffer_bytes`;
 //! the candidates in flight at most `read_ahead_bytes` (and 4 per worker); `prefetch` finished
@@ -178,9 +184,25 @@ impl Loader {
         // Idle buffers worth keeping: the prefetched batches, the one being filled, those the
         // trainer holds.
         let keep = cfg.prefetch + 3;
+        let batch_size = opts.batch_size;
+        let buffer_error = |what, alloc| DataError::BatchBuffer { batch_size, what, alloc };
+        let pool = |what, per_sample: Option<usize>| -> Result<Arc<BufPool>, DataError> {
+            let bytes = per_sample.and_then(|n| n.checked_mul(batch_size)).ok_or_else(|| ConfigError {
+                key: "batch_size".into(),
+                message: format!("{batch_size} samples: the {what} buffer of a batch is larger than the address space"),
+            })?;
+            let pool = BufPool::new(alloc.clone(), bytes, keep);
+            // The first batch's buffer now, so that a size no memory holds is an error of the
+            // loader's start (naming `data.batch_size`), not of its thread later. It goes back
+            // to the pool, where the first batch finds it.
+            drop(pool.take(0).map_err(|e| buffer_error(what, e))?);
+            Ok(pool)
+        };
+        let images = pool("image", size.checked_mul(size).and_then(|n| n.checked_mul(3)))?;
+        let tokens = pool("token", context_length.checked_mul(8))?;
         let ctx = Context {
-            images: BufPool::new(alloc.clone(), opts.batch_size * 3 * size * size, keep),
-            tokens: BufPool::new(alloc, opts.batch_size * context_length * 8, keep),
+            images,
+            tokens,
             layout,
             shared,
             eval: !train,

@@ -276,18 +276,29 @@ impl<R: Read + Send> Read for Sequential<R> {
 impl<R: Read + Send> ShardStream for Sequential<R> {}
 
 /// An uncompressed local shard: payloads can be seeked over.
-struct LocalTar(BufReader<Counting<File>>);
+struct LocalTar {
+    file: BufReader<Counting<File>>,
+    /// The file's size when opened.
+    len: u64,
+}
 
 impl Read for LocalTar {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        self.file.read(buf)
     }
 }
 
 impl ShardStream for LocalTar {
     fn seek_forward(&mut self, n: u64) -> io::Result<bool> {
+        // A seek may land past the end, where reading then finds a clean end of file: a member
+        // whose size runs past the end would pass for a complete shard. Reading it through would
+        // fail, so seeking must too.
+        let at = self.file.stream_position()?;
+        if at.checked_add(n).is_none_or(|end| end > self.len) {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated tar member"));
+        }
         let n = i64::try_from(n).map_err(io::Error::other)?;
-        self.0.seek_relative(n)?;
+        self.file.seek_relative(n)?;
         Ok(true)
     }
 }
@@ -329,9 +340,11 @@ pub fn open_shard(shard: &Shard, bytes: Arc<AtomicU64>, activity: Arc<Activity>)
     }
     // A small buffer: large payload reads bypass it anyway, and seeking over payloads
     // (skipped samples, a resume's way to its offsets) then skips real I/O.
-    let file = BufReader::with_capacity(16 << 10, Counting { inner: File::open(&shard.url)?, bytes, activity });
+    let inner = File::open(&shard.url)?;
+    let len = inner.metadata()?.len();
+    let file = BufReader::with_capacity(16 << 10, Counting { inner, bytes, activity });
     Ok(match compression(&shard.url) {
-        Compression::None => Box::new(LocalTar(file)),
+        Compression::None => Box::new(LocalTar { file, len }),
         _ => decompress(&shard.url, file)?,
     })
 }

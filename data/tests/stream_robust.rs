@@ -108,13 +108,6 @@ fn start_up_errors_name_the_problem() {
     assert!(matches!(err, DataError::BadPattern { .. }), "{err}");
 }
 
-/// Run `f` on a thread and fail the test if it does not finish in time (a hang).
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(f()).unwrap());
-    rx.recv_timeout(Duration::from_secs(secs)).expect("loader hung")
-}
-
 #[test]
 fn all_bad_shards_in_train_mode_end_with_an_error_not_a_hang() {
     for resampled in [false, true] {
@@ -134,6 +127,42 @@ fn all_bad_shards_in_train_mode_end_with_an_error_not_a_hang() {
         assert!(none, "resampled={resampled}");
         assert!(err.unwrap().contains("not a single full batch"));
         assert!(failed >= 3);
+    }
+}
+
+#[test]
+fn fixed_length_epochs_over_only_undecodable_images_end_with_an_error_not_a_hang() {
+    // The samples are complete (image and caption), so the shard readers deliver every one; only
+    // the transform rejects them. Pass after pass (draw after draw) would find the same: two
+    // barren passes end it, and a resampled stream gives up after a long run of rejections.
+    let dir = tempdir("robust-undecodable");
+    let samples: Vec<_> = (0..4)
+        .map(|i| {
+            let mut s = good(&format!("k{i}"));
+            s[0].1 = b"IMG CORRUPT".to_vec();
+            s
+        })
+        .collect();
+    std::fs::write(dir.join("0.tar"), tar_of(&samples)).unwrap();
+    for resampled in [false, true] {
+        let pattern = format!("{}/0.tar", dir.display());
+        let (none, err, corrupt) = within(60, move || {
+            let cfg = DataConfig { train_num_samples: 8, resampled, ..cfg() };
+            let o = opts(0, 1, 2, Mode::Train, Arc::new(FakeTransform::default()), None);
+            let mut l = Loader::new(&cfg, &pattern, o).unwrap();
+            (
+                l.next_batch().is_none(),
+                l.error().map(|e| e.to_string()),
+                l.stats().skipped.get("corrupt_image").copied(),
+            )
+        });
+        assert!(none, "resampled={resampled}");
+        let err = err.expect("the stream says why it ended");
+        assert!(err.contains("no usable sample"), "resampled={resampled}: {err}");
+        assert!(
+            corrupt.is_some_and(|n| n >= 8),
+            "resampled={resampled}: more than one pass was transformed: {corrupt:?}"
+        );
     }
 }
 

@@ -26,7 +26,7 @@ use tch::{Device, Kind, Tensor};
 
 use ferroclip_data::augment::{OPENAI_MEAN, OPENAI_STD};
 use ferroclip_data::tokenize::Tokenizer;
-use ferroclip_data::{Batch, EraseBox, HostAlloc, HostBuf, HostMemory, PooledBuf};
+use ferroclip_data::{AllocError, Batch, EraseBox, HostAlloc, HostBuf, HostMemory, PooledBuf};
 
 use crate::cuda::{self, CopyStream, Event};
 
@@ -38,10 +38,14 @@ const MAX_IN_FLIGHT: usize = 8;
 pub struct PinnedAlloc;
 
 impl HostAlloc for PinnedAlloc {
-    fn alloc(&self, bytes: usize) -> HostBuf {
-        // The loader cannot take an error here; pinned memory failing is an out-of-memory condition.
-        let tensor = cuda::pinned_empty(bytes.max(8)).unwrap_or_else(|e| panic!("the loader's batch buffer: {e:#}"));
-        HostBuf::new(PinnedMemory { tensor })
+    /// A failure (no pinned memory left, or a size libtorch cannot hold) goes back to the loader,
+    /// which reports it naming `data.batch_size`.
+    fn alloc(&self, bytes: usize) -> Result<HostBuf, AllocError> {
+        if i64::try_from(bytes).is_err() {
+            return Err(AllocError::new(bytes, "more than a tensor can hold"));
+        }
+        let tensor = cuda::pinned_empty(bytes.max(8)).map_err(|e| AllocError::new(bytes, format!("{e:#}")))?;
+        Ok(HostBuf::new(PinnedMemory { tensor }))
     }
 }
 
@@ -287,6 +291,17 @@ fn bytemuck_i64(v: &[i64]) -> &[u8] {
 mod tests {
     use super::*;
     use ferroclip_data::normalize::normalize_and_erase;
+
+    #[test]
+    fn a_pinned_allocation_that_fails_is_an_error_naming_its_size() {
+        // Beyond a tensor's size, then beyond any memory (or, without CUDA, any pinned memory):
+        // both are errors the loader reports, neither a panic.
+        for bytes in [usize::MAX, 1 << 62] {
+            let err = PinnedAlloc.alloc(bytes).err().unwrap_or_else(|| panic!("{bytes} bytes of pinned memory"));
+            assert_eq!(err.bytes, bytes);
+            assert!(err.to_string().contains(&format!("{bytes} bytes")), "{err}");
+        }
+    }
 
     /// f32 values as ordered integers, so that their difference counts ulps.
     fn ordered(v: f32) -> i64 {

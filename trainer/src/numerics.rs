@@ -164,7 +164,7 @@ fn device_normalization(device: Device) -> Result<Outcome> {
     let sync_path = max_diff(&input::images_to_device(&images, &erase, s, device));
     // The training loop's path: the loader's buffers (pinned on CUDA) through DeviceInput.
     let pixels = match input::host_alloc(device) {
-        Some(alloc) => PooledBuf::from_bytes_in(alloc.as_ref(), &images),
+        Some(alloc) => PooledBuf::from_bytes_in(alloc.as_ref(), &images)?,
         None => PooledBuf::from_bytes(&images),
     };
     let n = erase.len();

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferroclip_data::augment::ImageTransform;
 use ferroclip_data::decode::DecodeError;
@@ -162,4 +163,23 @@ pub fn eval_all(cfg: &DataConfig, pattern: &str, batch_size: usize) -> (Vec<Stri
         ks.extend(b.keys);
     }
     (ks, l.stats())
+}
+
+/// Run `f` on a thread; `None` if it does not finish within `limit` (a hang: the thread is left
+/// behind, and the test is expected to fail).
+pub fn finishes_within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(value) => Some(value),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the work panicked (its message is above)"),
+    }
+}
+
+/// Run `f` on a thread and fail the test if it does not finish in time (a hang).
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    finishes_within(Duration::from_secs(secs), f).expect("loader hung")
 }
