@@ -43,8 +43,8 @@ pub enum DataError {
 }
 
 impl DataError {
-    /// Whether the run's config (its shard patterns, its `[data]` values, or what it resumes with)
-    /// is what is wrong, rather than the data or the machine: `trainer` exits with status 2 then.
+    /// Whether the run's config (its shard patterns, its `[data]` values, a `data.batch_size` whose
+    /// buffers this machine cannot allocate, or what it resumes with) is what is wrong, rather than the data or the machine: `trainer` exits with status 2 then.
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,
@@ -53,6 +53,7 @@ impl DataError {
                 | DataError::Config(_)
                 | DataError::TooFewShards { .. }
                 | DataError::DataChanged { .. }
+                | DataError::BatchBuffer { .. }
         )
     }
 }
