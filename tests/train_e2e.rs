@@ -16,6 +16,17 @@ mod support;
 
 use support::{metrics, run, tensors, test_arch, Fixture, TRAINER};
 
+/// A panic (here one injected on purpose) ends the process through the failure path: one error
+/// line naming the rank and the place, status 1, not a signal or Rust's 101.
+#[test]
+fn a_panic_is_an_error_line_and_status_1() {
+    let out = run(&["dist-selftest", "--panic-rank", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err.lines().find(|l| l.contains("internal error: panic at")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.starts_with("error") && line.contains("injected panic on rank 0"), "{line}");
+}
+
 #[test]
 fn bad_config_key_is_rejected_with_its_name_and_status_2() {
     let f = Fixture::new();
