@@ -114,7 +114,10 @@ fn a_bad_explicit_resume_path_or_init_file_is_status_2_before_step_1() {
     let out = run(&["--config", cfg, "--set", "train.max_steps=8", "--set", "checkpoint.resume=latest"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("skipping checkpoint step 4") && err.contains(&model) && err.contains("none of the 1"), "{err}");
+    assert!(
+        err.contains("skipping checkpoint step 4") && err.contains(&model) && err.contains("none of the 1"),
+        "{err}"
+    );
     // The same file as model.init, and a file that is not safetensors at all.
     let garbage = f.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"{\"not\": \"safetensors\"}").unwrap();
