@@ -592,11 +592,12 @@ fn xlm_roberta_tower_trains_with_a_hugging_face_tokenizer() {
     );
     assert!(metrics(&f.run_dir("xlmr")).iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
 
-    // A text-encoder file of another vocabulary size is refused, naming the key and the tensor.
+    // A text-encoder file of another vocabulary size is refused before step 1 as bad input
+    // (status 2), naming the key and the tensor.
     let hf_text = root.join("tests/fixtures/models/xlmr_vit_test/hf_text.safetensors");
     let out = args(&[format!("model.text_init={}", hf_text.display()), "name=xlmr2".into()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("model.text_init") && err.contains("word_embeddings"), "{err}");
 }
 
