@@ -8,12 +8,13 @@
 
 mod support;
 
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ferroclip::config::docs::sections;
 use ferroclip_data::section::{Bound, Range};
-use support::{run, test_arch, Fixture};
+use support::{test_arch, Fixture, TRAINER};
 
 /// One value to set and why it must be refused.
 struct Case {
@@ -98,6 +99,27 @@ fn sweep_cases() -> Vec<Case> {
     cases
 }
 
+/// A refused value ends the process at once; one that is wrongly accepted starts training, which is
+/// ended here (and reported as not refused) rather than left to run with, say, a huge batch.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `trainer ARGS`, killed after [`LIMIT`].
+fn run_limited(args: &[&str]) -> Output {
+    let mut child = Command::new(TRAINER)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("trainer starts");
+    let start = Instant::now();
+    while child.try_wait().expect("waiting for trainer").is_none() && start.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("trainer's output")
+}
+
 /// Runs `trainer --config CONFIG --set KEY=VALUE` for every case, two at a time.
 fn run_all(config: &std::path::Path, cases: &[Case]) -> Vec<(usize, Output)> {
     let next = Mutex::new(0usize);
@@ -112,7 +134,7 @@ fn run_all(config: &std::path::Path, cases: &[Case]) -> Vec<(usize, Output)> {
                 };
                 let Some(c) = cases.get(i) else { break };
                 let set = format!("{}={}", c.key, c.value);
-                let out = run(&["--config", config.to_str().unwrap(), "--set", &set]);
+                let out = run_limited(&["--config", config.to_str().unwrap(), "--set", &set]);
                 results.lock().unwrap().push((i, out));
             });
         }
