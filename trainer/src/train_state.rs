@@ -125,7 +125,7 @@ fn check_config(saved_toml: &str, cfg: &Config, path: &Path, report: bool) -> Re
     let file = path.display();
     // Keys added since the checkpoint was written take their defaults, as they did in that run.
     let saved: Config = match toml::from_str(saved_toml) {
-        Ok(c) => c,
+        Ok(c) => unset_old_sentinels(c),
         Err(e) => {
             if report {
                 eprintln!("ferroclip: {file}: its config no longer parses ({e}); not compared with this one");
@@ -154,6 +154,25 @@ fn check_config(saved_toml: &str, cfg: &Config, path: &Path, report: bool) -> Re
         eprintln!("ferroclip: resuming with {}; the schedule follows the new length", list(&length));
     }
     Ok(())
+}
+
+/// A config saved before these keys were `Option`s spelled "unset" as a value (`image_size = 0`,
+/// `drop_path = -1`, `beta2 = 0`, `eps = 0`): read those as unset, so that resuming such a run with
+/// today's config does not count them as changed keys.
+fn unset_old_sentinels(mut c: Config) -> Config {
+    if c.model.image_size == Some(0) {
+        c.model.image_size = None;
+    }
+    if c.model.drop_path.is_some_and(|r| r < 0.0) {
+        c.model.drop_path = None;
+    }
+    if c.optim.beta2 == Some(0.0) {
+        c.optim.beta2 = None;
+    }
+    if c.optim.eps == Some(0.0) {
+        c.optim.eps = None;
+    }
+    c
 }
 
 /// `section.key` → value for every leaf of the config.
@@ -214,5 +233,17 @@ mod tests {
         assert!(!msg.contains("max_steps"), "{msg}");
         now.checkpoint.allow_config_change = true;
         check_config(&toml, &now, path, false).unwrap();
+    }
+
+    #[test]
+    fn a_config_saved_with_the_old_unset_values_resumes_as_unchanged() {
+        let path = Path::new("step_00000004.state.safetensors");
+        let mut toml = toml::to_string(&Config::default()).unwrap();
+        toml = toml.replace("[model]\n", "[model]\nimage_size = 0\ndrop_path = -1.0\n");
+        toml = toml.replace("[optim]\n", "[optim]\nbeta2 = 0.0\neps = 0.0\n");
+        assert!(toml.contains("image_size = 0") && toml.contains("eps = 0.0"), "{toml}");
+        check_config(&toml, &Config::default(), path, false).unwrap();
+        let changed = toml.replace("image_size = 0", "image_size = 64");
+        assert!(check_config(&changed, &Config::default(), path, false).is_err());
     }
 }
