@@ -222,18 +222,21 @@ impl CheckpointDir {
     }
 }
 
+/// `NAME` of a checkpoint file `NAME.safetensors`, `NAME.state.safetensors` or `NAME.manifest.json`.
+fn checkpoint_stem(path: &Path) -> Option<&str> {
+    let name = path.file_name()?.to_str()?;
+    [".manifest.json", ".state.safetensors", ".safetensors"].iter().find_map(|s| name.strip_suffix(s))
+}
+
 /// The manifest a model file `NAME.safetensors` would have: `NAME.manifest.json` beside it.
 fn manifest_beside(model: &Path) -> Option<PathBuf> {
-    let name = model.file_name()?.to_str()?;
-    let stem = name.strip_suffix(".safetensors")?;
-    Some(model.with_file_name(format!("{stem}.manifest.json")))
+    Some(model.with_file_name(format!("{}.manifest.json", checkpoint_stem(model)?)))
 }
 
 /// The model and state file of the checkpoint that `path` (its model file, state file or
 /// manifest) belongs to; `None` for any other name.
 pub fn checkpoint_files(path: &Path) -> Option<(PathBuf, PathBuf)> {
-    let name = path.file_name()?.to_str()?;
-    let stem = [".manifest.json", ".state.safetensors", ".safetensors"].iter().find_map(|s| name.strip_suffix(s))?;
+    let stem = checkpoint_stem(path)?;
     Some((path.with_file_name(format!("{stem}.safetensors")), path.with_file_name(format!("{stem}.state.safetensors"))))
 }
 
