@@ -3,7 +3,9 @@
 
 Generate:   gen-model-fixtures.py --arch tests/models/convnext_test.json --image-size 64 --out DIR [--batch 2]
             writes DIR/model.safetensors (OpenCLIP state dict) and DIR/expected.safetensors
-            (images, tokens, image/text features raw and normalized, logits, num_params).
+            (images, tokens, image/text features raw and normalized, logits, num_params); with
+            --train-seed S also `image_features_train`: encode_image in training mode right after
+            torch.manual_seed(S) (dropout active; the trainer's parity test seeds libtorch alike).
 Check load: gen-model-fixtures.py --arch A --image-size S --check-load W.safetensors --inputs R.safetensors
             loads W with open_clip.create_model(A, pretrained=W) and compares its features on
             R's `images`/`tokens` with R's `image_features`/`text_features` (max abs diff <= --tol).
@@ -111,6 +113,8 @@ def main():
     ap.add_argument("--vocab-size", type=int, default=None, help="shrink the text vocab (small archs only)")
     ap.add_argument("--half-weights", action="store_true",
                     help="round weights to fp16 and store them so (smaller fixtures; features use the rounded weights)")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="also write image features in training mode after torch.manual_seed(SEED)")
     ap.add_argument("--check-load", type=Path)
     ap.add_argument("--inputs", type=Path)
     ap.add_argument("--tol", type=float, default=1e-4)
@@ -143,6 +147,14 @@ def main():
     tokens = make_tokens(gen, args.batch, ctx, vocab)
     img, txt, img_n, txt_n, logits = features(model, images, tokens)
 
+    extra = {}
+    if args.train_seed is not None:
+        model.train()
+        torch.manual_seed(args.train_seed)
+        with torch.no_grad():
+            extra["image_features_train"] = model.encode_image(images)
+        model.eval()
+
     args.out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if args.half_weights:
@@ -155,6 +167,7 @@ def main():
         "image_features_normalized": img_n, "text_features_normalized": txt_n,
         "logits_per_image": logits,
         "num_params": torch.tensor(num_params, dtype=torch.long),
+        **extra,
     }, str(args.out / "expected.safetensors"),
         metadata={"arch": arch, "image_size": str(image_size), "vocab_size": str(vocab)})
     print(f"{arch}: {num_params} params -> {args.out}")

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ferroclip::model::{
-    load_hf_text_encoder, load_safetensors, num_params, save_safetensors, Clip, ClipConfig, ContrastiveModel,
+    load_hf_text_encoder, load_state_dict, num_params, save_safetensors, Clip, ClipConfig, ContrastiveModel,
     WeightsError,
 };
 use tch::nn::VarStore;
@@ -95,7 +95,7 @@ fn build(cfg: &ClipConfig) -> (VarStore, Clip) {
 /// every output with OpenCLIP's.
 fn check_fixture(dir: &Path, cfg: &ClipConfig) {
     let (mut vs, model) = build(cfg);
-    let report = load_safetensors(&mut vs, &dir.join("model.safetensors"), cfg).unwrap();
+    let report = load_state_dict(&mut vs, &dir.join("model.safetensors"), cfg).unwrap();
     assert_eq!(report.loaded, vs.variables().len());
     let exp = read(&dir.join("expected.safetensors"));
     assert_eq!(num_params(&vs), exp["num_params"].int64_value(&[]), "{} parameter count", cfg.arch);
@@ -146,14 +146,14 @@ fn vit_test_matches_open_clip() {
 fn load_reports_missing_unexpected_and_misshaped_keys() {
     let cfg = config(&test_arch("convnext_test_mlp"), 64, FIXTURE_VOCAB);
     let (mut vs, _model) = build(&cfg);
-    let err = load_safetensors(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err();
+    let err = load_state_dict(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("visual.head.mlp.fc1.weight"), "{msg}");
     assert!(msg.contains("visual.head.proj.weight"), "{msg}");
     let cfg = config(&test_arch("convnext_test"), 64, 1000);
     let (mut vs, _model) = build(&cfg);
     let msg =
-        load_safetensors(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err().to_string();
+        load_state_dict(&mut vs, &fixture("convnext_test").join("model.safetensors"), &cfg).unwrap_err().to_string();
     assert!(msg.contains("token_embedding.weight: [512, 32] vs [1000, 32]"), "{msg}");
 }
 
@@ -234,13 +234,13 @@ fn vit_pos_embed_resized_like_open_clip() {
     // fp32 copy of the fixture (the fixture stores fp16).
     let cfg32 = config(&test_arch("vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs32, _m) = build(&cfg32);
-    load_safetensors(&mut vs32, &fixture("vit_test").join("model.safetensors"), &cfg32).unwrap();
+    load_state_dict(&mut vs32, &fixture("vit_test").join("model.safetensors"), &cfg32).unwrap();
     let weights = dir.join("vit32.safetensors");
     save_safetensors(&vs32, &weights, &BTreeMap::new()).unwrap();
 
     let cfg48 = config(&test_arch("vit_test"), 48, FIXTURE_VOCAB);
     let (mut vs48, model) = build(&cfg48);
-    let report = load_safetensors(&mut vs48, &weights, &cfg48).unwrap();
+    let report = load_state_dict(&mut vs48, &weights, &cfg48).unwrap();
     assert_eq!(report.resized, vec!["visual.positional_embedding".to_string()]);
     let images = Tensor::randn([2, 3, 48, 48], (Kind::Float, Device::Cpu));
     let tokens = read(&fixture("vit_test").join("expected.safetensors"))["tokens"].shallow_clone();
@@ -310,7 +310,7 @@ fn xlmr_saved_by_rust_loads_in_open_clip() {
 fn xlmr_text_tower_initializes_from_hugging_face_checkpoint() {
     let cfg = config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
     let (mut reference, _m) = build(&cfg);
-    load_safetensors(&mut reference, &fixture("xlmr_vit_test").join("model.safetensors"), &cfg).unwrap();
+    load_state_dict(&mut reference, &fixture("xlmr_vit_test").join("model.safetensors"), &cfg).unwrap();
     let reference = reference.variables();
     let (mut vs, _model) = build(&cfg);
     let before = vs.variables();
@@ -360,7 +360,7 @@ fn xlmr_checkpoint_with_stale_position_ids_loads() {
     Tensor::write_safetensors(&named, &path).unwrap();
     let cfg = config(&test_arch("xlmr_vit_test"), 32, FIXTURE_VOCAB);
     let (mut vs, _m) = build(&cfg);
-    let report = load_safetensors(&mut vs, &path, &cfg).unwrap();
+    let report = load_state_dict(&mut vs, &path, &cfg).unwrap();
     assert_eq!(report.skipped, vec!["text.transformer.embeddings.position_ids".to_string()]);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -376,5 +376,95 @@ fn xlm_roberta_base_vit_b_32_matches_open_clip() {
     let (vs, _m) = build(&cfg);
     let millions = num_params(&vs) as f64 / 1e6;
     assert!((millions - 366.12).abs() < 0.01, "{arch}: {millions:.2} M parameters");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Head dropout (`timm_drop`, `model.head_dropout`) where OpenCLIP's TimmModel applies it: before
+/// the linear projection, after the GELU of the MLP head. In training mode, with libtorch's
+/// generator seeded as OpenCLIP's was (stochastic depth off, so dropout is the only draw), the
+/// features equal OpenCLIP's; and they differ from the eval-mode ones, so the mask did something.
+#[test]
+fn head_dropout_in_training_matches_open_clip() {
+    let dir = temp_dir("head-dropout");
+    let jobs: Vec<_> = ["convnext_test", "convnext_test_mlp"]
+        .into_iter()
+        .map(|name| {
+            let mut json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(test_arch(name)).unwrap()).unwrap();
+            json["vision_cfg"]["timm_drop"] = 0.3.into();
+            json["vision_cfg"]["timm_drop_path"] = 0.0.into();
+            let arch = dir.join(format!("{name}_drop.json"));
+            std::fs::write(&arch, json.to_string()).unwrap();
+            let out = dir.join(name);
+            let (a, o) = (arch.to_str().unwrap().to_string(), out.to_str().unwrap().to_string());
+            let job = std::thread::spawn(move || {
+                script(&["--arch", &a, "--out", &o, "--vocab-size", "512", "--train-seed", "11"]);
+            });
+            (arch, out, job)
+        })
+        .collect();
+    for (arch, out, job) in jobs {
+        job.join().unwrap();
+        let cfg = config(arch.to_str().unwrap(), 64, FIXTURE_VOCAB);
+        let (mut vs, model) = build(&cfg);
+        load_state_dict(&mut vs, &out.join("model.safetensors"), &cfg).unwrap();
+        let exp = read(&out.join("expected.safetensors"));
+        tch::manual_seed(11);
+        let train = tch::no_grad(|| model.encode_image(&exp["images"], true));
+        let d = max_diff(&train, &exp["image_features_train"]);
+        eprintln!("{}: training-mode image features max |diff| {d:e}", cfg.arch);
+        assert!(d <= TOL, "{}: training-mode image features max |diff| {d:e}", cfg.arch);
+        let moved = max_diff(&exp["image_features_train"], &exp["image_features"]);
+        assert!(moved > 100.0 * TOL, "{}: dropout changed nothing ({moved:e})", cfg.arch);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `train.lock_image` / `train.lock_text` leave exactly the parameters trainable that OpenCLIP's
+/// `lock_image_tower(unlocked_groups)` / `lock_text_tower(unlocked_layers, freeze_layer_norm)` do
+/// (timm's group_matcher groups for ConvNeXt, OpenCLIP's for ViT and its text transformer,
+/// HFTextEncoder's for XLM-R), and refuse what OpenCLIP refuses.
+#[test]
+fn lock_groups_leave_trainable_what_open_clip_does() {
+    use ferroclip::lock::{check, trainable_parameters, LockSpec};
+    let dir = temp_dir("lock");
+    let out = dir.join("lock.json");
+    let archs = ["convnext_test", "vit_test", "xlmr_vit_test"].map(test_arch);
+    let mut args = vec![];
+    for a in &archs {
+        args.extend(["--arch", a.as_str()]);
+    }
+    args.extend(["--out", out.to_str().unwrap()]);
+    run_script("gen-lock-fixtures.py", &args);
+    let cases: BTreeMap<String, Vec<serde_json::Value>> =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for arch in &archs {
+        let cfg = ClipConfig::resolve(arch).unwrap();
+        for case in &cases[arch.as_str()] {
+            let spec = LockSpec {
+                lock_image: case["lock_image"].as_bool().unwrap(),
+                image_unlocked_groups: case["groups"].as_u64().unwrap() as usize,
+                lock_text: case["lock_text"].as_bool().unwrap(),
+                text_unlocked_layers: case["layers"].as_u64().unwrap() as usize,
+                text_freeze_layer_norm: case["freeze_layer_norm"].as_bool().unwrap(),
+            };
+            if case.get("refused").is_some() {
+                assert!(check(&spec, &cfg).is_err(), "{}: OpenCLIP refuses {spec:?}, we do not", cfg.arch);
+                continue;
+            }
+            check(&spec, &cfg).unwrap_or_else(|e| panic!("{}: {spec:?} refused: {e}", cfg.arch));
+            let (vs, _model) = build(&cfg);
+            let ours: Vec<String> = trainable_parameters(&vs, &spec, &cfg).into_iter().map(|(n, _)| n).collect();
+            let theirs: Vec<String> =
+                case["trainable"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+            let only_ours: Vec<&String> = ours.iter().filter(|n| !theirs.contains(n)).collect();
+            let only_theirs: Vec<&String> = theirs.iter().filter(|n| !ours.contains(n)).collect();
+            assert!(
+                only_ours.is_empty() && only_theirs.is_empty(),
+                "{} {spec:?}: trainable only here {only_ours:?}, only in OpenCLIP {only_theirs:?}",
+                cfg.arch
+            );
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

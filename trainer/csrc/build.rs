@@ -5,7 +5,8 @@
 //! `backend_flags.cpp` (TF32, cuDNN benchmark), `copy_stream.cpp` (pinned memory, host-to-device copies
 //! on a side stream with events), `allocator_stats.cpp` (the caching allocator's peak memory), and
 //! `sync_debug.cpp` (CUDA's sync debug mode; compiled with the CUDA headers, a no-op without CUDA),
-//! `activation_checkpoint.cpp` (a block recomputed in backward, `train.grad_checkpointing`).
+//! `activation_checkpoint.cpp` (a block recomputed in backward, `train.grad_checkpointing`),
+//! `torch_save.cpp` (torch.save files read by libtorch's own reader: OpenCLIP's checkpoints).
 //! The trainer's own `build.rs` adds the link-time fixes for a libtorch taken from the PyTorch wheel.
 //!
 //! What the wheel lacks for the shim: gloo's headers (Debian's `libgloo-dev`, headers only: gloo itself
@@ -17,7 +18,7 @@
 use std::path::PathBuf;
 
 /// The shim files compiled without CUDA headers.
-const HOST_FILES: [&str; 9] = [
+const HOST_FILES: [&str; 10] = [
     "autocast.cpp",
     "store.cpp",
     "process_group.cpp",
@@ -27,6 +28,7 @@ const HOST_FILES: [&str; 9] = [
     "copy_stream.cpp",
     "allocator_stats.cpp",
     "activation_checkpoint.cpp",
+    "torch_save.cpp",
 ];
 
 /// The shim files that need the CUDA headers when libtorch has CUDA (and build as no-ops without).

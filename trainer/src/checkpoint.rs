@@ -429,7 +429,14 @@ pub fn resolve_resume(spec: &str, dir: &CheckpointDir) -> Result<Option<(PathBuf
 }
 
 /// `model.init`'s file, checked before it loads: a bad one is a [`ConfigError`] naming the key.
+/// A `torch.save` file (an OpenCLIP checkpoint) has no manifest and is checked whole as it loads
+/// (`model::torch_file`: a truncated or corrupt one is an error naming it).
 pub fn check_init_file(path: &Path) -> Result<()> {
+    if let Ok(crate::model::torch_file::Format::TorchZip | crate::model::torch_file::Format::TorchLegacy) =
+        crate::model::torch_file::Format::of_file(path)
+    {
+        return Ok(());
+    }
     match verify_model_file(path) {
         Ok(_) => Ok(()),
         Err(bad) => {
@@ -561,7 +568,7 @@ pub fn serialize(tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) 
 /// Load an OpenCLIP-compatible model file (a checkpoint's, or `model.init`'s) into `vs`, whose
 /// parameters are those of `arch`; a ViT's positional grid is resized to `arch`'s image size.
 pub fn load_model_file(vs: &mut tch::nn::VarStore, path: &Path, arch: &crate::model::ClipConfig) -> Result<()> {
-    crate::model::load_safetensors(vs, path, arch)
+    crate::model::load_state_dict(vs, path, arch)
         .with_context(|| format!("loading weights from {}", path.display()))?;
     Ok(())
 }

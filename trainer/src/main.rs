@@ -135,8 +135,45 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Average model checkpoints of one architecture (a model soup) into one `.safetensors` file:
+    /// ours or OpenCLIP's (`.bin`, `epoch_N.pt`, `.safetensors`); uniform unless `--weights`.
+    Soup {
+        /// The model file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// One weight per checkpoint, comma-separated (normalized to sum to 1).
+        #[arg(long, value_delimiter = ',')]
+        weights: Option<Vec<f64>>,
+        /// The checkpoints (at least two).
+        #[arg(required = true, num_args = 2..)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Write the config equivalent to an `open_clip_train.main` command line (the flags after `--`),
+    /// one comment per key naming the flag it came from or OpenCLIP's default it takes.
+    ImportOpenclip {
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Ranks of the launch: OpenCLIP counts checkpoint and eval intervals in epochs, whose
+        /// steps depend on it.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        world: u64,
+        /// open_clip_train.main's flags.
+        #[arg(last = true, allow_hyphen_values = true)]
+        flags: Vec<String>,
+    },
     /// Print every config key with its default and meaning (the README's tables).
     ConfigDocs,
+    /// Print the fully resolved config a run would use (every key after defaults and the
+    /// architecture's choices, the unset ones named) with its derived totals at `--world` ranks:
+    /// global batch, steps per epoch, optimizer steps, samples seen, warmup share.
+    ShowConfig {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Ranks of the launch (e.g. 512 for 64 nodes x 8 GPUs).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        world: u64,
+    },
     /// Print the token ids of each stdin line as a JSON array.
     Tokenize {
         /// Run config (for the tokenizer choice); default: the CLIP BPE, context 77.
@@ -259,6 +296,23 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Some(Command::VerifyCheckpoint { paths }) => commands::verify_checkpoints(&paths),
+        Some(Command::ImportOpenclip { out, world, flags }) => {
+            let text = ferroclip::import_openclip::import(&flags, world as usize)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+                }
+                None => {
+                    print!("{text}");
+                    Ok(())
+                }
+            }
+        }
+        Some(Command::Soup { out, weights, inputs }) => ferroclip::soup::soup(&inputs, weights.as_deref(), &out),
+        Some(Command::ShowConfig { cfg, world }) => {
+            print!("{}", ferroclip::config::show::resolved_toml(&load(&cfg)?, world as usize)?);
+            Ok(())
+        }
         Some(Command::ConfigDocs) => {
             print!("{}", ferroclip::config::docs::markdown());
             Ok(())

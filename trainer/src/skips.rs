@@ -63,11 +63,16 @@ impl SkippedSteps {
 }
 
 /// The end of a training step once the gradients are summed: the non-finite check, clipping to
-/// `clip_norm` (0: none), the optimizer update or its skip, and the count — all on the device.
+/// `clip_norm` (`None`: no clipping), the optimizer update or its skip, and the count — all on the device.
 /// Returns the `found_inf` flag and, when clipping, the gradient norm before clipping.
-pub fn update(opt: &mut AdamW, loss: &Tensor, clip_norm: f64, skips: &mut SkippedSteps) -> (Tensor, Option<Tensor>) {
+pub fn update(
+    opt: &mut AdamW,
+    loss: &Tensor,
+    clip_norm: Option<f64>,
+    skips: &mut SkippedSteps,
+) -> (Tensor, Option<Tensor>) {
     let found_inf = opt.non_finite(loss);
-    let grad_norm = (clip_norm > 0.0).then(|| opt.clip_grad_norm(clip_norm));
+    let grad_norm = clip_norm.map(|max| opt.clip_grad_norm(max));
     opt.step_unless(&found_inf);
     skips.record(&found_inf);
     (found_inf, grad_norm)
@@ -97,7 +102,7 @@ mod tests {
                 let g = w.grad();
                 let _ = g.get(1).fill_(f64::INFINITY);
             }
-            update(opt, &loss.detach(), 1.0, skips).0
+            update(opt, &loss.detach(), Some(1.0), skips).0
         };
         assert_eq!(step(&mut opt, &mut skips, false).double_value(&[]), 0.0);
         let before: Vec<Tensor> = [&w, &b].iter().map(|p| p.detach().copy()).collect();

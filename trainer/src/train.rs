@@ -1,5 +1,5 @@
 //! The training loop, top to bottom: set-up, then one optimizer step after another until
-//! `train.max_steps`, with logging, checkpoints, evaluation and preemption in between.
+//! the run's last step, with logging, checkpoints, evaluation and preemption in between.
 //! OpenCLIP's `open_clip_train/main.py` + `train.py`, without their callback maze.
 
 use std::path::{Path, PathBuf};
@@ -72,7 +72,7 @@ fn requeue_after_preemption(cfg: &Config, step: u64) {
     }
 }
 
-/// Trains to `train.max_steps`; returns the step it stopped at when a preemption signal ended it early.
+/// Trains for the run's steps ([`crate::config::RunPlan`]); returns the step it stopped at when a preemption signal ended it early.
 fn train(
     cfg: &Config,
     s: &World,
@@ -84,6 +84,10 @@ fn train(
     let (rank, world) = (collective.rank(), collective.world_size());
     let is_main = rank == 0;
     let device = s.device;
+    // The run's length and totals at this world size (the same on every rank).
+    let plan = crate::config::RunPlan::new(cfg, world)
+        .map_err(|message| crate::config::ConfigError { file: "<config>".into(), message })?;
+    let total_steps = plan.total_steps;
 
     let run_dir = cfg.run_dir();
     // Before anything is written: a second run on this folder stops here, on every rank (status 2).
@@ -107,19 +111,19 @@ fn train(
     let resume = choose_resume(&cfg.checkpoint.resume, &ckpt, control)?;
     if let Some((model_path, _)) = &resume {
         checkpoint::load_model_file(&mut vs, model_path, &mcfg)?;
-    } else if !cfg.model.init.is_empty() {
+    } else if let Some(init) = &cfg.model.init {
         // Fine-tune: weights only, a fresh optimizer, schedule and data stream (any image size).
-        checkpoint::check_init_file(Path::new(&cfg.model.init))?;
-        checkpoint::load_model_file(&mut vs, Path::new(&cfg.model.init), &mcfg)?;
+        checkpoint::check_init_file(init).with_context(|| format!("model.init: {}", init.display()))?;
+        checkpoint::load_model_file(&mut vs, init, &mcfg).context("model.init")?;
         if is_main {
-            eprintln!("ferroclip: initialized weights from {}", cfg.model.init);
+            eprintln!("ferroclip: initialized weights from {}", init.display());
         }
     }
-    if resume.is_none() && !cfg.model.text_init.is_empty() {
-        crate::model::load_hf_text_encoder(&mut vs, Path::new(&cfg.model.text_init), &mcfg)
-            .with_context(|| format!("model.text_init: loading {}", cfg.model.text_init))?;
+    if let (None, Some(text_init)) = (&resume, &cfg.model.text_init) {
+        crate::model::load_hf_text_encoder(&mut vs, text_init, &mcfg)
+            .with_context(|| format!("model.text_init: loading {}", text_init.display()))?;
         if is_main {
-            eprintln!("ferroclip: initialized the text tower from {}", cfg.model.text_init);
+            eprintln!("ferroclip: initialized the text tower from {}", text_init.display());
         }
     }
     broadcast_parameters(&vs, collective);
@@ -132,7 +136,7 @@ fn train(
         eprintln!("ferroclip: {} ({} parameters)", opt.describe(), crate::model::num_params(&vs));
     }
     let mut grad_sync = GradSync::new(&opt, collective, cfg.dist.bucket_mb, cfg.dist.overlap)?;
-    let schedule = cfg.schedule.init(cfg.optim.lr, cfg.train.max_steps);
+    let schedule = cfg.schedule.init(cfg.optim.lr, total_steps);
     let loss_fn = ClipLoss { local_loss: cfg.train.local_loss };
 
     // Optimizer, schedule and counters do not depend on the world size; the data stream picks up
@@ -181,8 +185,8 @@ fn train(
         false => None,
     };
 
-    let mut logger = RunLogger::create(&run_dir, cfg.train.max_steps, is_main).context("creating the run logs")?;
-    let global_batch = (cfg.data.batch_size * cfg.train.accum_freq * world) as u64;
+    let mut logger = RunLogger::create(&run_dir, total_steps, is_main).context("creating the run logs")?;
+    let global_batch = plan.global_batch;
     let mut window = Window::new();
     let mut pending_loss: Vec<Tensor> = Vec::new();
     let mut skips = SkippedSteps::new(counters.skipped_steps, device);
@@ -202,7 +206,7 @@ fn train(
     let mut writer = CheckpointWriter::new(ckpt.clone(), cfg.checkpoint.keep);
     watchdog::step_done(counters.step);
     publish_step(counters.step);
-    while counters.step < cfg.train.max_steps {
+    while counters.step < total_steps {
         if counters.step > first_step && sync_debug != SyncDebug::Off {
             sync_debug.apply();
         }
@@ -262,10 +266,10 @@ fn train(
         let loss = out.loss.detach().where_self(&applied.gt(0.5), &Tensor::zeros_like(&out.loss));
         pending_loss.push(Tensor::stack(&[loss, applied], 0));
 
-        let last = counters.step == cfg.train.max_steps;
+        let last = counters.step == total_steps;
         let mut stats = StepStats {
             step: counters.step,
-            total_steps: cfg.train.max_steps,
+            total_steps,
             samples_seen: counters.samples_seen,
             lr,
             ..Default::default()

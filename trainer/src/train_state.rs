@@ -29,11 +29,12 @@ pub struct Counters {
 /// fast (`dist.*`, `train.threads`, `train.device`, `data.workers`, `data.prefetch`, timeouts), the
 /// weights a fresh start begins from (`model.init`, `model.text_init`), and the stream's own keys
 /// (shards, weights, readers, shuffling, resampling: the data cursor's fingerprint checks them).
-const RUN_KEYS: [&str; 18] = [
+const RUN_KEYS: [&str; 19] = [
     "seed",
     "model.arch",
     "model.image_size",
     "model.drop_path",
+    "model.head_dropout",
     "model.tokenizer",
     "train.precision",
     "train.accum_freq",
@@ -50,9 +51,9 @@ const RUN_KEYS: [&str; 18] = [
     "data.max_image_pixels",
 ];
 
-/// `train.max_steps` changes the schedule's length too, but resuming with another one is how a run
-/// is extended or shortened: it is named, not refused.
-const LENGTH_KEY: &str = "train.max_steps";
+/// `train.max_steps` and `train.epochs` change the schedule's length too, but resuming with another
+/// one is how a run is extended or shortened: they are named, not refused.
+const LENGTH_KEYS: [&str; 2] = ["train.max_steps", "train.epochs"];
 
 /// A resumed run's state, read back from a state file.
 pub struct TrainState {
@@ -105,12 +106,13 @@ impl TrainState {
 /// One config key whose value differs: (key, saved value, current value).
 pub type Change = (String, String, String);
 
-/// The keys of [`RUN_KEYS`] (and [`LENGTH_KEY`]) whose values differ between `saved` and `now`.
+/// The keys of [`RUN_KEYS`] (and [`LENGTH_KEYS`]) whose values differ between `saved` and `now`.
 pub fn changed_run_keys(saved: &Config, now: &Config) -> Vec<Change> {
     let (a, b) = (flatten(saved), flatten(now));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     let matters = |k: &str| {
-        k == LENGTH_KEY || RUN_KEYS.iter().any(|p| if p.ends_with(['.', '_']) { k.starts_with(p) } else { k == *p })
+        LENGTH_KEYS.contains(&k)
+            || RUN_KEYS.iter().any(|p| if p.ends_with(['.', '_']) { k.starts_with(p) } else { k == *p })
     };
     keys.into_iter()
         .filter(|k| matters(k) && a.get(*k) != b.get(*k))
@@ -135,7 +137,7 @@ fn check_config(saved_toml: &str, cfg: &Config, path: &Path, report: bool) -> Re
     };
     let changes = changed_run_keys(&saved, cfg);
     let list = |cs: &[&Change]| cs.iter().map(|(k, a, b)| format!("{k} {a} -> {b}")).collect::<Vec<_>>().join(", ");
-    let (length, run): (Vec<&Change>, Vec<&Change>) = changes.iter().partition(|c| c.0 == LENGTH_KEY);
+    let (length, run): (Vec<&Change>, Vec<&Change>) = changes.iter().partition(|c| LENGTH_KEYS.contains(&c.0.as_str()));
     if !run.is_empty() && !cfg.checkpoint.allow_config_change {
         return Err(ConfigError {
             file: file.to_string(),
@@ -157,7 +159,7 @@ fn check_config(saved_toml: &str, cfg: &Config, path: &Path, report: bool) -> Re
 }
 
 /// A config saved before these keys were `Option`s spelled "unset" as a value (`image_size = 0`,
-/// `drop_path = -1`, `beta2 = 0`, `eps = 0`): read those as unset, so that resuming such a run with
+/// `drop_path = -1`, `beta2 = 0`, `eps = 0`, `grad_clip_norm = 0`, `init = ""`): read those as unset, so that resuming such a run with
 /// today's config does not count them as changed keys.
 fn unset_old_sentinels(mut c: Config) -> Config {
     if c.model.image_size == Some(0) {
@@ -171,6 +173,14 @@ fn unset_old_sentinels(mut c: Config) -> Config {
     }
     if c.optim.eps == Some(0.0) {
         c.optim.eps = None;
+    }
+    if c.train.grad_clip_norm == Some(0.0) {
+        c.train.grad_clip_norm = None;
+    }
+    for path in [&mut c.model.init, &mut c.model.text_init] {
+        if path.as_deref().is_some_and(|p| p.as_os_str().is_empty()) {
+            *path = None;
+        }
     }
     c
 }
@@ -212,7 +222,7 @@ mod tests {
         now.optim.lr = 1e-3;
         now.data.augment.re_prob = 0.0;
         now.train.lock_image = true;
-        now.train.max_steps = 5000;
+        now.train.max_steps = Some(5000);
         let keys: Vec<String> = changed_run_keys(&saved, &now).into_iter().map(|c| c.0).collect();
         assert_eq!(keys, ["data.augment.re_prob", "optim.lr", "train.lock_image", "train.max_steps"]);
     }
@@ -223,7 +233,7 @@ mod tests {
         let path = Path::new("step_00000004.state.safetensors");
         let toml = toml::to_string(&saved).unwrap();
         let mut now = saved.clone();
-        now.train.max_steps = 7;
+        now.train.max_steps = Some(7);
         check_config(&toml, &now, path, false).unwrap();
         now.schedule.warmup_steps = 1;
         let e = check_config(&toml, &now, path, false).unwrap_err();

@@ -10,6 +10,8 @@ pub mod eval;
 pub mod model;
 pub mod optim;
 pub mod outputs;
+pub mod plan;
+pub mod show;
 pub mod train;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ pub use ferroclip_data::DataConfig;
 pub use model::ModelConfig;
 pub use optim::{OptimConfig, ScheduleConfig, ScheduleKind};
 pub use outputs::{CheckpointConfig, LogConfig};
+pub use plan::RunPlan;
 pub use train::{DeviceConfig, Precision, TrainConfig};
 
 /// A config that cannot be used. Always names the file and the key; `trainer` exits with status 2.
@@ -96,12 +99,15 @@ impl Config {
         }
         self.train.validate()?;
         check_ranges("optim", &self.optim)?;
-        self.schedule.validate(self.train.max_steps)?;
+        check_ranges("schedule", &self.schedule)?;
         check_ranges("checkpoint", &self.checkpoint)?;
         check_ranges("log", &self.log)?;
         self.dist.validate()?;
         self.eval.validate()?;
-        self.model.arch_config().map_err(|e| format!("{e:#}"))?;
+        let arch = self.model.arch_config().map_err(|e| format!("{e:#}"))?;
+        crate::lock::check(&self.train.lock_spec(), &arch)?;
+        // What does not depend on the world size (the launch checks its own: train::run).
+        RunPlan::new(self, 1)?;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! the model and the tokenizer every command uses.
 
 use ferroclip_data::section::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -21,23 +22,28 @@ ferroclip_data::config_section! {
         /// patch size, a ConvNeXt's a multiple of its stem stride (4) and at least 32 (its stride
         /// after the last downsampling).
         pub image_size: Option<usize> = None => Range::closed(1.0, 8192.0),
-        /// Weights to start from (an OpenCLIP-compatible `.safetensors`), with a fresh optimizer,
-        /// schedule and data stream; ignored on resume.
-        pub init: String = "",
-        /// Hugging Face text-encoder weights (e.g. `xlm-roberta-base` as safetensors, `roberta.*` or
-        /// bare `embeddings.*`/`encoder.*` keys) to start the text tower of an HF-text architecture
-        /// from; applied after `init`, ignored on resume.
-        pub text_init: String = "",
+        /// Weights to start from, with a fresh optimizer, schedule and data stream; ignored on
+        /// resume. Ours or OpenCLIP's: a `.safetensors` model file, a `torch.save` state dict (the
+        /// hub's `open_clip_pytorch_model.bin`) or an open_clip_train checkpoint (`epoch_N.pt`).
+        pub init: Option<PathBuf> = None,
+        /// Hugging Face text-encoder weights (e.g. `xlm-roberta-base`'s `model.safetensors` or
+        /// `pytorch_model.bin`, `roberta.*` or bare `embeddings.*`/`encoder.*` keys) to start the text
+        /// tower of an HF-text architecture from; applied after `init`, ignored on resume.
+        pub text_init: Option<PathBuf> = None,
         /// Stochastic depth rate of the image tower; unset keeps the architecture's (0.1 for the
         /// ConvNeXts).
         pub drop_path: Option<f64> = None => Range::below(0.0, 1.0),
+        /// Dropout in the image tower's projection head (OpenCLIP's `timm_drop`; the 256 px
+        /// convnext_large_d augreg run used 0.1); unset keeps the architecture's (0 for the built-in
+        /// ConvNeXts). ConvNeXt only: OpenCLIP's ViT head has none.
+        pub head_dropout: Option<f64> = None => Range::below(0.0, 1.0),
         /// Text tokenizer: `"clip"` (OpenAI CLIP BPE) or the path of a Hugging Face `tokenizer.json`.
         pub tokenizer: TokenizerConfig = TokenizerConfig::Clip,
     }
 }
 
 impl ModelConfig {
-    /// The architecture `arch` names, with `image_size` and `drop_path` applied.
+    /// The architecture `arch` names, with `image_size`, `drop_path` and `head_dropout` applied.
     pub fn arch_config(&self) -> Result<ClipConfig> {
         let mut m = ClipConfig::resolve(&self.arch).map_err(|e| anyhow::anyhow!("key `model.arch`: {e}"))?;
         if let Some(size) = self.image_size {
@@ -46,6 +52,15 @@ impl ModelConfig {
         }
         if let Some(rate) = self.drop_path {
             m = m.with_drop_path(rate);
+        }
+        if let Some(rate) = self.head_dropout {
+            if !matches!(m.vision, crate::model::VisionConfig::ConvNext(_)) && rate != 0.0 {
+                anyhow::bail!(
+                    "key `model.head_dropout`: {} has no dropout in its image head (ConvNeXt only)",
+                    self.arch
+                );
+            }
+            m = m.with_head_dropout(rate);
         }
         Ok(m)
     }

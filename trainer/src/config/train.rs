@@ -9,8 +9,14 @@ use crate::lock::LockSpec;
 ferroclip_data::config_section! {
     /// `[train]`
     pub struct TrainConfig {
-        /// Stop after this many optimizer steps, whatever the epoch plan.
-        pub max_steps: u64 = 1000 => Range::at_least(1.0),
+        /// Optimizer steps of the run. Unset: `epochs` decides, or 1000 steps when neither is set.
+        /// Not together with `epochs`.
+        pub max_steps: Option<u64> = None => Range::at_least(1.0),
+        /// The run's length in OpenCLIP's epochs (`--epochs`): `epochs` × OpenCLIP's optimizer steps
+        /// per epoch, ceil(ceil(data.train_num_samples / (data.batch_size × ranks)) / data.workers) ×
+        /// data.workers micro-batches divided by `accum_freq` (open_clip_train's `get_wds_dataset`
+        /// and scheduler); needs `data.train_num_samples`. `trainer show-config --world N` prints it.
+        pub epochs: Option<u64> = None => Range::at_least(1.0),
         /// `"fp32"` or `"amp_bf16"` (also spelled `"amp_bfloat16"`, as OpenCLIP allows; bf16 autocast on CUDA; fp32 on the CPU). Under autocast the logits matmul of the loss runs in bf16, as in OpenCLIP; the log-softmax and the loss reductions run in fp32 (autocast's fp32 list), and master weights and AdamW stay fp32.
         pub precision: Precision = Precision::Fp32,
         /// Micro-batches per optimizer step; the loss sees all their negatives (OpenCLIP `--accum-freq`).
@@ -18,8 +24,8 @@ ferroclip_data::config_section! {
         /// Each rank computes only its rows of the logits (OpenCLIP `--local-loss`); same gradients,
         /// less memory.
         pub local_loss: bool = false,
-        /// Clip gradients to this global L2 norm; 0 disables.
-        pub grad_clip_norm: f64 = 0.0 => Range::at_least(0.0),
+        /// Clip gradients to this global L2 norm (OpenCLIP `--grad-clip-norm`); unset: no clipping.
+        pub grad_clip_norm: Option<f64> = None => Range::positive(),
         /// Freeze the image tower (OpenCLIP `--lock-image`).
         pub lock_image: bool = false,
         /// With `lock_image`, leave the last N layer groups trainable.
@@ -28,6 +34,9 @@ ferroclip_data::config_section! {
         pub lock_text: bool = false,
         /// With `lock_text`, leave the last N layers trainable.
         pub lock_text_unlocked_layers: usize = 0,
+        /// With `lock_text`, freeze the LayerNorms of the unlocked layers too (OpenCLIP
+        /// `--lock-text-freeze-layer-norm`; Hugging Face text towers only, as in OpenCLIP).
+        pub lock_text_freeze_layer_norm: bool = false,
         /// Abort after this many consecutive steps with a non-finite loss or gradient (each is
         /// skipped on the device; checked at log and checkpoint steps).
         pub max_bad_steps: u64 = 20 => Range::at_least(1.0),
@@ -54,10 +63,15 @@ impl TrainConfig {
             image_unlocked_groups: self.lock_image_unlocked_groups,
             lock_text: self.lock_text,
             text_unlocked_layers: self.lock_text_unlocked_layers,
+            text_freeze_layer_norm: self.lock_text_freeze_layer_norm,
         }
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        super::check_ranges("train", self)
+        super::check_ranges("train", self)?;
+        if self.max_steps.is_some() && self.epochs.is_some() {
+            return Err("keys `train.max_steps` and `train.epochs`: set one of them, not both".into());
+        }
+        Ok(())
     }
 }

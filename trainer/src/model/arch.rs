@@ -141,6 +141,7 @@ struct VisionCfg {
     timm_pool: Option<String>,
     timm_proj: Option<String>,
     timm_drop_path: Option<f64>,
+    timm_drop: Option<f64>,
     layers: Option<i64>,
     width: Option<i64>,
     head_width: Option<i64>,
@@ -156,7 +157,6 @@ const VISION_DEFAULTS: &[(&str, &str)] = &[
     ("output_tokens", "false"),
     ("timm_model_pretrained", "false"),
     ("timm_proj_bias", "false"),
-    ("timm_drop", "0.0"),
 ];
 /// OpenCLIP `VisionTransformer` keys built only at their default.
 /// The residual-block options both of OpenCLIP's transformers (vision and text) take, at their defaults.
@@ -199,6 +199,9 @@ fn vision_tower(v: &VisionCfg, file: &str) -> Result<VisionConfig, String> {
         }
         if let Some(rate) = v.timm_drop_path {
             return Err(at("timm_drop_path", &rate, "only read with `timm_model_name`"));
+        }
+        if let Some(rate) = v.timm_drop.filter(|r| *r != 0.0) {
+            return Err(at("timm_drop", &rate, "only read with `timm_model_name`"));
         }
         let width = v.width.unwrap_or(768);
         positive(file, "vision_cfg.width", width)?;
@@ -244,7 +247,11 @@ fn vision_tower(v: &VisionCfg, file: &str) -> Result<VisionConfig, String> {
     if !(0.0..1.0).contains(&drop_path_rate) {
         return Err(at("timm_drop_path", &drop_path_rate, "must be in [0, 1)"));
     }
-    Ok(VisionConfig::ConvNext(ConvNextConfig { dims, depths, drop_path_rate, proj, image_size }))
+    let head_drop = v.timm_drop.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&head_drop) {
+        return Err(at("timm_drop", &head_drop, "must be in [0, 1)"));
+    }
+    Ok(VisionConfig::ConvNext(ConvNextConfig { dims, depths, drop_path_rate, proj, head_drop, image_size }))
 }
 
 /// `text_cfg`: OpenCLIP's `TextTransformer` keys, or a Hugging Face tower's.
@@ -377,21 +384,50 @@ fn dropout() -> f64 {
     0.1
 }
 
-/// `config.json` keys without effect on the encoder we build: the head class, special-token ids
-/// other than padding (the tokenizer's business), bookkeeping of `transformers`.
+/// `config.json` keys without effect on the encoder we build, as `transformers` writes them
+/// (`save_pretrained` of 4.x and 5.x, and the hub's files): the head class and its labels,
+/// special-token ids other than padding (the tokenizer's business), output switches, tying of the
+/// LM head, the attention kernel choice and chunking (same values), bookkeeping.
 const HF_CONFIG_ACCEPTED: &[&str] = &[
+    "_name_or_path",
+    "_attn_implementation",
     "architectures",
     "bos_token_id",
-    "eos_token_id",
-    "transformers_version",
-    "torch_dtype",
-    "use_cache",
+    "chunk_size_feed_forward",
     "classifier_dropout",
+    "cls_token_id",
+    "dtype",
+    "eos_token_id",
+    "finetuning_task",
+    "gradient_checkpointing",
+    "id2label",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
     "output_past",
+    "prefix",
+    "problem_type",
+    "return_dict",
+    "sep_token_id",
+    "task_specific_params",
+    "tie_word_embeddings",
+    "tokenizer_class",
+    "torch_dtype",
+    "torchscript",
+    "transformers_version",
+    "use_cache",
 ];
-/// Built only at `XLMRobertaConfig`'s default (`initializer_range`: our init is normal(0, 0.02)).
-const HF_CONFIG_DEFAULTS: &[(&str, &str)] =
-    &[("hidden_act", "\"gelu\""), ("position_embedding_type", "\"absolute\""), ("initializer_range", "0.02")];
+/// Built only at `XLMRobertaConfig`'s default (`initializer_range`: our init is normal(0, 0.02));
+/// `add_cross_attention` / `is_decoder` = true would make another model (decoder layers), and
+/// `pruned_heads` other attention shapes.
+const HF_CONFIG_DEFAULTS: &[(&str, &str)] = &[
+    ("hidden_act", "\"gelu\""),
+    ("position_embedding_type", "\"absolute\""),
+    ("initializer_range", "0.02"),
+    ("add_cross_attention", "false"),
+    ("is_decoder", "false"),
+    ("pruned_heads", "{}"),
+];
 
 impl HfConfig {
     fn xlmr(&self, file: &str) -> Result<XlmrConfig, String> {
@@ -544,6 +580,7 @@ mod tests {
                 depths: [3, 3, 27, 3],
                 drop_path_rate: 0.1,
                 proj: ConvNextProj::Mlp,
+                head_drop: 0.0,
                 image_size: 320,
             })
         );
@@ -609,6 +646,28 @@ mod tests {
         let defaults = ok.replace(r#""patch_size": 8"#, r#""patch_size": 8, "mlp_ratio": 4, "pool_type": "tok""#);
         let accepted = defaults.replace(r#""layers": 2}"#, r#""layers": 2, "hf_tokenizer_name": "y"}"#);
         parse("x", &accepted, &Source::Builtin("x")).unwrap();
+    }
+
+    /// `XLMRobertaConfig(...).save_pretrained()` of transformers 5.23 (the version the fixtures pin)
+    /// writes these keys; it loads, and a key that would change the model is refused by name.
+    #[test]
+    fn config_json_as_transformers_5_writes_it_loads() {
+        let written = r#"{
+          "add_cross_attention": false, "attention_probs_dropout_prob": 0.1, "bos_token_id": 0,
+          "classifier_dropout": null, "eos_token_id": 2, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+          "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 37, "is_decoder": false,
+          "layer_norm_eps": 1e-12, "max_position_embeddings": 80, "model_type": "xlm-roberta",
+          "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1, "tie_word_embeddings": true,
+          "transformers_version": "5.23.0", "type_vocab_size": 2, "use_cache": true, "vocab_size": 100
+        }"#;
+        let hf: HfConfig = from_json(written, "c.json").unwrap();
+        assert_eq!(hf.xlmr("c.json").unwrap().intermediate_size, 37);
+        for (key, value) in [("add_cross_attention", "true"), ("is_decoder", "true")] {
+            let changed = written.replace(&format!("\"{key}\": false"), &format!("\"{key}\": {value}"));
+            let hf: HfConfig = from_json(&changed, "c.json").unwrap();
+            let e = hf.xlmr("c.json").unwrap_err();
+            assert!(e.contains(&format!("key `{key}` = true")), "{e}");
+        }
     }
 
     #[test]

@@ -140,6 +140,14 @@ impl ClipConfig {
         self
     }
 
+    /// Override the projection head's dropout (ConvNeXt `timm_drop`; OpenCLIP's ViT head has none).
+    pub fn with_head_dropout(mut self, rate: f64) -> Self {
+        if let VisionConfig::ConvNext(c) = &mut self.vision {
+            c.head_drop = rate;
+        }
+        self
+    }
+
     /// Override the maximum stochastic-depth rate (ConvNeXt; the ViT tower has none, as in OpenCLIP's default).
     pub fn with_drop_path(mut self, rate: f64) -> Self {
         if let VisionConfig::ConvNext(c) = &mut self.vision {

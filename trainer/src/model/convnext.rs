@@ -25,6 +25,9 @@ pub struct ConvNextConfig {
     pub drop_path_rate: f64,
     /// Projection head: `"linear"` or `"mlp"` (OpenCLIP `timm_proj`).
     pub proj: ConvNextProj,
+    /// Dropout in the projection head (OpenCLIP `timm_drop`): before `head.proj`, or after the
+    /// GELU of `head.mlp` (timm `Mlp(drop=(drop, 0))`); active in training only.
+    pub head_drop: f64,
     /// Input resolution (informational for the trunk: it is fully convolutional).
     pub image_size: i64,
 }
@@ -150,6 +153,7 @@ pub struct ConvNext {
     stages: Vec<Stage>,
     head_norm: LayerNorm2d,
     proj: Head,
+    head_drop: f64,
     /// Each block recomputed in backward instead of keeping its activations (OpenCLIP
     /// `set_grad_checkpointing`, timm `checkpoint_seq` over each stage's blocks).
     grad_checkpointing: bool,
@@ -205,7 +209,7 @@ impl ConvNext {
                 linear(&hp / "mlp" / "fc2", 2 * embed_dim, embed_dim, false),
             ),
         };
-        Self { stem_conv, stem_norm, stages, head_norm, proj, grad_checkpointing: false }
+        Self { stem_conv, stem_norm, stages, head_norm, proj, head_drop: cfg.head_drop, grad_checkpointing: false }
     }
 
     /// Activation checkpointing per block (see [`crate::model::grad_checkpointing`]).
@@ -230,9 +234,10 @@ impl ConvNext {
         let kind = x.kind();
         let x = x.mean_dim(&[-2i64, -1][..], true, kind); // [b, c, 1, 1]
         let x = self.head_norm.forward(&x).flatten(1, -1); // [b, c]
+                                                           // `Tensor::dropout` is torch's `F.dropout`: the same mask for the same RNG state as OpenCLIP.
         match &self.proj {
-            Head::Linear(l) => x.apply(l),
-            Head::Mlp(fc1, fc2) => x.apply(fc1).gelu("none").apply(fc2),
+            Head::Linear(l) => x.dropout(self.head_drop, train).apply(l),
+            Head::Mlp(fc1, fc2) => x.apply(fc1).gelu("none").dropout(self.head_drop, train).apply(fc2),
         } // [b, embed]
     }
 }
@@ -265,6 +270,7 @@ mod tests {
             depths: [1, 1, 2, 1],
             drop_path_rate: 0.4,
             proj: ConvNextProj::Linear,
+            head_drop: 0.0,
             image_size: 32,
         };
         let m = ConvNext::new(&(vs.root() / "visual"), &cfg, 4);

@@ -6,6 +6,7 @@ pub mod convnext;
 pub(crate) mod grad_checkpointing;
 pub mod hf_text;
 pub mod text;
+pub mod torch_file;
 pub mod vit;
 pub mod weights;
 
@@ -14,7 +15,7 @@ pub use convnext::{ConvNextConfig, ConvNextProj};
 pub use hf_text::{XlmRobertaText, XlmrConfig};
 pub use text::TextConfig;
 pub use vit::VitConfig;
-pub use weights::{load_hf_text_encoder, load_safetensors, save_safetensors, LoadReport, WeightsError};
+pub use weights::{load_hf_text_encoder, load_state_dict, read_state_dict, save_safetensors, LoadReport, WeightsError};
 
 use tch::Tensor;
 

@@ -1,5 +1,7 @@
-//! Loading and saving OpenCLIP state dicts as `.safetensors` by exact key names
-//! (`open_clip/factory.py`: `load_state_dict`, `load_checkpoint` with `strict=True`).
+//! Loading OpenCLIP state dicts by exact key names (`open_clip/factory.py`: `load_state_dict`,
+//! `load_checkpoint` with `strict=True`) from `.safetensors` or `torch.save` files (told apart by
+//! their first bytes, [`torch_file::Format`]): ours, OpenCLIP's `open_clip_model.safetensors` and
+//! `open_clip_pytorch_model.bin`, open_clip_train's `epoch_N.pt`; and saving them as safetensors.
 //!
 //! Files written by [`save_safetensors`] load with
 //! `open_clip.create_model(ARCH, pretrained="model.safetensors")`: OpenCLIP reads any path ending
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 use super::clip::{ClipConfig, TextTower, VisionConfig};
+use super::torch_file::{self, Format};
 use super::vit::resize_pos_embed;
 
 /// What went wrong loading or saving weights.
@@ -40,9 +43,12 @@ pub enum WeightsError {
     NoHfTextTower { path: PathBuf, arch: String },
     #[error("{path}: tensor `{key}` {message}")]
     BadTensor { path: PathBuf, key: String, message: String },
+    /// Not a weights file ferroclip reads: truncated, corrupt, legacy torch format, not a state dict.
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
 }
 
-/// What [`load_safetensors`] did besides plain copies.
+/// What [`load_state_dict`] did besides plain copies.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LoadReport {
     /// Tensors copied into the model.
@@ -60,16 +66,24 @@ fn is_stale_hf_buffer(key: &str) -> bool {
     key.ends_with("embeddings.position_ids") || key.ends_with("embeddings.token_type_ids")
 }
 
-fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
-    Tensor::read_safetensors(path).map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })
+/// The named tensors of a weights file in either format.
+pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+    let format = Format::of_file(path)
+        .map_err(|e| WeightsError::BadFile { path: path.to_path_buf(), message: format!("cannot read: {e}") })?;
+    match format {
+        Format::TorchZip | Format::TorchLegacy => torch_file::state_dict(path),
+        Format::Safetensors => {
+            Tensor::read_safetensors(path).map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })
+        }
+    }
 }
 
-/// Loads an OpenCLIP state dict into `vs` (built by `Clip::new(&vs.root(), cfg)`), strictly:
+/// Loads an OpenCLIP state dict (either format) into `vs` (built by `Clip::new(&vs.root(), cfg)`), strictly:
 /// every model key must be present with its shape, and no extra key may exist. A leading
 /// `module.` (DDP) is stripped, a 1-element `logit_scale` is reshaped, and a ViT positional
 /// embedding for another grid is resized as OpenCLIP's `resize_pos_embed` does.
-pub fn load_safetensors(vs: &mut tch::nn::VarStore, path: &Path, cfg: &ClipConfig) -> Result<LoadReport, WeightsError> {
-    let read = read_file(path)?;
+pub fn load_state_dict(vs: &mut tch::nn::VarStore, path: &Path, cfg: &ClipConfig) -> Result<LoadReport, WeightsError> {
+    let read = read_state_dict(path)?;
     let mut file: HashMap<String, Tensor> =
         read.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v)).collect();
     let vars = vs.variables();
@@ -109,7 +123,7 @@ pub fn load_safetensors(vs: &mut tch::nn::VarStore, path: &Path, cfg: &ClipConfi
 }
 
 /// Initializes the text tower of an XLM-RoBERTa model (`cfg.text` is [`TextTower::XlmRoberta`])
-/// from a Hugging Face checkpoint converted to safetensors: keys `embeddings.*` / `encoder.*`,
+/// from a Hugging Face checkpoint (`model.safetensors` or `pytorch_model.bin`): keys `embeddings.*` / `encoder.*`,
 /// optionally under `roberta.` (`XLMRobertaForMaskedLM`) or `module.`, map onto
 /// `text.transformer.*` by prefix. Every `text.transformer.*` variable must be present with its
 /// shape; `lm_head.*`, `pooler.*` and stale buffers are skipped; anything else is unexpected.
@@ -125,7 +139,7 @@ pub fn load_hf_text_encoder(
     }
     let mut report = LoadReport::default();
     let mut file: HashMap<String, Tensor> = HashMap::new();
-    for (key, t) in read_file(path)? {
+    for (key, t) in read_state_dict(path)? {
         let bare = key.strip_prefix("module.").unwrap_or(&key);
         let bare = bare.strip_prefix("roberta.").unwrap_or(bare);
         if is_stale_hf_buffer(bare) || !(bare.starts_with("embeddings.") || bare.starts_with("encoder.")) {
