@@ -102,14 +102,37 @@ pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
 
 pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let (named, _) = checkpoint::read(path).unwrap();
-    named
-        .into_iter()
-        .map(|(n, t)| {
-            let t = t.contiguous();
-            let bytes = t.numel() * t.kind().elt_size_in_bytes();
-            // SAFETY: contiguous CPU tensor of `bytes` bytes.
-            let data = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) }.to_vec();
-            (n, data)
-        })
-        .collect()
+    named.into_iter().map(|(n, t)| (n, tensor_bytes(&t))).collect()
+}
+
+/// The bytes of a CPU tensor, in row-major order.
+pub fn tensor_bytes(t: &tch::Tensor) -> Vec<u8> {
+    let t = t.contiguous();
+    let bytes = t.numel() * t.kind().elt_size_in_bytes();
+    // SAFETY: contiguous CPU tensor of `bytes` bytes.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) }.to_vec()
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs `scripts/{name}` (an OpenCLIP fixture generator) with the repository's venv, which must exist.
+pub fn python_script(name: &str, args: &[&str]) -> Output {
+    let py = repo().join(".venv/bin/python");
+    assert!(py.exists(), "{} missing: this test needs the venv with torch and open_clip", py.display());
+    let out =
+        Command::new(&py).arg(repo().join("scripts").join(name)).args(args).output().expect("runs .venv/bin/python");
+    assert!(out.status.success(), "{name} {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Every tensor of a safetensors file, by name.
+pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+}
+
+pub fn max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
 }
