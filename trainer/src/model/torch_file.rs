@@ -6,11 +6,20 @@
 //! state dict, each problem named with the file and the key.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
-use super::weights::WeightsError;
+/// What is wrong with a file read as `torch.save`'s format: the file, and the key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum TorchFileError {
+    /// Not readable as a whole: legacy format, truncated, corrupt, a class that is not a tensor's.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// Readable, but an entry is not what a state dict holds.
+    #[error("{path}: tensor `{key}` {message}")]
+    Key { path: PathBuf, key: String, message: String },
+}
 
 extern "C" {
     fn ferroclip_last_error() -> *const c_char;
@@ -90,8 +99,8 @@ impl Format {
 }
 
 /// Every leaf of the object `torch.save` wrote to `path`, with its path of keys from the root.
-pub fn read(path: &Path) -> Result<Vec<(Vec<String>, Leaf)>, WeightsError> {
-    let bad = |message: String| WeightsError::BadFile { path: path.to_path_buf(), message };
+pub fn read(path: &Path) -> Result<Vec<(Vec<String>, Leaf)>, TorchFileError> {
+    let bad = |message: String| TorchFileError::File { path: path.to_path_buf(), message };
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
     match Format::of(&bytes) {
         Format::TorchZip => {}
@@ -160,13 +169,10 @@ extern "C" fn visit(
 /// The model state dict in the torch.save file `path`: the file's top-level dict itself when it
 /// holds only tensors (`torch.save(model.state_dict())`), or its `state_dict` entry (an
 /// open_clip_train checkpoint). Keys as saved (a `module.` prefix is the loader's business).
-pub fn state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
+pub fn state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, TorchFileError> {
     let leaves = read(path)?;
-    let not_state_dict = |key: &[String], message: String| WeightsError::BadTensor {
-        path: path.to_path_buf(),
-        key: key.join("/"),
-        message,
-    };
+    let not_state_dict =
+        |key: &[String], message: String| TorchFileError::Key { path: path.to_path_buf(), key: key.join("/"), message };
     let nested = leaves.iter().any(|(keys, _)| keys.first().map(String::as_str) == Some("state_dict"));
     let mut out = Vec::new();
     for (keys, leaf) in leaves {

@@ -48,6 +48,15 @@ pub enum WeightsError {
     BadFile { path: PathBuf, message: String },
 }
 
+impl From<torch_file::TorchFileError> for WeightsError {
+    fn from(e: torch_file::TorchFileError) -> Self {
+        match e {
+            torch_file::TorchFileError::File { path, message } => WeightsError::BadFile { path, message },
+            torch_file::TorchFileError::Key { path, key, message } => WeightsError::BadTensor { path, key, message },
+        }
+    }
+}
+
 /// What [`load_state_dict`] did besides plain copies.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LoadReport {
@@ -71,7 +80,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsErro
     let format = Format::of_file(path)
         .map_err(|e| WeightsError::BadFile { path: path.to_path_buf(), message: format!("cannot read: {e}") })?;
     match format {
-        Format::TorchZip | Format::TorchLegacy => torch_file::state_dict(path),
+        Format::TorchZip | Format::TorchLegacy => Ok(torch_file::state_dict(path)?),
         Format::Safetensors => {
             Tensor::read_safetensors(path).map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })
         }
