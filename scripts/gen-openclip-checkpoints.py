@@ -13,9 +13,10 @@ Trained:     gen-openclip-checkpoints.py --train --arch A --out DIR
              torch.distributed.run with 2 processes (gloo, CPU), so its checkpoint carries DDP's
              `module.` prefix; DIR/epoch_1.pt is that checkpoint, DIR/expected.safetensors
              OpenCLIP's features after loading it with open_clip.create_model(A, pretrained=...).
-HF text:     gen-openclip-checkpoints.py --hf-text FILE.safetensors --out DIR
+HF text:     gen-openclip-checkpoints.py --hf-text FILE.safetensors --hf-config CONFIG.json --out DIR
              DIR/pytorch_model.bin: torch.save of the same tensors (a Hugging Face checkpoint as
-             transformers < 4.35 wrote them and most hub repos still hold).
+             transformers < 4.35 wrote them and most hub repos still hold); DIR/config.json:
+             CONFIG.json's values as transformers' XLMRobertaConfig(...).save_pretrained writes them.
 
 --arch as gen-model-fixtures.py takes it. Nothing is downloaded.
 """
@@ -162,6 +163,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--hf-text", type=Path)
+    ap.add_argument("--hf-config", type=Path)
     ap.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -171,8 +173,13 @@ def main():
     elif args.train:
         trained(args)
     elif args.hf_text:
+        from transformers import XLMRobertaConfig
+
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(load_file(str(args.hf_text)), args.out / "pytorch_model.bin")
+        values = json.loads(args.hf_config.read_text())
+        values.pop("model_type", None)
+        XLMRobertaConfig(**values).save_pretrained(args.out)
     else:
         hub_file(args)
 

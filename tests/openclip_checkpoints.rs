@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ferroclip::model::{load_hf_text_encoder, load_state_dict, read_state_dict, Clip, ClipConfig, ContrastiveModel};
 use tch::nn::VarStore;
@@ -15,32 +14,12 @@ use tch::{Device, Tensor};
 
 mod support;
 
-use support::{run, tensors, test_arch, Fixture};
+use support::{max_diff, python_script, read_tensors as read, repo, run, tensor_bytes, tensors, test_arch, Fixture};
 
 const TOL: f64 = 1e-6;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
 fn generate(args: &[&str]) {
-    let py = repo().join(".venv/bin/python");
-    assert!(py.exists(), "{} missing: these tests need the venv with open_clip", py.display());
-    let out = Command::new(&py)
-        .arg(repo().join("scripts/gen-openclip-checkpoints.py"))
-        .args(args)
-        .output()
-        .expect("runs .venv/bin/python");
-    assert!(out.status.success(), "gen-openclip-checkpoints.py {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
+    python_script("gen-openclip-checkpoints.py", args);
 }
 
 /// Loads `file` into `cfg`'s model and compares its features on `expected`'s inputs with OpenCLIP's.
@@ -188,37 +167,55 @@ fn open_clip_train_epoch_checkpoint_loads_and_initializes_a_run() {
     assert!(out.status.success(), "{err}");
     let mut saved = tensors(&f.run_dir("ft").join("checkpoints").join("step_00000001.safetensors"));
     saved.sort();
-    let mut want: Vec<(String, Vec<u8>)> = file
-        .iter()
-        .map(|(k, t)| {
-            let t = t.contiguous();
-            let n = t.numel() * t.kind().elt_size_in_bytes();
-            let mut bytes = vec![0u8; n];
-            t.copy_data_u8(&mut bytes, t.numel());
-            (k.strip_prefix("module.").unwrap().to_string(), bytes)
-        })
-        .collect();
+    let mut want: Vec<(String, Vec<u8>)> =
+        file.iter().map(|(k, t)| (k.strip_prefix("module.").unwrap().to_string(), tensor_bytes(t))).collect();
     want.sort();
     assert_eq!(saved, want);
 }
 
-/// A Hugging Face `pytorch_model.bin` (torch.save of `XLMRobertaForMaskedLM`'s tensors) initializes
-/// the XLM-R tower exactly as the same tensors in safetensors do.
+/// A Hugging Face folder as transformers 5 writes it (`config.json` by `save_pretrained`, keys such
+/// as `add_cross_attention` and `transformers_version` included) builds the same tower as the
+/// hub-style config it was made from, and its `pytorch_model.bin` (torch.save of
+/// `XLMRobertaForMaskedLM`'s tensors) initializes the XLM-R tower exactly as the same tensors in
+/// safetensors do.
 #[test]
-fn hugging_face_pytorch_model_bin_initializes_the_text_tower() {
+fn hugging_face_folder_with_pytorch_model_bin_initializes_the_text_tower() {
     let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
     let st = repo().join("tests/fixtures/models/xlmr_vit_test/hf_text.safetensors");
-    generate(&["--hf-text", st.to_str().unwrap(), "--out", dir.path().to_str().unwrap()]);
-    let mut cfg = ClipConfig::resolve(test_arch("xlmr_vit_test").to_str().unwrap()).unwrap().with_image_size(32);
-    cfg.text.set_vocab_size(512);
+    let hub_config = repo().join("tests/models/xlmr_tiny/config.json");
+    generate(&[
+        "--hf-text",
+        st.to_str().unwrap(),
+        "--hf-config",
+        hub_config.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    let written = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    assert!(written.contains("\"add_cross_attention\"") && written.contains("\"transformers_version\""), "{written}");
+    let mut arch: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(test_arch("xlmr_vit_test")).unwrap()).unwrap();
+    arch["text_cfg"]["hf_model_name"] = "./hf".into();
+    let arch_file = dir.path().join("xlmr_saved.json");
+    std::fs::write(&arch_file, arch.to_string()).unwrap();
+
+    let resolve = |path: &Path| {
+        let mut cfg = ClipConfig::resolve(path.to_str().unwrap()).unwrap_or_else(|e| panic!("{e}")).with_image_size(32);
+        cfg.text.set_vocab_size(512);
+        cfg
+    };
+    let saved = resolve(&arch_file);
+    let hub = resolve(&test_arch("xlmr_vit_test"));
+    assert_eq!(saved.text, hub.text);
     let load = |file: &Path| {
         let mut vs = VarStore::new(Device::Cpu);
-        let _model = Clip::new(&vs.root(), &cfg);
+        let _model = Clip::new(&vs.root(), &saved);
         tch::manual_seed(0);
-        let report = load_hf_text_encoder(&mut vs, file, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        let report = load_hf_text_encoder(&mut vs, file, &saved).unwrap_or_else(|e| panic!("{e}"));
         (report, vs.variables())
     };
-    let (from_bin, bin_vars) = load(&dir.path().join("pytorch_model.bin"));
+    let (from_bin, bin_vars) = load(&hf.join("pytorch_model.bin"));
     let (from_st, st_vars) = load(&st);
     assert_eq!(from_bin, from_st);
     assert!(from_bin.loaded > 0);
