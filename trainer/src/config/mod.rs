@@ -77,6 +77,7 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o).map_err(|m| err(format!("--set {o}: {m}")))?;
         }
+        length_from_command_line(&mut value, overrides);
         let de = toml::Value::Table(value);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -126,6 +127,20 @@ fn check_ranges<S: Section>(section: &str, values: &S) -> Result<(), String> {
     })
 }
 
+/// The run's length is one decision that either of two keys takes: a `--set` of one replaces
+/// the file's other, so `--set train.max_steps=50` shortens a recipe that counts epochs (both
+/// given with `--set` still conflict).
+fn length_from_command_line(root: &mut toml::Table, overrides: &[String]) {
+    let set: Vec<&str> = overrides.iter().filter_map(|o| o.split_once('=')).map(|(k, _)| k.trim()).collect();
+    for (key, other) in [("max_steps", "epochs"), ("epochs", "max_steps")] {
+        if set.contains(&format!("train.{key}").as_str()) && !set.contains(&format!("train.{other}").as_str()) {
+            if let Some(toml::Value::Table(train)) = root.get_mut("train") {
+                train.remove(other);
+            }
+        }
+    }
+}
+
 /// Apply one `section.key=value` override to the raw TOML table. The value is read as TOML
 /// (`3`, `1e-4`, `true`, `"s"`, `[1, 2]`), or taken as a plain string if it isn't TOML.
 fn apply_override(root: &mut toml::Table, spec: &str) -> Result<(), String> {
@@ -157,6 +172,18 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn a_length_key_given_with_set_replaces_the_files_other() {
+        let f = write("[data]\ntrain = \"a.tar\"\ntrain_num_samples = 1000\n[train]\nepochs = 3\n");
+        let cfg = Config::load(f.path(), &["train.max_steps=7".into()]).unwrap();
+        assert_eq!((cfg.train.max_steps, cfg.train.epochs), (Some(7), None));
+        assert_eq!(Config::load(f.path(), &[]).unwrap().train.epochs, Some(3));
+        let both = Config::load(f.path(), &["train.max_steps=7".into(), "train.epochs=2".into()]).unwrap_err();
+        assert!(both.message.contains("not both"), "{both}");
+        let f = write("[data]\ntrain = \"a.tar\"\n[train]\nmax_steps = 3\nepochs = 2\n");
+        assert!(Config::load(f.path(), &[]).unwrap_err().message.contains("not both"), "a file with both is refused");
     }
 
     #[test]
