@@ -44,7 +44,14 @@ pub fn resolved_toml(cfg: &Config, world: usize) -> Result<String> {
         };
         for k in s.keys {
             if !table.is_some_and(|t| t.contains_key(k.key)) {
-                let meaning = k.doc.lines().next().unwrap_or("").trim();
+                // The doc's first sentence (its lines are wrapped).
+                let doc = k.doc.split_whitespace().collect::<Vec<_>>().join(" ");
+                let end = doc
+                    .match_indices(". ")
+                    .map(|(i, _)| i)
+                    .find(|&i| !(doc[..i].ends_with("e.g") || doc[..i].ends_with("i.e")))
+                    .unwrap_or(doc.len());
+                let meaning = doc[..end].trim_end_matches('.');
                 unset.push(format!("#   {} ({meaning})", s.full_key(k.key)));
             }
         }
