@@ -3,8 +3,9 @@
 //!
 //! - `MASTER_ADDR` / `MASTER_PORT`, when set, win everywhere (torchrun always sets them).
 //! - Slurm (`srun`): the first host of `SLURM_STEP_NODELIST` (or `SLURM_JOB_NODELIST`), compressed
-//!   forms such as `gpu[001-004,007]` expanded; the port is derived from `SLURM_JOB_ID`, so two jobs
-//!   sharing a node do not collide and every rank of one job computes the same port.
+//!   forms such as `gpu[001-004,007]` expanded; the port is derived from `SLURM_JOB_ID` and
+//!   `SLURM_STEP_ID`, so two jobs (or two steps of one job) sharing a node do not collide and every
+//!   rank of one step computes the same port.
 //! - OpenMPI (`mpirun`): the first host of the surrounding Slurm allocation when there is one, else
 //!   this host when every rank is local; the port from OpenMPI's job id.
 //!
@@ -68,7 +69,13 @@ pub fn master_from_lookup(env: &RankEnv, lookup: impl Fn(&str) -> Option<String>
                 (Launcher::Torchrun, _) => bail!("torchrun-style launch (RANK/WORLD_SIZE) without MASTER_PORT"),
                 (_, Some(var)) => {
                     let id = lookup(var).unwrap_or_default();
-                    (port_from_job_id(&id), format!("derived from {var}={id}"))
+                    // Two `srun` steps of one job may run at once (an eval beside the training):
+                    // each step gets its own port. A step id that is not a number (`batch`) adds nothing.
+                    let step = (var == "SLURM_JOB_ID").then(|| lookup("SLURM_STEP_ID")).flatten();
+                    match step.as_deref().and_then(|s| s.trim().parse::<u64>().ok()) {
+                        Some(n) => (port_from_job_step(&id, n), format!("derived from {var}={id}, SLURM_STEP_ID={n}")),
+                        None => (port_from_job_id(&id), format!("derived from {var}={id}")),
+                    }
                 }
                 (_, None) => bail!("no MASTER_PORT and no job id to derive a port from: set MASTER_PORT"),
             }
@@ -85,6 +92,14 @@ pub fn port_from_job_id(id: &str) -> u16 {
         Err(_) => id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)),
     };
     (PORT_BASE as u64 + n % PORT_SPAN as u64) as u16
+}
+
+/// [`port_from_job_id`] moved by `step` × a prime: step 0 keeps the job's port, and the steps of
+/// one job get distinct ports (for fewer than `PORT_SPAN` / gcd steps, i.e. all of them).
+pub fn port_from_job_step(id: &str, step: u64) -> u16 {
+    const STEP_STRIDE: u64 = 7_919;
+    let base = (port_from_job_id(id) as u32 - PORT_BASE) as u64;
+    (PORT_BASE as u64 + (base + step % PORT_SPAN as u64 * STEP_STRIDE) % PORT_SPAN as u64) as u16
 }
 
 fn nodelist(lookup: &impl Fn(&str) -> Option<String>) -> Option<(&'static str, String)> {
@@ -290,6 +305,17 @@ mod tests {
         .unwrap();
         assert_eq!((m.host.as_str(), m.port), ("10.0.0.1", 21817));
         assert!(master(&e, &[("SLURM_JOB_ID", "1")]).is_err(), "no node list");
+        // Each srun step of a job has its own port; step 0 keeps the job's.
+        let step = |s: &str| {
+            master(&e, &[("SLURM_JOB_NODELIST", "gpu1"), ("SLURM_JOB_ID", "123456"), ("SLURM_STEP_ID", s)])
+                .unwrap()
+                .port
+        };
+        assert_eq!(step("0"), 10_000 + (123_456 % 20_000) as u16);
+        assert_eq!(step("batch"), step("0"), "a step id that is not a number adds nothing");
+        let ports: std::collections::BTreeSet<u16> = (0..64).map(|s| step(&s.to_string())).collect();
+        assert_eq!(ports.len(), 64, "steps of one job share a port");
+        assert!(ports.iter().all(|&p| (PORT_BASE..PORT_BASE + PORT_SPAN).contains(&(p as u32))));
         let err = master(&e, &[("SLURM_JOB_NODELIST", "gpu1"), ("MASTER_PORT", "http")]).unwrap_err();
         assert!(format!("{err:#}").contains("MASTER_PORT"), "{err:#}");
     }
