@@ -659,3 +659,25 @@ fn demo_recipe_learns_colours_and_shapes() {
     let pct = 100.0 * top1;
     assert!(top1 >= MIN_TOP1, "the demo recipe scored {pct:.1} % top-1: {err}");
 }
+
+/// Rank 0's store holds sockets from every rank: a soft open-file limit below the hard one is
+/// raised to it at start, and said.
+#[test]
+fn a_low_open_file_limit_is_raised_to_the_hard_one() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct we pass.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    assert!(lim.rlim_max > 256, "this test needs a hard open-file limit above 256, not {}", lim.rlim_max);
+    let f = Fixture::new();
+    let cfg = f.config("nofile", "");
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -S -n 256 && exec \"$0\" \"$@\"", TRAINER, "--config", cfg.to_str().unwrap()])
+        .args(["--set", "train.max_steps=1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let said = format!("raised the open-file limit (RLIMIT_NOFILE) from 256 to {}", lim.rlim_max);
+    assert!(err.contains(&said), "{err}");
+}

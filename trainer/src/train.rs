@@ -35,7 +35,18 @@ pub fn run(cfg: &Config) -> Result<()> {
     let stop = preempt::install_signal_flag().context("installing the SIGTERM/SIGUSR1 handler")?;
     // Everything `[eval]` names is checked now, not after the last step (exit status 2).
     let eval_inputs = eval::EvalInputs::open(cfg)?;
+    // Before the store and the process groups open their sockets.
+    let open_files = dist::open_files::raise_to_hard_limit();
     let s = World::start(cfg)?;
+    if s.rank_env.is_primary() {
+        match open_files {
+            Ok(Some((before, after))) => {
+                eprintln!("ferroclip: raised the open-file limit (RLIMIT_NOFILE) from {before} to {after}")
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("ferroclip: warning: could not raise the open-file limit: {e}"),
+        }
+    }
     let result = train(cfg, &s, &eval_inputs, &stop);
     if let Err(e) = &result {
         if run_lock::is_refusal(e) {

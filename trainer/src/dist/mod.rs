@@ -26,6 +26,7 @@ pub mod grad_buckets;
 pub mod group;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod open_files;
 pub mod preempt;
 pub mod rendezvous;
 pub mod selftest;
