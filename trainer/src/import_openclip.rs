@@ -330,8 +330,8 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
                 scale = pair(k, v)?;
                 scale_why = format!("--aug-cfg scale={}", scale);
             }
-            "ratio" => o.set("data.augment", "ratio", pair(k, v)?, "--aug-cfg ratio"),
-            "re_prob" | "re_count" | "color_jitter" if !use_timm => {
+            // OpenCLIP's own transform (without use_timm) builds RandomResizedCrop from `scale` alone.
+            "ratio" | "re_prob" | "re_count" | "color_jitter" if !use_timm => {
                 return Err(usage(format!(
                     "--aug-cfg {k}: OpenCLIP applies it only with use_timm=True (without it the key is ignored); add \
                      use_timm=True or drop it"
@@ -353,6 +353,14 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
                             .into(),
                     )),
                 }
+            }
+            "ratio" => o.set("data.augment", "ratio", pair(k, v)?, "--aug-cfg ratio (use_timm=True)"),
+            "gray_scale_prob" if use_timm => {
+                return Err(usage(
+                    "--aug-cfg gray_scale_prob: OpenCLIP drops it with use_timm=True (only its own transform applies \
+                     it); drop use_timm or the key"
+                        .into(),
+                ))
             }
             "gray_scale_prob" => match v {
                 Literal::Num(p) => o.set("data.augment", "grayscale_prob", *p, "--aug-cfg gray_scale_prob"),
@@ -591,6 +599,8 @@ mod tests {
             ("--train-data a.tar --precision fp32 --pretrained laion2b_s34b_b79k", "--pretrained"),
             ("--train-data a.tar --precision fp32 --resume /x/epoch_3.pt", "--resume"),
             ("--train-data a.tar --precision fp32 --aug-cfg re_prob=0.3", "use_timm"),
+            ("--train-data a.tar --precision fp32 --aug-cfg ratio=(0.5,2.0)", "use_timm"),
+            ("--train-data a.tar --precision fp32 --aug-cfg use_timm=True gray_scale_prob=0.2", "use_timm"),
             ("--train-data a.tar --precision fp32 --dataset-type csv", "--dataset-type"),
         ] {
             let e = import(&args(cmd), 8).unwrap_err();
