@@ -68,8 +68,11 @@ const AUG_CFG: &str = "--aug-cfg";
 const SECTIONS: &[&str] =
     &["", "model", "data", "data.augment", "train", "optim", "schedule", "checkpoint", "log", "eval"];
 
+/// What the errors of a command line name as their file.
+const COMMAND_LINE: &str = "<command line>";
+
 fn usage(message: String) -> ConfigError {
-    ConfigError { file: "<command line>".into(), message }
+    ConfigError { file: COMMAND_LINE.into(), message }
 }
 
 /// The parsed command line: flag -> values as given (switches have none).
@@ -565,12 +568,7 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
 fn parse(text: &str) -> Result<Config, ConfigError> {
     let value: toml::Table =
         toml::from_str(text).map_err(|e| usage(format!("the imported config is not TOML: {e}")))?;
-    let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-        let path = e.path().to_string();
-        usage(format!("key `{path}`: {}", e.into_inner()))
-    })?;
-    cfg.validate().map_err(usage)?;
-    Ok(cfg)
+    Config::from_table(value, COMMAND_LINE)
 }
 
 #[cfg(test)]

@@ -78,8 +78,13 @@ impl Config {
             apply_override(&mut value, o).map_err(|m| err(format!("--set {o}: {m}")))?;
         }
         length_from_command_line(&mut value, overrides);
-        let de = toml::Value::Table(value);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        Config::from_table(value, &file)
+    }
+
+    /// Deserialize a TOML table strictly and validate it; errors name `file` and the key.
+    pub fn from_table(value: toml::Table, file: &str) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError { file: file.to_string(), message };
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
             let path = e.path().to_string();
             err(format!("key `{path}`: {}", e.into_inner()))
         })?;
