@@ -131,6 +131,15 @@ impl Flags {
         self.0.contains_key(flag)
     }
 
+    /// The comment of a key `flag` sets: the flag, or `{flag} unset{unset}` when it was left out.
+    fn source(&self, flag: &str, unset: &str) -> String {
+        if self.has(flag) {
+            flag.to_string()
+        } else {
+            format!("{flag} unset{unset}")
+        }
+    }
+
     fn str(&self, flag: &str) -> Option<&str> {
         self.0.get(flag).and_then(|v| v.first()).map(String::as_str)
     }
@@ -162,9 +171,9 @@ impl Out {
         self.entries.push(Entry { section, key, value: value.into(), why: why.into() });
     }
 
-    fn render(&self, header: &[String]) -> String {
+    fn render(&self, header: &str) -> String {
         let mut text = String::new();
-        for line in header.iter().chain(&self.notes) {
+        for line in std::iter::once(header).chain(self.notes.iter().map(String::as_str)) {
             text.push_str(&format!("# {line}\n"));
         }
         for section in SECTIONS {
@@ -229,26 +238,16 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
 
     // Top level.
     let name = f.str("--name").unwrap_or("run");
-    o.set(
-        "",
-        "name",
-        name,
-        if f.has("--name") { "--name" } else { "--name unset (OpenCLIP names it by date; ferroclip's default)" },
-    );
+    o.set("", "name", name, f.source("--name", " (OpenCLIP names it by date; ferroclip's default)"));
     let logs = f.str("--logs").unwrap_or("./logs/");
     let logs = logs.trim_end_matches('/').trim_start_matches("./");
-    o.set(
-        "",
-        "output_dir",
-        if logs.is_empty() { "." } else { logs },
-        if f.has("--logs") { "--logs" } else { "--logs unset: OpenCLIP's ./logs/" },
-    );
+    o.set("", "output_dir", if logs.is_empty() { "." } else { logs }, f.source("--logs", ": OpenCLIP's ./logs/"));
     let seed: i64 = f.num("--seed")?.unwrap_or(0);
-    o.set("", "seed", seed, if f.has("--seed") { "--seed" } else { "--seed unset: 0" });
+    o.set("", "seed", seed, f.source("--seed", ": 0"));
 
     // [model]
     let model = f.str("--model").unwrap_or("RN50");
-    o.set("model", "arch", model, if f.has("--model") { "--model" } else { "--model unset: OpenCLIP's RN50" });
+    o.set("model", "arch", model, f.source("--model", ": OpenCLIP's RN50"));
     if let Some(size) = f.0.get("--force-image-size") {
         let size: i64 =
             size[0].parse().map_err(|_| usage(format!("--force-image-size {}: not an integer", size[0])))?;
@@ -290,18 +289,8 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
         if f.has("--batch-size") { "--batch-size (per GPU)" } else { "--batch-size unset: OpenCLIP's 64" },
     );
     let workers: i64 = f.num("--workers")?.unwrap_or(4);
-    o.set(
-        "data",
-        "workers",
-        workers.max(1),
-        if f.has("--workers") { "--workers" } else { "--workers unset: OpenCLIP's 4" },
-    );
-    o.set(
-        "data",
-        "resampled",
-        f.has("--dataset-resampled"),
-        if f.has("--dataset-resampled") { "--dataset-resampled" } else { "--dataset-resampled unset" },
-    );
+    o.set("data", "workers", workers.max(1), f.source("--workers", ": OpenCLIP's 4"));
+    o.set("data", "resampled", f.has("--dataset-resampled"), f.source("--dataset-resampled", ""));
     if let Some(n) = f.num::<i64>("--train-num-samples")? {
         o.set("data", "train_num_samples", n, "--train-num-samples");
     }
@@ -377,7 +366,7 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
 
     // [train]
     let epochs: i64 = f.num("--epochs")?.unwrap_or(32);
-    o.set("train", "epochs", epochs, if f.has("--epochs") { "--epochs" } else { "--epochs unset: OpenCLIP's 32" });
+    o.set("train", "epochs", epochs, f.source("--epochs", ": OpenCLIP's 32"));
     let precision = match f.str("--precision") {
         Some("amp_bf16" | "amp_bfloat16") => "amp_bf16",
         Some("fp32") => "fp32",
@@ -396,18 +385,13 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
         o.set("train", "grad_clip_norm", c, "--grad-clip-norm");
     }
     let accum: i64 = f.num("--accum-freq")?.unwrap_or(1);
-    o.set("train", "accum_freq", accum, if f.has("--accum-freq") { "--accum-freq" } else { "--accum-freq unset: 1" });
+    o.set("train", "accum_freq", accum, f.source("--accum-freq", ": 1"));
     let why_loss = if f.has("--gather-with-grad") {
         " (--gather-with-grad: ferroclip's loss always has exact gradients over the global batch)"
     } else {
         ""
     };
-    o.set(
-        "train",
-        "local_loss",
-        f.has("--local-loss"),
-        format!("{}{why_loss}", if f.has("--local-loss") { "--local-loss" } else { "--local-loss unset" }),
-    );
+    o.set("train", "local_loss", f.has("--local-loss"), format!("{}{why_loss}", f.source("--local-loss", "")));
     if f.has("--grad-checkpointing") {
         o.set("train", "grad_checkpointing", true, "--grad-checkpointing");
     }
@@ -457,19 +441,9 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
     if !matches!(kind, "cosine" | "const" | "const-cooldown") {
         return Err(usage(format!("--lr-scheduler {kind}: expected cosine, const or const-cooldown")));
     }
-    o.set(
-        "schedule",
-        "kind",
-        kind,
-        if f.has("--lr-scheduler") { "--lr-scheduler" } else { "--lr-scheduler unset: cosine" },
-    );
+    o.set("schedule", "kind", kind, f.source("--lr-scheduler", ": cosine"));
     let warmup: i64 = f.num("--warmup")?.unwrap_or(10_000);
-    o.set(
-        "schedule",
-        "warmup_steps",
-        warmup,
-        if f.has("--warmup") { "--warmup" } else { "--warmup unset: OpenCLIP's 10000" },
-    );
+    o.set("schedule", "warmup_steps", warmup, f.source("--warmup", ": OpenCLIP's 10000"));
     if kind == "const-cooldown" {
         o.set("schedule", "cooldown_power", f.num::<f64>("--lr-cooldown-power")?.unwrap_or(1.0), "--lr-cooldown-power");
         o.set("schedule", "cooldown_end_lr", f.num::<f64>("--lr-cooldown-end")?.unwrap_or(0.0), "--lr-cooldown-end");
@@ -487,12 +461,7 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
         }
     }
     let log_every: i64 = f.num("--log-every-n-steps")?.unwrap_or(100);
-    o.set(
-        "log",
-        "every_steps",
-        log_every,
-        if f.has("--log-every-n-steps") { "--log-every-n-steps" } else { "--log-every-n-steps unset: OpenCLIP's 100" },
-    );
+    o.set("log", "every_steps", log_every, f.source("--log-every-n-steps", ": OpenCLIP's 100"));
     if let Some(v) = f.str("--imagenet-val") {
         o.set("eval", "zeroshot_data", v, "--imagenet-val");
     }
@@ -514,18 +483,12 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
         o.notes.push(format!("--wandb-project-name {p}: no effect (no wandb)"));
     }
 
+    let header = format!(
+        "Imported from open_clip_train flags with `trainer import-openclip --world {world}` (OpenCLIP 3.3.0 defaults for unset flags)."
+    );
     // OpenCLIP's epoch length at this world size, for the intervals counted in epochs.
-    let header = |o: &Out| -> Vec<String> {
-        let mut h = vec![format!(
-            "Imported from open_clip_train flags with `trainer import-openclip --world {world}` (OpenCLIP 3.3.0 defaults for unset flags)."
-        )];
-        if o.notes.is_empty() {
-            h.truncate(1);
-        }
-        h
-    };
     let plan = {
-        let cfg = parse(&o.render(&header(&o)))?;
+        let cfg = parse(&o.render(&header))?;
         RunPlan::new(&cfg, world).map_err(usage)?
     };
     let per_epoch = plan.steps_per_epoch.unwrap_or(0);
@@ -558,7 +521,7 @@ pub fn import(argv: &[String], world: usize) -> Result<String, ConfigError> {
             .ok_or_else(|| usage("--epochs-cooldown: required with --lr-scheduler const-cooldown".into()))?;
         o.set("schedule", "cooldown_steps", epoch_steps(e) as i64, format!("--epochs-cooldown {e}: {e} epoch(s)"));
     }
-    let text = o.render(&header(&o));
+    let text = o.render(&header);
     parse(&text)?;
     Ok(text)
 }
