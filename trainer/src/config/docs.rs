@@ -59,7 +59,7 @@ impl SectionDoc {
                 None => "unset".to_string(),
             };
             let range = k.range.map(|r| format!("`{r}`")).unwrap_or_default();
-            let meaning = k.doc.lines().map(str::trim).collect::<Vec<_>>().join(" ").replace('|', "\\|");
+            let meaning = one_line(k.doc).replace('|', "\\|");
             out.push_str(&format!("| `{}` | {default} | {range} | {} |\n", k.key, meaning.trim()));
         }
         out
@@ -72,6 +72,11 @@ impl SectionDoc {
             name => format!("{name}.{key}"),
         }
     }
+}
+
+/// A key's doc as one line: its source lines are wrapped.
+pub fn one_line(doc: &str) -> String {
+    doc.lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
 /// All tables, each under its heading.

@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 
-use super::docs::sections;
+use super::docs::{one_line, sections};
 use super::{Config, RunPlan};
 use crate::model::VisionConfig;
 
@@ -44,8 +44,8 @@ pub fn resolved_toml(cfg: &Config, world: usize) -> Result<String> {
         };
         for k in s.keys {
             if !table.is_some_and(|t| t.contains_key(k.key)) {
-                // The doc's first sentence (its lines are wrapped).
-                let doc = k.doc.split_whitespace().collect::<Vec<_>>().join(" ");
+                // The doc's first sentence.
+                let doc = one_line(k.doc);
                 let end = doc
                     .match_indices(". ")
                     .map(|(i, _)| i)
