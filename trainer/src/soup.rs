@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
 use crate::config::ConfigError;
-use crate::model::read_state_dict;
+use crate::model::{read_state_dict, without_ddp_prefix};
 
 /// The weights of each input (unset: uniform), checked and normalized to sum to 1.
 pub fn normalized_weights(inputs: usize, weights: Option<&[f64]>) -> Result<Vec<f64>, ConfigError> {
@@ -35,7 +35,7 @@ pub fn normalized_weights(inputs: usize, weights: Option<&[f64]>) -> Result<Vec<
 /// The state dict of one input, keys without a DDP `module.` prefix, sorted.
 fn state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let named = read_state_dict(path)?;
-    Ok(named.into_iter().map(|(k, t)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), t)).collect())
+    Ok(named.into_iter().map(|(k, t)| (without_ddp_prefix(&k).to_string(), t)).collect())
 }
 
 /// Average `inputs` with `weights` (one per input, as given; unset: uniform) into `out`. Floating

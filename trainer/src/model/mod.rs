@@ -15,7 +15,10 @@ pub use convnext::{ConvNextConfig, ConvNextProj};
 pub use hf_text::{XlmRobertaText, XlmrConfig};
 pub use text::TextConfig;
 pub use vit::VitConfig;
-pub use weights::{load_hf_text_encoder, load_state_dict, read_state_dict, save_safetensors, LoadReport, WeightsError};
+pub use weights::{
+    load_hf_text_encoder, load_state_dict, read_state_dict, save_safetensors, without_ddp_prefix, LoadReport,
+    WeightsError,
+};
 
 use tch::Tensor;
 

@@ -75,6 +75,11 @@ fn is_stale_hf_buffer(key: &str) -> bool {
     key.ends_with("embeddings.position_ids") || key.ends_with("embeddings.token_type_ids")
 }
 
+/// A state-dict key without the `module.` DDP puts before it (open_clip_train saves the wrapped model).
+pub fn without_ddp_prefix(key: &str) -> &str {
+    key.strip_prefix("module.").unwrap_or(key)
+}
+
 /// The named tensors of a weights file in either format.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
     let format = Format::of_file(path)
@@ -94,7 +99,7 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsErro
 pub fn load_state_dict(vs: &mut tch::nn::VarStore, path: &Path, cfg: &ClipConfig) -> Result<LoadReport, WeightsError> {
     let read = read_state_dict(path)?;
     let mut file: HashMap<String, Tensor> =
-        read.into_iter().map(|(k, v)| (k.strip_prefix("module.").map(str::to_string).unwrap_or(k), v)).collect();
+        read.into_iter().map(|(k, v)| (without_ddp_prefix(&k).to_string(), v)).collect();
     let vars = vs.variables();
     let mut report = LoadReport::default();
     let stale: Vec<String> = file.keys().filter(|k| is_stale_hf_buffer(k) && !vars.contains_key(*k)).cloned().collect();
@@ -149,7 +154,7 @@ pub fn load_hf_text_encoder(
     let mut report = LoadReport::default();
     let mut file: HashMap<String, Tensor> = HashMap::new();
     for (key, t) in read_state_dict(path)? {
-        let bare = key.strip_prefix("module.").unwrap_or(&key);
+        let bare = without_ddp_prefix(&key);
         let bare = bare.strip_prefix("roberta.").unwrap_or(bare);
         if is_stale_hf_buffer(bare) || !(bare.starts_with("embeddings.") || bare.starts_with("encoder.")) {
             report.skipped.push(key);
