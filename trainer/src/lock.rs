@@ -83,7 +83,7 @@ fn group_of(name: &str, d: &TowerDepths) -> Option<(Tower, usize, usize)> {
     // each encoder layer; the projection `text.proj` always stays trainable.
     if let Some(rest) = name.strip_prefix("text.transformer.") {
         let group = match rest.strip_prefix("encoder.layer.") {
-            Some(b) => b.split('.').next()?.parse::<usize>().ok()? + 1,
+            Some(b) => index(b)? + 1,
             None => 0,
         };
         return Some((Tower::Text, group, d.text_layers + 1));

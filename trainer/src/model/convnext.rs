@@ -234,7 +234,8 @@ impl ConvNext {
         let kind = x.kind();
         let x = x.mean_dim(&[-2i64, -1][..], true, kind); // [b, c, 1, 1]
         let x = self.head_norm.forward(&x).flatten(1, -1); // [b, c]
-                                                           // `Tensor::dropout` is torch's `F.dropout`: the same mask for the same RNG state as OpenCLIP.
+
+        // `Tensor::dropout` is torch's `F.dropout`: the same mask for the same RNG state as OpenCLIP.
         match &self.proj {
             Head::Linear(l) => x.dropout(self.head_drop, train).apply(l),
             Head::Mlp(fc1, fc2) => x.apply(fc1).gelu("none").dropout(self.head_drop, train).apply(fc2),
