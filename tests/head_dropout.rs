@@ -10,7 +10,7 @@ use tch::Device;
 
 mod support;
 
-use support::{max_diff, python_script, read_tensors, test_arch};
+use support::{edited_arch, max_diff, python_script, read_tensors};
 
 const TOL: f64 = 1e-4;
 
@@ -20,12 +20,10 @@ fn head_dropout_in_training_matches_open_clip() {
     let jobs: Vec<_> = ["convnext_test", "convnext_test_mlp"]
         .into_iter()
         .map(|name| {
-            let mut json: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(test_arch(name)).unwrap()).unwrap();
-            json["vision_cfg"]["timm_drop"] = 0.3.into();
-            json["vision_cfg"]["timm_drop_path"] = 0.0.into();
-            let arch = dir.path().join(format!("{name}_drop.json"));
-            std::fs::write(&arch, json.to_string()).unwrap();
+            let arch = edited_arch(name, &dir.path().join(format!("{name}_drop.json")), |json| {
+                json["vision_cfg"]["timm_drop"] = 0.3.into();
+                json["vision_cfg"]["timm_drop_path"] = 0.0.into();
+            });
             let out = dir.path().join(name);
             let (a, o) = (arch.to_str().unwrap().to_string(), out.to_str().unwrap().to_string());
             let job = std::thread::spawn(move || {

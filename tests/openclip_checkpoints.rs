@@ -14,7 +14,9 @@ use tch::{Device, Tensor};
 
 mod support;
 
-use support::{max_diff, python_script, read_tensors as read, repo, run, tensor_bytes, tensors, test_arch, Fixture};
+use support::{
+    edited_arch, max_diff, python_script, read_tensors as read, repo, run, tensor_bytes, tensors, test_arch, Fixture,
+};
 
 const TOL: f64 = 1e-6;
 
@@ -40,12 +42,7 @@ fn assert_features_match(file: &Path, expected: &Path, cfg: &ClipConfig) {
 
 /// The test architecture with a 512-token vocabulary (small files), as a model-config file in `dir`.
 fn small_vocab_arch(dir: &Path) -> PathBuf {
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(test_arch("convnext_test")).unwrap()).unwrap();
-    cfg["text_cfg"]["vocab_size"] = 512.into();
-    let path = dir.join("convnext_test.json");
-    std::fs::write(&path, cfg.to_string()).unwrap();
-    path
+    edited_arch("convnext_test", &dir.join("convnext_test.json"), |cfg| cfg["text_cfg"]["vocab_size"] = 512.into())
 }
 
 #[test]
@@ -194,11 +191,9 @@ fn hugging_face_folder_with_pytorch_model_bin_initializes_the_text_tower() {
     ]);
     let written = std::fs::read_to_string(hf.join("config.json")).unwrap();
     assert!(written.contains("\"add_cross_attention\"") && written.contains("\"transformers_version\""), "{written}");
-    let mut arch: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(test_arch("xlmr_vit_test")).unwrap()).unwrap();
-    arch["text_cfg"]["hf_model_name"] = "./hf".into();
-    let arch_file = dir.path().join("xlmr_saved.json");
-    std::fs::write(&arch_file, arch.to_string()).unwrap();
+    let arch_file = edited_arch("xlmr_vit_test", &dir.path().join("xlmr_saved.json"), |arch| {
+        arch["text_cfg"]["hf_model_name"] = "./hf".into()
+    });
 
     let resolve = |path: &Path| {
         let mut cfg = ClipConfig::resolve(path.to_str().unwrap()).unwrap_or_else(|e| panic!("{e}")).with_image_size(32);

@@ -91,6 +91,14 @@ pub fn test_arch(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/models").join(format!("{name}.json"))
 }
 
+/// A copy of test architecture `name` at `path` with `edit` applied: a model-config file of its own.
+pub fn edited_arch(name: &str, path: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(test_arch(name)).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(path, cfg.to_string()).unwrap();
+    path.to_path_buf()
+}
+
 pub fn run(args: &[&str]) -> Output {
     Command::new(TRAINER).args(args).stdin(Stdio::null()).output().expect("trainer runs")
 }
